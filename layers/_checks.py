@@ -1,0 +1,90 @@
+"""Shared validation helpers: shape and type checks only, never values of tensors.
+
+Layers validate on the training hot path and under ``torch.func`` transforms, so these
+helpers read ``.shape``, ``.dim()`` and ``.dtype`` (which transforms report per sample) and
+never look at tensor values. Every error names the layer, what it expected and what it got.
+"""
+import numbers
+
+import torch
+
+
+def shape_str(t):
+    """``(8, 3, 32, 32)`` for a tensor, ``(3,)`` for a vector, ``()`` for a scalar."""
+    return str(tuple(t.shape))
+
+
+def check_tensor(x, where, name="input"):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: expected {name} to be a torch.Tensor, got {type(x).__name__}")
+
+
+def check_floating(x, where, name="input"):
+    check_tensor(x, where, name)
+    if not (x.is_floating_point() or x.is_complex()):
+        raise TypeError(f"{where}: expected {name} with a floating dtype, got {x.dtype}")
+
+
+def check_rank(x, ranks, where, name="input", layout=""):
+    """Raise unless ``x.dim()`` is one of ``ranks``; ``layout`` names the axes, e.g. "(N, C, H, W)"."""
+    if x.dim() not in ranks:
+        want = " or ".join(f"{r}-D" for r in ranks)
+        layout = f" {layout}" if layout else ""
+        raise ValueError(f"{where}: expected {want} {name}{layout}, got {shape_str(x)}")
+
+
+def check_keys(d, required, optional, where, what):
+    """``d`` is a dict whose keys are all of ``required`` plus any of ``optional``, nothing else."""
+    if not isinstance(d, dict):
+        raise TypeError(f"{where}: expected {what} to be a dict, got {type(d).__name__}")
+    keys = set(d)
+    missing = [k for k in required if k not in keys]
+    unknown = sorted(keys - set(required) - set(optional))
+    if missing or unknown:
+        allowed = list(required) + [f"{k} (optional)" for k in optional]
+        raise ValueError(
+            f"{where}: expected {what} with keys {allowed}, got {sorted(keys)}"
+            + (f" (missing {missing})" if missing else "")
+            + (f" (unknown {unknown})" if unknown else ""))
+
+
+def check_vector(v, length, where, name, reference):
+    """``v`` is a tensor of shape ``(length,)``; ``reference`` explains where ``length`` comes from."""
+    check_tensor(v, where, name)
+    if v.dim() != 1 or v.shape[0] != length:
+        raise ValueError(f"{where}: expected {name} of shape ({length},) ({reference}), "
+                         f"got {shape_str(v)}")
+
+
+def is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def pair(v, where, name, minimum):
+    """An int or a pair of ints, each ``>= minimum``, as a tuple ``(h, w)``."""
+    if is_int(v):
+        out = (int(v), int(v))
+    elif isinstance(v, (tuple, list)) and len(v) == 2 and all(is_int(e) for e in v):
+        out = (int(v[0]), int(v[1]))
+    else:
+        raise TypeError(f"{where}: expected {name} to be an int or a pair of ints, got {v!r}")
+    if min(out) < minimum:
+        raise ValueError(f"{where}: expected {name} >= {minimum}, got {v!r}")
+    return out
+
+
+def check_bool(v, where, name):
+    if not isinstance(v, bool):
+        raise TypeError(f"{where}: expected {name} to be a bool, got {v!r}")
+
+
+def check_probability(p, where, name="p"):
+    if not is_real(p):
+        raise TypeError(f"{where}: expected {name} to be a float in [0, 1], got {p!r}")
+    if not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"{where}: expected {name} in [0, 1], got {p!r}")
+    return float(p)

@@ -1,0 +1,129 @@
+"""Batch normalisation over ``(N, C)``, ``(N, C, L)`` and ``(N, C, H, W)``, state passed in and out."""
+import torch
+import torch.nn.functional as F
+
+from . import _checks as C
+from ._impl import resolve
+
+STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+PARAM_KEYS = ("weight", "bias")
+
+
+def _check(params, state, x, train, momentum, eps, where):
+    C.check_tensor(x, where)
+    C.check_rank(x, (2, 3, 4), where, layout="(N, C), (N, C, L) or (N, C, H, W)")
+    C.check_bool(train, where, "train")
+    if momentum is not None and not (C.is_real(momentum) and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"{where}: expected momentum to be None or a float in [0, 1], got {momentum!r}")
+    if not (C.is_real(eps) and eps >= 0.0):
+        raise ValueError(f"{where}: expected eps to be a float >= 0, got {eps!r}")
+    channels = x.shape[1]
+    if not isinstance(params, dict) or params:
+        C.check_keys(params, PARAM_KEYS, (), where, "params ({} for no affine transform)")
+        for k in PARAM_KEYS:
+            C.check_vector(params[k], channels, where, k, f"one per channel of input {C.shape_str(x)}")
+    if not isinstance(state, dict) or state:
+        C.check_keys(state, STATE_KEYS, (), where, "state ({} for no running statistics)")
+        for k in STATE_KEYS[:2]:
+            C.check_vector(state[k], channels, where, k, f"one per channel of input {C.shape_str(x)}")
+        n = state["num_batches_tracked"]
+        if not (C.is_int(n) or (isinstance(n, torch.Tensor) and n.dim() == 0)):
+            raise TypeError(f"{where}: expected num_batches_tracked to be an int or a 0-d tensor, "
+                            f"got {n!r}")
+    values_per_channel = x.numel() // channels if channels else 0
+    uses_batch_stats = train or not state
+    if uses_batch_stats and values_per_channel <= 1:
+        raise ValueError(f"{where}: expected more than 1 value per channel when using batch "
+                         f"statistics (train={train}, running stats {'kept' if state else 'absent'}), "
+                         f"got input {C.shape_str(x)}")
+
+
+def _updated_state(state, batch_mean, batch_var_unbiased, momentum):
+    """The running-stat update of ``torch.nn.BatchNorm``: ``r <- (1 - f) r + f * batch``.
+
+    ``f = momentum``, or ``1 / num_batches_tracked`` (after the increment) when momentum is None:
+    a cumulative average of every batch seen.
+    """
+    count = state["num_batches_tracked"] + 1
+    mean, var = state["running_mean"], state["running_var"]
+    if momentum is not None:
+        factor = momentum
+    elif isinstance(count, torch.Tensor):
+        factor = 1.0 / count.to(mean.dtype)
+    else:
+        factor = 1.0 / count
+    return {
+        "running_mean": (1 - factor) * mean + factor * batch_mean.detach().to(mean.dtype),
+        "running_var": (1 - factor) * var + factor * batch_var_unbiased.detach().to(var.dtype),
+        "num_batches_tracked": count,
+    }
+
+
+def batch_norm(params, state, x, *, train, momentum=0.1, eps=1e-5, impl=None):
+    """Normalise each channel by its batch (train) or running (eval) statistics, as torch.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel ``c``, where in training
+    ``mean`` and ``var`` are the batch mean and *biased* variance over every axis except ``C``,
+    and the running statistics are updated with the *unbiased* variance:
+
+    ``running_mean <- (1 - f) running_mean + f mean``,
+    ``running_var <- (1 - f) running_var + f var * n / (n - 1)``, ``n = N * L`` (or ``N * H * W``),
+
+    ``f = momentum`` (the weight of the new batch, torch's convention) or, for ``momentum=None``,
+    ``1 / num_batches_tracked``: a plain average of all batches. ``num_batches_tracked`` grows
+    by one per training call. In eval the running statistics are used and the state is returned
+    unchanged. With ``state == {}`` batch statistics are used in train and eval alike.
+
+    Args:
+      params: ``{"weight": (C,), "bias": (C,)}``, or ``{}`` for no affine transform.
+      state: ``{"running_mean": (C,), "running_var": (C,), "num_batches_tracked": ()}``, or ``{}``.
+      x: ``(N, C)``, ``(N, C, L)`` or ``(N, C, H, W)``.
+      train: use (and update) batch statistics.
+      impl: ``"fast"`` (``F.batch_norm``), ``"explicit"`` (the formula) or None (the default).
+
+    Returns:
+      ``(y, new_state)``, ``y`` shaped like ``x``. Nothing passed in is modified.
+    """
+    where = "batch_norm"
+    impl = resolve(impl, where)
+    _check(params, state, x, train, momentum, eps, where)
+    weight, bias = params.get("weight"), params.get("bias")
+    update = train and bool(state)
+    if impl == "fast":
+        return _fast(weight, bias, state, x, train, update, momentum, eps)
+    return _explicit(weight, bias, state, x, train, update, momentum, eps)
+
+
+def _fast(weight, bias, state, x, train, update, momentum, eps):
+    if not train and state:
+        y = F.batch_norm(x, state["running_mean"], state["running_var"], weight, bias,
+                         training=False, eps=eps)
+        return y, state
+    if not update:
+        return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps), state
+    # F.batch_norm updates running buffers in place. Hand it fresh zero buffers and momentum 1 so
+    # they come back holding exactly this batch's mean and unbiased variance, then apply the
+    # running update functionally (momentum=None needs num_batches_tracked, a tensor).
+    c = x.shape[1]
+    stats_dtype = state["running_mean"].dtype
+    batch_mean = torch.zeros(c, dtype=stats_dtype, device=x.device)
+    batch_var = torch.zeros(c, dtype=stats_dtype, device=x.device)
+    y = F.batch_norm(x, batch_mean, batch_var, weight, bias, training=True, momentum=1.0, eps=eps)
+    return y, _updated_state(state, batch_mean, batch_var, momentum)
+
+
+def _explicit(weight, bias, state, x, train, update, momentum, eps):
+    axes = [0] + list(range(2, x.dim()))                  # every axis but the channel axis
+    per_channel = (1, -1) + (1,) * (x.dim() - 2)           # (C,) -> broadcastable against x
+    if train or not state:
+        mean = x.mean(dim=axes)
+        var = ((x - mean.reshape(per_channel)) ** 2).mean(dim=axes)   # biased: divide by n
+    else:
+        mean, var = state["running_mean"], state["running_var"]
+    y = (x - mean.reshape(per_channel)) / torch.sqrt(var.reshape(per_channel) + eps)
+    if weight is not None:
+        y = y * weight.reshape(per_channel) + bias.reshape(per_channel)
+    if not update:
+        return y, state
+    n = x.numel() // x.shape[1]
+    return y, _updated_state(state, mean, var * (n / (n - 1)), momentum)

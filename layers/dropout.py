@@ -1,0 +1,48 @@
+"""Dropout with an explicit random key: ``p`` is the probability of dropping an element."""
+import torch
+
+from . import _checks as C
+from . import random as _random
+from ._impl import resolve
+
+
+def dropout(x, *, p, train, key=None, impl=None):
+    """Zero each element with probability ``p`` and scale survivors by ``1 / (1 - p)``.
+
+    ``y = x * m / (1 - p)`` with ``m ~ Bernoulli(1 - p)`` drawn elementwise from ``key``
+    (``layers.random.bernoulli(key, 1 - p, x.shape)``), so ``E[y] = x``. ``p = 1`` gives exact
+    zeros (no ``0 / 0``); ``train=False`` or ``p = 0`` returns ``x`` unchanged. The same key gives
+    the same mask, in both formulations and on every device.
+
+    Args:
+      x: any shape.
+      p: drop probability in ``[0, 1]`` (torch's convention, not the keep rate).
+      train: apply dropout; eval is the identity.
+      key: ``layers.random`` key; required when ``train`` and ``p > 0``.
+      impl: ``"fast"`` (one fused multiply by the scaled mask), ``"explicit"`` (mask, select,
+        divide by the keep probability) or None (the default).
+
+    Returns:
+      ``y`` shaped like ``x``.
+    """
+    where = "dropout"
+    impl = resolve(impl, where)
+    C.check_tensor(x, where)
+    p = C.check_probability(p, where)
+    C.check_bool(train, where, "train")
+    if not train or p == 0.0:
+        return x
+    if key is None:
+        raise ValueError(f"{where}: expected a random key (layers.random.key) when train=True "
+                         f"and p={p} > 0, got key=None")
+    _random.check_key(key, where)
+    keep_prob = 1.0 - p
+    keep = _random.bernoulli(key, keep_prob, x.shape, device=x.device)
+
+    if impl == "fast":
+        # One multiply; p = 1 keeps nothing, so its scale (1 / 0) is never needed.
+        scale = 1.0 / keep_prob if keep_prob > 0.0 else 0.0
+        return x * (keep.to(x.dtype) * scale)
+    if keep_prob == 0.0:
+        return torch.zeros_like(x) * x        # zeros that still depend on x (gradient 0)
+    return torch.where(keep, x / keep_prob, torch.zeros((), dtype=x.dtype, device=x.device))

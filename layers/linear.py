@@ -1,0 +1,42 @@
+"""Fully connected layer: ``y = x W^T + b``."""
+import torch
+import torch.nn.functional as F
+
+from . import _checks as C
+from ._impl import resolve
+
+
+def linear(params, x, *, impl=None):
+    """Affine map over the last axis, as ``torch.nn.Linear``.
+
+    ``y[..., o] = sum_i x[..., i] * W[o, i] + b[o]``
+
+    Args:
+      params: ``{"weight": (out, in), "bias": (out,)}``; ``"bias"`` may be left out.
+      x: ``(..., in)``.
+      impl: ``"fast"`` (``F.linear``), ``"explicit"`` (``x @ W.T + b``) or None (the default).
+
+    Returns:
+      ``(..., out)``.
+    """
+    where = "linear"
+    impl = resolve(impl, where)
+    C.check_keys(params, ("weight",), ("bias",), where, "params")
+    weight = params["weight"]
+    bias = params.get("bias")
+    C.check_tensor(weight, where, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"{where}: expected 2-D weight (out, in), got {C.shape_str(weight)}")
+    C.check_tensor(x, where)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{where}: expected input with last dimension {weight.shape[1]} "
+                         f"(weight is {C.shape_str(weight)}), got {C.shape_str(x)}")
+    if bias is not None:
+        C.check_vector(bias, weight.shape[0], where, "bias", f"weight is {C.shape_str(weight)}")
+
+    if impl == "fast":
+        return F.linear(x, weight, bias)
+    y = x @ weight.T
+    if bias is not None:
+        y = y + bias
+    return y

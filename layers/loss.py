@@ -1,0 +1,101 @@
+"""Cross-entropy loss from logits, with class-index or class-probability targets, as torch."""
+import torch
+import torch.nn.functional as F
+
+from . import _checks as C
+from ._impl import resolve
+from .activations import log_softmax
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check(logits, target, weight, ignore_index, reduction, label_smoothing, where):
+    C.check_floating(logits, where, "logits")
+    C.check_tensor(target, where, "target")
+    if logits.dim() < 1:
+        raise ValueError(f"{where}: expected logits (N, C, d1, ...), (N, C) or (C,), got ()")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{where}: expected reduction in {REDUCTIONS}, got {reduction!r}")
+    C.check_probability(label_smoothing, where, "label_smoothing")
+    if not C.is_int(ignore_index):
+        raise TypeError(f"{where}: expected ignore_index to be an int, got {ignore_index!r}")
+    class_dim = 0 if logits.dim() == 1 else 1
+    classes = logits.shape[class_dim]
+    if weight is not None:
+        C.check_vector(weight, classes, where, "weight", f"one per class of logits {C.shape_str(logits)}")
+    if target.is_floating_point():
+        if target.shape != logits.shape:
+            raise ValueError(f"{where}: expected class-probability target shaped like logits "
+                             f"{C.shape_str(logits)}, got {C.shape_str(target)}")
+        return class_dim, classes, True
+    if target.dtype in (torch.bool,) or target.is_complex():
+        raise TypeError(f"{where}: expected target of class indices (integer dtype) or class "
+                        f"probabilities (floating dtype), got {target.dtype}")
+    expected = tuple(logits.shape[:class_dim]) + tuple(logits.shape[class_dim + 1:])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"{where}: expected class-index target of shape {expected} (logits are "
+                         f"{C.shape_str(logits)}), got {C.shape_str(target)}")
+    return class_dim, classes, False
+
+
+def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, impl=None):
+    """Cross-entropy between ``softmax(logits)`` and a target, as ``F.cross_entropy``.
+
+    With ``logp = log_softmax(logits)`` over the class axis, ``w`` the class weights (ones when
+    None), ``eps = label_smoothing`` and ``K`` classes:
+
+    * class indices ``t`` (elements equal to ``ignore_index`` count as 0 and leave the mean):
+      ``l_i = (1 - eps) * (-w[t_i] logp[i, t_i]) + eps / K * (-sum_c w_c logp[i, c])``;
+      ``"mean"`` divides ``sum_i l_i`` by ``sum_i w[t_i]`` over non-ignored ``i``.
+    * class probabilities ``q`` (same shape as logits; ``ignore_index`` does not apply):
+      ``q' = (1 - eps) q + eps / K``, ``l_i = -sum_c w_c q'[i, c] logp[i, c]``;
+      ``"mean"`` divides by the number of ``i`` (``N * d1 * ...``).
+
+    Args:
+      logits: ``(N, C, d1, ...)``, ``(N, C)`` or unbatched ``(C,)``.
+      target: integer ``(N, d1, ...)`` / ``(N,)`` / ``()`` indices, or floating probabilities
+        shaped like ``logits``. Index values are not range-checked here (that would read values).
+      weight: ``(C,)`` or None. reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-element
+        ``(N, d1, ...)``). label_smoothing: in ``[0, 1]``.
+      impl: ``"fast"`` (``F.cross_entropy``), ``"explicit"`` (log_softmax, gather, weights and
+        smoothing written out) or None (the default).
+
+    Returns:
+      a scalar, or the per-element losses for ``reduction="none"``.
+    """
+    where = "cross_entropy"
+    impl = resolve(impl, where)
+    class_dim, classes, probabilities = _check(logits, target, weight, ignore_index, reduction,
+                                               label_smoothing, where)
+    if impl == "fast":
+        return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index,
+                               reduction=reduction, label_smoothing=label_smoothing)
+
+    eps = float(label_smoothing)
+    logp = log_softmax(logits, dim=class_dim, impl="explicit")
+    w = torch.ones(classes, dtype=logits.dtype, device=logits.device) if weight is None else weight
+    w_b = w.reshape((classes,) + (1,) * (logits.dim() - class_dim - 1))   # broadcasts on logp
+
+    if probabilities:
+        q = target * (1 - eps) + eps / classes if eps > 0 else target
+        per_element = -(logp * q * w_b).sum(dim=class_dim)
+        if reduction == "none":
+            return per_element
+        total = per_element.sum()
+        return total / (logp.numel() // classes) if reduction == "mean" else total
+
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros((), dtype=target.dtype, device=target.device))
+    picked = logp.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)   # logp[i, t_i]
+    w_t = w[safe] * valid.to(w.dtype)                     # w[t_i], 0 where ignored
+    nll = -w_t * picked
+    if eps > 0:
+        smooth = -(logp * w_b).sum(dim=class_dim) * valid.to(logp.dtype)
+        per_element = (1 - eps) * nll + (eps / classes) * smooth
+    else:
+        per_element = nll
+    if reduction == "none":
+        return per_element
+    total = per_element.sum()
+    return total / w_t.sum() if reduction == "mean" else total

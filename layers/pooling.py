@@ -1,0 +1,130 @@
+"""Pooling over ``(N, C, H, W)``: max over sliding windows, and adaptive average."""
+import torch
+import torch.nn.functional as F
+
+from . import _checks as C
+from ._impl import resolve
+
+
+def _pool_out_size(size, k, s, p, d, ceil_mode):
+    """torch's output length for one axis (``pooling_output_shape`` in ATen)."""
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (span + (s - 1 if ceil_mode else 0)) // s + 1
+    # ceil_mode may add a last window; torch drops it when it would start inside the right padding.
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, *, impl=None):
+    """Max over each (dilated) window, as ``torch.nn.MaxPool2d``.
+
+    ``y[n, c, i, j] = max_{u < kh, v < kw} x_pad[n, c, i * sh + u * dh, j * sw + v * dw]``
+    with ``x_pad`` padded by ``-inf``. Ties send the whole gradient to the first maximum in
+    row-major window order (``u`` then ``v``), as torch does.
+
+    Args:
+      x: ``(N, C, H, W)`` or unbatched ``(C, H, W)``.
+      kernel_size: int or pair. stride: int or pair (default ``kernel_size``).
+      padding: int or pair, at most half the kernel size. dilation: int or pair.
+      ceil_mode: round the output size up (a partial last window), as torch.
+      impl: ``"fast"`` (``F.max_pool2d``), ``"explicit"`` (argmax over gathered windows) or None.
+
+    Returns:
+      ``(N, C, Ho, Wo)`` (or ``(C, Ho, Wo)``) with
+      ``Ho = floor_or_ceil((H + 2 ph - dh (kh - 1) - 1) / sh) + 1``.
+    """
+    where = "max_pool2d"
+    impl = resolve(impl, where)
+    C.check_tensor(x, where)
+    C.check_rank(x, (3, 4), where, layout="(N, C, H, W) or (C, H, W)")
+    kernel = C.pair(kernel_size, where, "kernel_size", 1)
+    stride_ = kernel if stride is None else C.pair(stride, where, "stride", 1)
+    pad = C.pair(padding, where, "padding", 0)
+    dil = C.pair(dilation, where, "dilation", 1)
+    C.check_bool(ceil_mode, where, "ceil_mode")
+    if pad[0] * 2 > kernel[0] or pad[1] * 2 > kernel[1]:
+        raise ValueError(f"{where}: expected padding at most half of kernel_size={kernel}, "
+                         f"got padding={padding!r}")
+    out = []
+    for axis, size, k, s, p, d in (("height", x.shape[-2], kernel[0], stride_[0], pad[0], dil[0]),
+                                   ("width", x.shape[-1], kernel[1], stride_[1], pad[1], dil[1])):
+        if d * (k - 1) + 1 > size + 2 * p:
+            raise ValueError(f"{where}: expected padded input {axis} >= dilated kernel {axis} "
+                             f"{d * (k - 1) + 1} (kernel_size={kernel_size!r}, dilation={dilation!r}, "
+                             f"padding={padding!r}), got {C.shape_str(x)}")
+        out.append(_pool_out_size(size, k, s, p, d, ceil_mode))
+
+    if impl == "fast":
+        return F.max_pool2d(x, kernel, stride_, pad, dil, ceil_mode)
+
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo) = kernel, stride_, pad, dil, out
+    # Pad with -inf so padding never wins; in ceil mode the last window may reach past the right
+    # padding, so pad on the right until every one of the ho (wo) windows fits.
+    right_h = max(ph, (ho - 1) * sh + dh * (kh - 1) + 1 - x.shape[-2] - ph)
+    right_w = max(pw, (wo - 1) * sw + dw * (kw - 1) + 1 - x.shape[-1] - pw)
+    xp = F.pad(x, (pw, right_w, ph, right_h), value=float("-inf"))
+    windows = xp.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+    taps = windows[:, :, :ho, :wo, ::dh, ::dw]                       # (N, C, Ho, Wo, kh, kw)
+    taps = taps.reshape(taps.shape[:4] + (kh * kw,))                 # row-major window order
+    # argmax returns the first maximum; gathering at it routes the gradient there alone.
+    first_max = taps.argmax(dim=-1, keepdim=True)
+    y = taps.gather(-1, first_max).squeeze(-1)
+    return y.squeeze(0) if unbatched else y
+
+
+def _adaptive_size(output_size, in_hw, where):
+    if output_size is None or C.is_int(output_size):
+        output_size = (output_size, output_size)
+    if not (isinstance(output_size, (tuple, list)) and len(output_size) == 2
+            and all(o is None or C.is_int(o) for o in output_size)):
+        raise TypeError(f"{where}: expected output_size to be an int, None or a pair of them, "
+                        f"got {output_size!r}")
+    size = tuple(i if o is None else int(o) for o, i in zip(output_size, in_hw))
+    if min(size) < 1:
+        raise ValueError(f"{where}: expected output_size >= 1, got {output_size!r}")
+    return size
+
+
+def _averaging_matrix(out, size, like):
+    """``(out, size)`` matrix whose row ``i`` averages ``[floor(i size / out), ceil((i+1) size / out))``."""
+    i = torch.arange(out, device=like.device)
+    start = (i * size) // out
+    end = ((i + 1) * size + out - 1) // out
+    j = torch.arange(size, device=like.device)
+    inside = (j >= start[:, None]) & (j < end[:, None])
+    return inside.to(like.dtype) / (end - start).to(like.dtype)[:, None]
+
+
+def adaptive_avg_pool2d(x, output_size, *, impl=None):
+    """Average over adaptively sized windows so the output is ``output_size``, as torch.
+
+    Output cell ``i`` along an axis of length ``H`` averages input rows
+    ``[floor(i H / Ho), ceil((i + 1) H / Ho))``; the same for columns. Windows overlap when
+    ``H`` is not a multiple of ``Ho``.
+
+    Args:
+      x: ``(N, C, H, W)`` or unbatched ``(C, H, W)``.
+      output_size: int or pair ``(Ho, Wo)``; a ``None`` entry keeps that input size.
+      impl: ``"fast"`` (``F.adaptive_avg_pool2d``), ``"explicit"`` (``A_h x A_w^T`` with averaging
+        matrices) or None (the default).
+
+    Returns:
+      ``(N, C, Ho, Wo)`` (or ``(C, Ho, Wo)``).
+    """
+    where = "adaptive_avg_pool2d"
+    impl = resolve(impl, where)
+    C.check_tensor(x, where)
+    C.check_rank(x, (3, 4), where, layout="(N, C, H, W) or (C, H, W)")
+    if x.shape[-2] < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{where}: expected non-empty spatial dimensions, got {C.shape_str(x)}")
+    size = _adaptive_size(output_size, tuple(x.shape[-2:]), where)
+
+    if impl == "fast":
+        return F.adaptive_avg_pool2d(x, size)
+    rows = _averaging_matrix(size[0], x.shape[-2], x)     # (Ho, H)
+    cols = _averaging_matrix(size[1], x.shape[-1], x)     # (Wo, W)
+    return rows @ x @ cols.T
