@@ -1,0 +1,108 @@
+"""Initialisers: shapes and names as torch.nn, bounds and distributions as torch.nn.init."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from scipy import stats
+
+from layers import init, random as jr
+
+
+@settings(deadline=None, max_examples=30)
+@given(cin=st.integers(1, 16), cout=st.integers(1, 16), k=st.integers(1, 5),
+       groups=st.sampled_from([1, 2, 4]), bias=st.booleans(),
+       scheme=st.sampled_from(init.SCHEMES))
+def test_conv2d_params_have_the_shapes_and_names_of_nn_conv2d(cin, cout, k, groups, bias, scheme):
+    cin, cout = cin * groups, cout * groups
+    ref = torch.nn.Conv2d(cin, cout, k, groups=groups, bias=bias)
+    ours = init.conv2d_params(jr.key(0), cin, cout, k, groups=groups, bias=bias, scheme=scheme)
+    assert set(ours) == set(ref.state_dict())
+    assert {n: t.shape for n, t in ours.items()} == {n: t.shape for n, t in ref.state_dict().items()}
+
+
+@settings(deadline=None, max_examples=20)
+@given(fin=st.integers(1, 64), fout=st.integers(1, 64), bias=st.booleans())
+def test_linear_params_have_the_shapes_and_names_of_nn_linear(fin, fout, bias):
+    ref = torch.nn.Linear(fin, fout, bias=bias)
+    ours = init.linear_params(jr.key(1), fin, fout, bias=bias, dtype=torch.float64)
+    assert {n: t.shape for n, t in ours.items()} == {n: t.shape for n, t in ref.state_dict().items()}
+    assert all(t.dtype == torch.float64 for t in ours.values())
+
+
+def test_same_key_same_params_and_different_keys_differ():
+    a = init.conv2d_params(jr.key(3), 8, 16, 3)
+    b = init.conv2d_params(jr.key(3), 8, 16, 3)
+    c = init.conv2d_params(jr.key(4), 8, 16, 3)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not torch.equal(a["weight"], c["weight"])
+
+
+def _ks(sample, dist):
+    return stats.kstest(sample.double().flatten().numpy(), dist.cdf).pvalue
+
+
+def test_torch_default_matches_nn_linear_bounds_and_distribution():
+    fin, fout = 300, 200
+    ours = init.linear_params(jr.key(5), fin, fout)
+    bound = 1 / math.sqrt(fin)  # kaiming_uniform(a=sqrt(5)) reduces to this, as nn.Linear's
+    ref = torch.nn.Linear(fin, fout)
+    assert ref.weight.abs().max() <= bound and ours["weight"].abs().max() <= bound
+    # KS against U(-b, b): p below 1e-6 means the distribution is wrong, not unlucky.
+    assert _ks(ours["weight"], stats.uniform(-bound, 2 * bound)) > 1e-6
+    assert ours["bias"].abs().max() <= bound
+
+
+@pytest.mark.parametrize("scheme,dist", [
+    ("xavier_uniform", lambda fi, fo: stats.uniform(-math.sqrt(6 / (fi + fo)),
+                                                    2 * math.sqrt(6 / (fi + fo)))),
+    ("xavier_normal", lambda fi, fo: stats.norm(0, math.sqrt(2 / (fi + fo)))),
+    ("kaiming_uniform", lambda fi, fo: stats.uniform(-math.sqrt(6 / fi), 2 * math.sqrt(6 / fi))),
+    ("kaiming_normal", lambda fi, fo: stats.norm(0, math.sqrt(2 / fi))),
+])
+def test_schemes_draw_from_their_documented_distribution(scheme, dist):
+    cin, cout, k = 64, 128, 3
+    options = {"nonlinearity": "relu"} if scheme.startswith("kaiming") else {}
+    ours = init.conv2d_params(jr.key(6), cin, cout, k, scheme=scheme, **options)
+    fan_in, fan_out = cin * k * k, cout * k * k
+    assert _ks(ours["weight"], dist(fan_in, fan_out)) > 1e-6
+    assert torch.equal(ours["bias"], torch.zeros(cout))
+
+
+def test_kaiming_fan_out_and_gain_follow_torch():
+    shape = (64, 32, 3, 3)
+    w = init.kaiming_normal(jr.key(7), shape, mode="fan_out", nonlinearity="relu")
+    ref = torch.nn.init.kaiming_normal_(torch.empty(shape), mode="fan_out", nonlinearity="relu")
+    # Both estimate std = sqrt(2 / fan_out); 18k samples give a relative sd near 0.5%.
+    expected = math.sqrt(2 / (64 * 9))
+    assert abs(w.std().item() / expected - 1) < 0.03
+    assert abs(ref.std().item() / expected - 1) < 0.03
+
+
+def test_fan_in_and_fan_out_equal_torch():
+    for shape in [(5, 3), (8, 4, 3, 3), (2, 6, 1, 7)]:
+        ref = torch.nn.init._calculate_fan_in_and_fan_out(torch.empty(shape))
+        assert init.fan_in_and_fan_out(shape) == ref
+
+
+def test_batch_norm_params_and_state_equal_nn_batchnorm():
+    ref = torch.nn.BatchNorm2d(6).state_dict()
+    ours = {**init.batch_norm_params(6), **init.batch_norm_state(6)}
+    assert set(ours) == set(ref)
+    assert all(torch.equal(ours[n], ref[n]) and ours[n].dtype == ref[n].dtype for n in ref)
+    assert init.batch_norm_params(6, affine=False) == {}
+    assert init.batch_norm_state(6, track_running_stats=False) == {}
+
+
+def test_bad_init_arguments_are_refused():
+    with pytest.raises(ValueError, match="init: expected scheme in"):
+        init.linear_params(jr.key(0), 3, 4, scheme="orthogonal")
+    with pytest.raises(ValueError, match="groups=3 must divide in_channels=4"):
+        init.conv2d_params(jr.key(0), 4, 6, 3, groups=3)
+    with pytest.raises(ValueError, match="expected mode 'fan_in' or 'fan_out'"):
+        init.kaiming_uniform(jr.key(0), (3, 3), mode="fan_avg")
+    with pytest.raises(ValueError, match="expected positive sizes"):
+        init.linear_params(jr.key(0), 0, 4)
+    with pytest.raises(TypeError, match="init: expected a random key"):
+        init.linear_params(123, 3, 4)
