@@ -77,15 +77,16 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
 
 
 def _adaptive_size(output_size, in_hw, where):
+    given = output_size
     if output_size is None or C.is_int(output_size):
         output_size = (output_size, output_size)
     if not (isinstance(output_size, (tuple, list)) and len(output_size) == 2
             and all(o is None or C.is_int(o) for o in output_size)):
         raise TypeError(f"{where}: expected output_size to be an int, None or a pair of them, "
-                        f"got {output_size!r}")
+                        f"got {given!r}")
     size = tuple(i if o is None else int(o) for o, i in zip(output_size, in_hw))
     if min(size) < 1:
-        raise ValueError(f"{where}: expected output_size >= 1, got {output_size!r}")
+        raise ValueError(f"{where}: expected output_size >= 1, got {given!r}")
     return size
 
 
