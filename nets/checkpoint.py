@@ -291,10 +291,13 @@ def _read_meta(header: dict, name: str) -> tuple[Any, Any]:
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"load: {name!r} has a corrupted {field!r} entry in its "
                                   f"metadata ({e!r})") from e
+    if not (parsed[1] is None or isinstance(parsed[1], dict)):
+        raise CheckpointError(f"load: {name!r} has a corrupted 'metadata' entry: expected a "
+                              f"JSON object or null, got {type(parsed[1]).__name__}")
     return parsed[0], parsed[1]
 
 
-def _decode(node: Any, path: str, tensors: dict, used: set, name: str) -> Any:
+def _decode(node: Any, path: str, tensors: dict, used: set, name: str, device) -> Any:
     """The tree a structure node describes, with default containers (NamedTuple -> dict)."""
     def corrupt(what):
         return CheckpointError(f"load: {name!r} has a corrupted structure at {_show(path)}: "
@@ -313,18 +316,20 @@ def _decode(node: Any, path: str, tensors: dict, used: set, name: str) -> Any:
         used.add(path)
         t = tensors[path]
         if kind == "tensor":
-            return t
+            return t if device is None else t.to(device)
         if t.dtype != _SCALAR_DTYPES[kind] or t.dim() != 0:
             raise corrupt(f"expected a 0-d {_SCALAR_DTYPES[kind]} tensor for a {kind} leaf, "
                           f"got {t.dtype} {tuple(t.shape)}")
         return _SCALAR_TYPES[kind](t.item())
     items = node.get("items")
     if kind in ("dict", "namedtuple") and isinstance(items, dict):
-        for key in items:
-            _tree.check_dict_key(key, path, "load")
-        return {k: _decode(v, _tree.join(path, k), tensors, used, name) for k, v in items.items()}
+        bad = [k for k in items if _tree.SEP in k]
+        if bad:
+            raise corrupt(f"expected keys without {_tree.SEP!r}, got {bad[0]!r}")
+        return {k: _decode(v, _tree.join(path, k), tensors, used, name, device)
+                for k, v in items.items()}
     if kind in ("list", "tuple") and isinstance(items, list):
-        out = [_decode(v, _tree.join(path, str(i)), tensors, used, name)
+        out = [_decode(v, _tree.join(path, str(i)), tensors, used, name, device)
                for i, v in enumerate(items)]
         return out if kind == "list" else tuple(out)
     raise corrupt(f"expected kind dict / namedtuple (items an object), list / tuple (items an "
@@ -400,10 +405,8 @@ def load(path: PathLike, like: Any = None, *,
         tensors = safetensors.torch.load(data)
     except Exception as e:  # safetensors' own errors carry no file name
         raise CheckpointError(f"load: {name!r} is not a valid safetensors file: {e}") from e
-    if device is not None:
-        tensors = {k: v.to(device) for k, v in tensors.items()}
     used: set[str] = set()
-    tree = _decode(structure, "", tensors, used, name)
+    tree = _decode(structure, "", tensors, used, name, device)
     stray = sorted(set(tensors) - used)
     if stray:
         raise CheckpointError(f"load: {name!r} has a corrupted structure: tensors "
