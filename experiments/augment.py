@@ -1,0 +1,88 @@
+"""Batch augmentation on the training device: random crop with zero padding, horizontal flip,
+normalisation. Every draw comes from an explicit key (``layers.random``); no loop over images.
+
+The usual CIFAR pipeline (``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip()``,
+``ToTensor()``, ``Normalize(mean, std)``) applied to a whole ``(N, C, H, W)`` batch at once.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from layers import random as lr
+
+from .data import CIFAR10_MEAN, CIFAR10_STD
+
+__all__ = ["random_crop", "random_flip", "normalize", "augment_batch", "crop_offsets", "flip_mask"]
+
+
+def _check_batch(fn: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{fn}: expected a batch (N, C, H, W), got {got}")
+
+
+def crop_offsets(key: torch.Tensor, n: int, padding: int) -> torch.Tensor:
+    """``(n, 2)`` int64 crop corners ``(dy, dx)``, each uniform on ``{0, ..., 2 * padding}``."""
+    return lr.randint(key, (n, 2), 0, 2 * padding + 1)
+
+
+def flip_mask(key: torch.Tensor, n: int) -> torch.Tensor:
+    """``(n,)`` bool, each true with probability 1/2: which images get mirrored."""
+    return lr.bernoulli(key, 0.5, (n,))
+
+
+def random_crop(key: torch.Tensor, x: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """Zero-pad each image by ``padding`` on every side, then cut an ``H x W`` window at a random corner.
+
+    ``y[n, c, i, j] = pad(x)[n, c, dy_n + i, dx_n + j]`` with ``(dy_n, dx_n)`` from
+    :func:`crop_offsets`; one gather over the padded batch. Shapes: ``(N, C, H, W) -> (N, C, H, W)``.
+    """
+    _check_batch("random_crop", x)
+    if not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"random_crop: expected padding a non-negative int, got {padding!r}")
+    if padding == 0:
+        return x
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    off = crop_offsets(key, n, padding).to(x.device)
+    rows = off[:, 0, None] + torch.arange(h, device=x.device)  # (N, H)
+    cols = off[:, 1, None] + torch.arange(w, device=x.device)  # (N, W)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def random_flip(key: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2: ``torch.where(flip[n], x[..., ::-1], x)``."""
+    _check_batch("random_flip", x)
+    flip = flip_mask(key, x.shape[0]).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(x / 255 - mean[c]) / std[c]`` for a uint8 batch ``(N, C, H, W)``; a float batch is taken as in [0, 1]."""
+    _check_batch("normalize", x)
+    if x.shape[1] != len(mean) or len(mean) != len(std):
+        raise ValueError(f"normalize: expected {len(mean)} channels (mean has {len(mean)}, std {len(std)}), "
+                         f"got {tuple(x.shape)}")
+    y = x.to(dtype) / 255.0 if x.dtype == torch.uint8 else x.to(dtype)
+    m = torch.tensor(mean, dtype=dtype, device=x.device)[:, None, None]
+    s = torch.tensor(std, dtype=dtype, device=x.device)[:, None, None]
+    return (y - m) / s
+
+
+def augment_batch(key: torch.Tensor, x: torch.Tensor, *, crop: int = 4, flip: bool = True,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Crop (``crop`` pixels of zero padding, 0 for none), flip, then :func:`normalize` a uint8 batch.
+
+    The crop and flip keys are ``fold_in(key, 0)`` and ``fold_in(key, 1)``. Padding happens on the
+    raw pixels, so padded pixels normalise to ``-mean / std`` exactly as in the torchvision pipeline.
+    """
+    if crop:
+        x = random_crop(lr.fold_in(key, 0), x, crop)
+    if flip:
+        x = random_flip(lr.fold_in(key, 1), x)
+    return normalize(x, dtype=dtype)

@@ -1,0 +1,80 @@
+"""Figures of a training run (matplotlib, Agg backend, PNG): accuracy and loss curves per epoch
+for the train / val / test splits, and a confusion matrix."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import torch  # noqa: E402
+
+__all__ = ["plot_curves", "plot_confusion"]
+
+_SPLITS = (("train", "tab:blue"), ("val", "tab:orange"), ("test", "tab:green"))
+
+
+def _curve(history: Sequence[Mapping], metric: str, path: Path, ylabel: str, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    epochs = [h["epoch"] for h in history]
+    for split, color in _SPLITS:
+        values = [h.get(f"{split}_{metric}") for h in history]
+        pts = [(e, v) for e, v in zip(epochs, values) if v is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", markersize=3, color=color, label=split)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_curves(history: Sequence[Mapping], out_dir: str | Path, title: str = "") -> list[Path]:
+    """Write ``accuracy.png`` and ``loss.png`` in ``out_dir`` from per-epoch metric records.
+
+    Each record holds ``epoch`` and any of ``{train,val,test}_{loss,accuracy}`` (accuracy as a
+    fraction; plotted in percent). Returns the two paths.
+    """
+    out_dir = Path(out_dir)
+    pct = [{k: (v * 100 if k.endswith("_accuracy") and v is not None else v) for k, v in h.items()}
+           for h in history]
+    acc, loss = out_dir / "accuracy.png", out_dir / "loss.png"
+    _curve(pct, "accuracy", acc, "accuracy (%)", f"{title} accuracy".strip())
+    _curve(history, "loss", loss, "cross-entropy loss", f"{title} loss".strip())
+    return [acc, loss]
+
+
+def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: str | Path,
+                   title: str = "confusion matrix") -> Path:
+    """Write a confusion-matrix PNG: ``confusion[t, p]`` counts images of class t predicted as p.
+
+    Cells are coloured by the row-normalised rate and annotated with the count.
+    """
+    confusion = torch.as_tensor(confusion).to(torch.int64).cpu()
+    k = len(classes)
+    if tuple(confusion.shape) != (k, k):
+        raise ValueError(f"plot_confusion: expected a ({k}, {k}) matrix for {k} classes, "
+                         f"got {tuple(confusion.shape)}")
+    rate = confusion.double() / confusion.sum(1, keepdim=True).clamp_min(1)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k), dpi=120)
+    ax.imshow(rate.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+    for t in range(k):
+        for p in range(k):
+            ax.text(p, t, str(int(confusion[t, p])), ha="center", va="center", fontsize=7,
+                    color="white" if rate[t, p] > 0.5 else "black")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    acc = confusion.diag().sum().item() / max(confusion.sum().item(), 1)
+    ax.set_title(f"{title} (accuracy {100 * acc:.2f}%)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
