@@ -15,8 +15,8 @@ def _check(params, state, x, train, momentum, eps, where):
     C.check_bool(train, where, "train")
     if momentum is not None and not (C.is_real(momentum) and 0.0 <= momentum <= 1.0):
         raise ValueError(f"{where}: expected momentum to be None or a float in [0, 1], got {momentum!r}")
-    if not (C.is_real(eps) and eps >= 0.0):
-        raise ValueError(f"{where}: expected eps to be a float >= 0, got {eps!r}")
+    if not (C.is_real(eps) and eps > 0.0):
+        raise ValueError(f"{where}: expected eps to be a float > 0, got {eps!r}")
     channels = x.shape[1]
     if not isinstance(params, dict) or params:
         C.check_keys(params, PARAM_KEYS, (), where, "params ({} for no affine transform)")
