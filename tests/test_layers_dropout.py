@@ -1,0 +1,113 @@
+"""dropout: a Bernoulli(1 - p) mask drawn from the key, survivors scaled by 1 / (1 - p)."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.func import grad
+
+import layers
+from layers import random as lr
+
+IMPLS = ["fast", "explicit"]
+
+
+@settings(deadline=None, max_examples=40)
+@given(p=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1), impl=st.sampled_from(IMPLS),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_dropout_output_is_mask_times_x_over_keep_prob_and_formulations_agree(p, seed, impl, dtype):
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    key = lr.key(seed)
+    y = layers.dropout(x, p=p, train=True, key=key, impl=impl)
+    other = layers.dropout(x, p=p, train=True, key=key, impl="explicit" if impl == "fast" else "fast")
+    # x * (1 / keep) versus x / keep: one rounding apart at most (dtype eps relative).
+    torch.testing.assert_close(y, other, rtol=2 * torch.finfo(dtype).eps, atol=0)
+    if p == 0.0:
+        assert torch.equal(y, x)
+        return
+    keep = lr.bernoulli(key, 1.0 - p, x.shape)
+    expect = torch.where(keep, x / (1.0 - p), torch.zeros((), dtype=dtype)) if p < 1 else torch.zeros_like(x)
+    torch.testing.assert_close(y, expect, rtol=2 * torch.finfo(dtype).eps, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dropout_same_key_gives_same_mask(impl):
+    x = torch.ones(1000, dtype=torch.float64)
+    a = layers.dropout(x, p=0.3, train=True, key=lr.key(5), impl=impl)
+    b = layers.dropout(x, p=0.3, train=True, key=lr.key(5), impl=impl)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dropout_different_keys_give_different_masks(impl):
+    x = torch.ones(1000, dtype=torch.float64)
+    k1, k2 = lr.split(lr.key(5))
+    a = layers.dropout(x, p=0.3, train=True, key=k1, impl=impl)
+    b = layers.dropout(x, p=0.3, train=True, key=k2, impl=impl)
+    assert not torch.equal(a == 0, b == 0)
+
+
+@settings(deadline=None, max_examples=25)
+@given(p=st.floats(0.05, 0.95), seed=st.integers(0, 2**31 - 1), impl=st.sampled_from(IMPLS))
+def test_dropout_keep_rate_within_six_sigma_of_one_minus_p(p, seed, impl):
+    n = 100_000
+    y = layers.dropout(torch.ones(n, dtype=torch.float64), p=p, train=True, key=lr.key(seed), impl=impl)
+    kept = int((y != 0).sum())
+    # kept ~ Binomial(n, 1 - p): a 6-sigma band fails by chance with probability ~2e-9.
+    sigma = math.sqrt(n * p * (1 - p))
+    assert abs(kept - n * (1 - p)) <= 6 * sigma
+    torch.testing.assert_close(y[y != 0], torch.full((kept,), 1 / (1 - p), dtype=torch.float64),
+                               rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("p", [0.25, 0.5, 0.9])
+def test_dropout_gradient_equals_mask_over_keep_prob(impl, p):
+    x = torch.randn(6, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    key = lr.key(11)
+    g = grad(lambda x: layers.dropout(x, p=p, train=True, key=key, impl=impl).sum())(x)
+    mask = lr.bernoulli(key, 1 - p, x.shape).to(torch.float64)
+    torch.testing.assert_close(g, mask / (1 - p), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dropout_p_one_gives_zeros_and_zero_gradient_without_nan(impl):
+    x = torch.tensor([1.0, -2.0, 0.0, 1e308], dtype=torch.float64)
+    y = layers.dropout(x, p=1.0, train=True, key=lr.key(0), impl=impl)
+    assert torch.equal(y, torch.zeros_like(x))
+    g = grad(lambda x: layers.dropout(x, p=1.0, train=True, key=lr.key(0), impl=impl).sum())(x)
+    assert torch.equal(g, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dropout_eval_and_p_zero_are_the_identity(impl):
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(layers.dropout(x, p=0.5, train=False, impl=impl), x)      # no key needed
+    assert torch.equal(layers.dropout(x, p=0.0, train=True, impl=impl), x)
+    g = grad(lambda x: layers.dropout(x, p=0.5, train=False, impl=impl).sum())(x)
+    assert torch.equal(g, torch.ones_like(x))
+
+
+def test_dropout_rejects_p_outside_unit_interval():
+    with pytest.raises(ValueError, match=r"dropout: expected p in \[0, 1\], got 1.5"):
+        layers.dropout(torch.ones(3), p=1.5, train=True, key=lr.key(0))
+    with pytest.raises(ValueError, match=r"dropout: expected p in \[0, 1\], got -0.1"):
+        layers.dropout(torch.ones(3), p=-0.1, train=False)
+    with pytest.raises(TypeError, match=r"dropout: expected p to be a float in \[0, 1\], got '0.5'"):
+        layers.dropout(torch.ones(3), p="0.5", train=False)
+
+
+def test_dropout_rejects_missing_key_while_training():
+    with pytest.raises(ValueError, match=r"dropout: expected a random key .*when train=True and "
+                                         r"p=0.5 > 0, got key=None"):
+        layers.dropout(torch.ones(3), p=0.5, train=True)
+
+
+def test_dropout_rejects_malformed_key_and_train_flag():
+    with pytest.raises(ValueError, match=r"dropout: expected a random key"):
+        layers.dropout(torch.ones(3), p=0.5, train=True, key=torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"dropout: expected a random key .*got int"):
+        layers.dropout(torch.ones(3), p=0.5, train=True, key=0)
+    with pytest.raises(TypeError, match=r"dropout: expected train to be a bool, got 'yes'"):
+        layers.dropout(torch.ones(3), p=0.5, train="yes")
