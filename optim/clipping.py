@@ -1,0 +1,60 @@
+"""Gradient clipping by global norm (torch.nn.utils.clip_grad_norm_, foreach path).
+
+    n_k   = ||g_k||_2 per leaf, grouped by (device, dtype) like torch
+    total = ||(n_1, ..., n_K)||_2
+    u_k   = g_k * min(max_norm / (total + 1e-6), 1)
+"""
+from __future__ import annotations
+
+from numbers import Real
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .base import EmptyState, GradientTransformation, tensor_leaves
+
+
+def global_norm(leaves: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all leaves together, summed in torch's order (per-leaf norms grouped by
+    device and dtype in order of first appearance, then the norm of the stacked norms)."""
+    groups: dict = {}
+    for x in leaves:
+        groups.setdefault((x.device, x.dtype), []).append(x)
+    norms = []
+    for group in groups.values():
+        norms.extend(torch._foreach_norm(group, 2.0))
+    first_device = leaves[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), 2.0)
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """Scale all updates by ``min(max_norm / (global_norm + 1e-6), 1)``; stateless.
+
+    Departure from torch: torch accepts a negative max_norm (and flips the gradients); here it is
+    a ValueError.
+    """
+    if isinstance(max_norm, bool) or not isinstance(max_norm, Real):
+        raise TypeError(f"clip_by_global_norm: expected max_norm to be a real number, got "
+                        f"{type(max_norm).__name__}")
+    if not max_norm >= 0:
+        raise ValueError(f"clip_by_global_norm: expected max_norm >= 0, got {max_norm}")
+    max_norm = float(max_norm)
+
+    def init(params):
+        return EmptyState()
+
+    def update(updates, state, params=None):
+        leaves, spec = tensor_leaves("clip_by_global_norm.update", "updates", updates)
+        if not leaves:
+            return updates, state
+        clip_coef = max_norm / (global_norm(leaves) + 1e-6)
+        clip_coef_clamped = torch.clamp(clip_coef, max=1.0)
+        out = [None] * len(leaves)
+        groups: dict = {}
+        for i, x in enumerate(leaves):
+            groups.setdefault((x.device, x.dtype), []).append(i)
+        for (device, _), idx in groups.items():
+            for i, y in zip(idx, torch._foreach_mul([leaves[i] for i in idx], clip_coef_clamped.to(device))):
+                out[i] = y
+        return pytree.tree_unflatten(out, spec), state
+    return GradientTransformation(init, update)

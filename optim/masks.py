@@ -1,0 +1,72 @@
+"""Masks and labels over parameter trees, and the path-keyed sub-trees the combinators hand on.
+
+A mask is a tree of bools with the structure of params, or a callable ``params -> mask``. A
+combinator that runs an inner transformation on part of the tree gives it a *flat dict keyed by
+leaf path* (``{'features.0.weight': w, ...}``) holding only the selected leaves, so the inner
+state has no entry at all for the others. For the flat ``state_dict``-keyed dicts the nets use,
+the keys are unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .base import Tree, leaf_paths, path_str
+
+
+def resolve_labels(fn: str, labels, params: Tree, kind: str = "mask") -> list:
+    """The mask / label tree (or the callable's result on ``params``) as a list aligned with
+    params' leaves; checks it has params' structure."""
+    tree = labels(params) if callable(labels) else labels
+    leaves, spec = pytree.tree_flatten(tree)
+    _, p_spec = pytree.tree_flatten(params)
+    if spec != p_spec:
+        p_paths, m_paths = leaf_paths(params), leaf_paths(tree)
+        missing = [p for p in p_paths if p not in set(m_paths)]
+        extra = [p for p in m_paths if p not in set(p_paths)]
+        where = (f"'{missing[0]}': missing in {kind}" if missing else
+                 f"'{extra[0]}': unexpected in {kind} (not in params)" if extra else
+                 f"<root>: containers differ ({kind} {spec}, params {p_spec})")
+        raise ValueError(f"{fn}: {kind} and params differ at {where}")
+    if kind == "mask":
+        for path, x in zip(leaf_paths(params), leaves):
+            if isinstance(x, torch.Tensor) and x.ndim == 0 and x.dtype == torch.bool:
+                continue
+            if not isinstance(x, bool):
+                raise TypeError(f"{fn}: expected mask leaves to be bools, got "
+                                f"{type(x).__name__} at '{path}'")
+        return [bool(x) for x in leaves]
+    return leaves
+
+
+def keyed_leaves(tree: Tree) -> tuple[list[str], list[Any], Any]:
+    """``(paths, leaves, spec)`` of a tree, checking the path strings are unique."""
+    with_path, spec = pytree.tree_flatten_with_path(tree)
+    paths = [path_str(p) for p, _ in with_path]
+    if len(set(paths)) != len(paths):
+        dup = next(p for p in paths if paths.count(p) > 1)
+        raise ValueError(f"masks: expected unique leaf paths, got '{dup}' twice "
+                         "(keys containing '.' collide with nesting)")
+    return paths, [x for _, x in with_path], spec
+
+
+def select(paths: list[str], leaves: list, keep: list[bool]) -> dict:
+    """``{path: leaf}`` for the kept leaves, in tree order."""
+    return {p: x for p, x, k in zip(paths, leaves, keep) if k}
+
+
+def decay_mask_no_bias_or_norm(params: Tree) -> Tree:
+    """Weight-decay mask: False for leaves whose key ends in ``bias`` and for tensors with
+    ``ndim <= 1`` (batch-norm / layer-norm weights), True for the rest (conv / linear weights).
+
+    torch equivalent: two param groups, the False leaves with ``weight_decay=0``.
+    """
+    def decide(path, x):
+        last = path_str(path).split(".")[-1]
+        return not (last == "bias" or last.endswith("_bias") or x.ndim <= 1)
+    return pytree.tree_map_with_path(decide, params)
+
+
+MaskFn = Callable[[Tree], Tree]

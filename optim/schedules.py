@@ -1,0 +1,211 @@
+"""Learning-rate schedules: pure functions ``step -> lr`` (step = updates done so far, from 0).
+
+Each equals the learning rate torch.optim.lr_scheduler puts in the optimizer after ``step``
+calls of ``scheduler.step()`` (``get_last_lr()``), written in closed form (torch's
+``_get_closed_form_lr``) instead of torch's recursive multiplications, so values agree to a few
+ulps rather than bit for bit.
+
+    constant_schedule(v)(t)                    = v
+    step_decay_schedule(v, s, g)(t)            = v * g ** (t // s)                  StepLR
+    multistep_schedule(v, ms, g)(t)            = v * g ** #{m in ms : m <= t}        MultiStepLR
+    exponential_schedule(v, g)(t)              = v * g ** t                         ExponentialLR
+    cosine_annealing_schedule(v, T, eta_min)(t) = eta_min + (v - eta_min)(1 + cos(pi t / T)) / 2
+                                                                                    CosineAnnealingLR
+    linear_schedule(v, f0, f1, T)(t)           = v * (f0 + (f1 - f0) * min(t, T) / T)  LinearLR
+    one_cycle_schedule(max_lr, T, ...)                                              OneCycleLR
+    join_schedules([s0, s1, ...], [b1, ...])(t) = s_i(t - b_i) for b_i <= t < b_{i+1}  SequentialLR
+    warmup_cosine_schedule(...)                = join(linear warm-up, cosine)
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from numbers import Integral, Real
+from typing import Callable, Sequence
+
+Schedule = Callable[[int], float]
+
+
+def _real(fn: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{fn}: expected {name} to be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _int(fn: str, name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"{fn}: expected {name} to be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _step(fn: str, t) -> int:
+    if isinstance(t, bool) or not isinstance(t, Integral) or t < 0:
+        raise ValueError(f"{fn}: expected the step to be an integer >= 0, got {t!r}")
+    return int(t)
+
+
+def as_schedule(fn: str, lr) -> Schedule:
+    """A float lr becomes a constant schedule; a callable is returned as it is."""
+    if callable(lr):
+        return lr
+    return constant_schedule(_real(fn, "lr (a float or a schedule step -> lr)", lr))
+
+
+def constant_schedule(value: float) -> Schedule:
+    """``t -> value``."""
+    value = _real("constant_schedule", "value", value)
+
+    def schedule(t: int) -> float:
+        _step("constant_schedule", t)
+        return value
+    return schedule
+
+
+def step_decay_schedule(init_value: float, step_size: int, gamma: float = 0.1) -> Schedule:
+    """``t -> init_value * gamma ** (t // step_size)`` (torch StepLR)."""
+    init_value = _real("step_decay_schedule", "init_value", init_value)
+    step_size = _int("step_decay_schedule", "step_size", step_size, 1)
+    gamma = _real("step_decay_schedule", "gamma", gamma)
+
+    def schedule(t: int) -> float:
+        return init_value * gamma ** (_step("step_decay_schedule", t) // step_size)
+    return schedule
+
+
+def multistep_schedule(init_value: float, milestones: Sequence[int], gamma: float = 0.1) -> Schedule:
+    """``t -> init_value * gamma ** (number of milestones <= t)`` (torch MultiStepLR; a milestone
+    listed twice decays twice, as torch's Counter does)."""
+    init_value = _real("multistep_schedule", "init_value", init_value)
+    gamma = _real("multistep_schedule", "gamma", gamma)
+    ms = sorted(_int("multistep_schedule", "each milestone", m, 0) for m in milestones)
+
+    def schedule(t: int) -> float:
+        return init_value * gamma ** bisect.bisect_right(ms, _step("multistep_schedule", t))
+    return schedule
+
+
+def exponential_schedule(init_value: float, gamma: float) -> Schedule:
+    """``t -> init_value * gamma ** t`` (torch ExponentialLR)."""
+    init_value = _real("exponential_schedule", "init_value", init_value)
+    gamma = _real("exponential_schedule", "gamma", gamma)
+
+    def schedule(t: int) -> float:
+        return init_value * gamma ** _step("exponential_schedule", t)
+    return schedule
+
+
+def cosine_annealing_schedule(init_value: float, T_max: int, eta_min: float = 0.0) -> Schedule:
+    """``t -> eta_min + (init_value - eta_min) * (1 + cos(pi * t / T_max)) / 2``
+    (torch CosineAnnealingLR; like torch it keeps following the cosine past ``T_max``)."""
+    init_value = _real("cosine_annealing_schedule", "init_value", init_value)
+    T_max = _int("cosine_annealing_schedule", "T_max", T_max, 1)
+    eta_min = _real("cosine_annealing_schedule", "eta_min", eta_min)
+
+    def schedule(t: int) -> float:
+        t = _step("cosine_annealing_schedule", t)
+        return eta_min + (init_value - eta_min) * (1 + math.cos(math.pi * t / T_max)) / 2
+    return schedule
+
+
+def linear_schedule(init_value: float, start_factor: float = 1.0 / 3, end_factor: float = 1.0,
+                    total_iters: int = 5) -> Schedule:
+    """``t -> init_value * (start_factor + (end_factor - start_factor) * min(t, T) / T)``
+    (torch LinearLR; a linear warm-up when ``start_factor < end_factor = 1``)."""
+    fn = "linear_schedule"
+    init_value = _real(fn, "init_value", init_value)
+    start_factor = _real(fn, "start_factor", start_factor)
+    end_factor = _real(fn, "end_factor", end_factor)
+    if not 0 < start_factor <= 1:
+        raise ValueError(f"{fn}: expected start_factor in (0, 1], got {start_factor}")
+    if not 0 <= end_factor <= 1:
+        raise ValueError(f"{fn}: expected end_factor in [0, 1], got {end_factor}")
+    total_iters = _int(fn, "total_iters", total_iters, 1)
+
+    def schedule(t: int) -> float:
+        t = min(total_iters, _step(fn, t))
+        return init_value * (start_factor + (end_factor - start_factor) * t / total_iters)
+    return schedule
+
+
+def one_cycle_schedule(max_lr: float, total_steps: int, pct_start: float = 0.3,
+                       anneal_strategy: str = "cos", div_factor: float = 25.0,
+                       final_div_factor: float = 1e4, three_phase: bool = False) -> Schedule:
+    """The 1cycle policy (torch OneCycleLR's learning rate; momentum cycling is not included).
+
+    initial = max_lr / div_factor, minimum = initial / final_div_factor. Two phases: initial ->
+    max_lr over steps [0, pct_start*T - 1], then max_lr -> minimum until T - 1. With
+    ``three_phase``: initial -> max_lr -> initial (ending at 2*pct_start*T - 2) -> minimum.
+    Each phase anneals with ``cos``: end + (start - end)/2 * (1 + cos(pi * pct)) or ``linear``:
+    (end - start) * pct + start, pct being the fraction of the phase done. Like torch, stepping
+    past ``total_steps`` is an error.
+    """
+    fn = "one_cycle_schedule"
+    max_lr = _real(fn, "max_lr", max_lr)
+    total_steps = _int(fn, "total_steps", total_steps, 1)
+    pct_start = _real(fn, "pct_start", pct_start)
+    if not 0 <= pct_start <= 1:
+        raise ValueError(f"{fn}: expected pct_start in [0, 1], got {pct_start}")
+    if anneal_strategy not in ("cos", "linear"):
+        raise ValueError(f"{fn}: expected anneal_strategy 'cos' or 'linear', got {anneal_strategy!r}")
+    div_factor = _real(fn, "div_factor", div_factor)
+    final_div_factor = _real(fn, "final_div_factor", final_div_factor)
+    initial = max_lr / div_factor
+    minimum = initial / final_div_factor
+    if three_phase:
+        phases = [(float(pct_start * total_steps) - 1, initial, max_lr),
+                  (float(2 * pct_start * total_steps) - 2, max_lr, initial),
+                  (total_steps - 1, initial, minimum)]
+    else:
+        phases = [(float(pct_start * total_steps) - 1, initial, max_lr),
+                  (total_steps - 1, max_lr, minimum)]
+
+    def anneal(start: float, end: float, pct: float) -> float:
+        if anneal_strategy == "cos":
+            return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+        return (end - start) * pct + start
+
+    def schedule(t: int) -> float:
+        t = _step(fn, t)
+        if t > total_steps:
+            raise ValueError(f"{fn}: stepped {t} times, expected at most total_steps={total_steps}")
+        start_step = 0.0
+        for i, (end_step, start, end) in enumerate(phases):
+            if t <= end_step or i == len(phases) - 1:
+                return anneal(start, end, (t - start_step) / (end_step - start_step))
+            start_step = end_step
+        raise AssertionError("unreachable")
+    return schedule
+
+
+def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
+    """``t -> schedules[i](t - boundaries[i-1])`` where ``i`` = number of boundaries <= t
+    (torch SequentialLR with ``milestones=boundaries``): each schedule restarts from its step 0
+    at its boundary."""
+    fn = "join_schedules"
+    schedules = list(schedules)
+    bounds = [_int(fn, "each boundary", b, 0) for b in boundaries]
+    if not schedules or len(bounds) != len(schedules) - 1:
+        raise ValueError(f"{fn}: expected len(boundaries) == len(schedules) - 1 >= 0, got "
+                         f"{len(schedules)} schedules and {len(bounds)} boundaries")
+    if bounds != sorted(bounds):
+        raise ValueError(f"{fn}: expected increasing boundaries, got {bounds}")
+    for i, s in enumerate(schedules):
+        if not callable(s):
+            raise TypeError(f"{fn}: expected schedule {i} to be callable, got {type(s).__name__}")
+
+    def schedule(t: int) -> float:
+        t = _step(fn, t)
+        i = bisect.bisect_right(bounds, t)
+        return schedules[i](t - (bounds[i - 1] if i > 0 else 0))
+    return schedule
+
+
+def warmup_cosine_schedule(peak_value: float, warmup_steps: int, decay_steps: int,
+                           start_factor: float = 1e-3, eta_min: float = 0.0) -> Schedule:
+    """Linear warm-up from ``start_factor * peak_value`` to ``peak_value`` over ``warmup_steps``,
+    then cosine annealing to ``eta_min`` over ``decay_steps`` (torch: SequentialLR of LinearLR and
+    CosineAnnealingLR with milestone ``warmup_steps``)."""
+    return join_schedules(
+        [linear_schedule(peak_value, start_factor, 1.0, warmup_steps),
+         cosine_annealing_schedule(peak_value, decay_steps, eta_min)],
+        [warmup_steps])
