@@ -27,6 +27,9 @@ def _check(logits, target, weight, ignore_index, reduction, label_smoothing, whe
         if target.shape != logits.shape:
             raise ValueError(f"{where}: expected class-probability target shaped like logits "
                              f"{C.shape_str(logits)}, got {C.shape_str(target)}")
+        if ignore_index != -100:   # torch refuses it too: no element of a distribution is "ignored"
+            raise ValueError(f"{where}: expected the default ignore_index=-100 with class-probability "
+                             f"targets, got ignore_index={ignore_index}")
         return class_dim, classes, True
     if target.dtype in (torch.bool,) or target.is_complex():
         raise TypeError(f"{where}: expected target of class indices (integer dtype) or class "
@@ -48,7 +51,7 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     * class indices ``t`` (elements equal to ``ignore_index`` count as 0 and leave the mean):
       ``l_i = (1 - eps) * (-w[t_i] logp[i, t_i]) + eps / K * (-sum_c w_c logp[i, c])``;
       ``"mean"`` divides ``sum_i l_i`` by ``sum_i w[t_i]`` over non-ignored ``i``.
-    * class probabilities ``q`` (same shape as logits; ``ignore_index`` does not apply):
+    * class probabilities ``q`` (same shape as logits; ``ignore_index`` must stay -100, as torch):
       ``q' = (1 - eps) q + eps / K``, ``l_i = -sum_c w_c q'[i, c] logp[i, c]``;
       ``"mean"`` divides by the number of ``i`` (``N * d1 * ...``).
 

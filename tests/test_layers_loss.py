@@ -1,0 +1,124 @@
+"""cross_entropy: both formulations equal F.cross_entropy over every option (values, gradients)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch.func import grad
+
+import layers
+
+# float64: log_softmax over <= 5 classes plus a sum over <= 3*3*3 = 27 elements; ~1e-15 relative.
+# float32: eps 6e-8 times logits of magnitude ~5 and a 27-term sum -> ~1e-5; allow 1e-4.
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+
+
+@st.composite
+def ce_cases(draw):
+    classes = draw(st.integers(1, 5))
+    batched = draw(st.booleans())
+    extra = tuple(draw(st.lists(st.integers(1, 3), max_size=2))) if batched else ()
+    lead = (draw(st.integers(1, 3)),) if batched else ()
+    shape = lead + (classes,) + extra
+    probabilities = draw(st.booleans())
+    return dict(
+        shape=shape, classes=classes, probabilities=probabilities,
+        weight=draw(st.booleans()), reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+        label_smoothing=draw(st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0))),
+        ignore_index=-100 if probabilities else draw(st.one_of(st.just(-100), st.integers(0, classes - 1))),
+        dtype=draw(st.sampled_from([torch.float64, torch.float32])),
+        seed=draw(st.integers(0, 2**31 - 1)), impl=draw(st.sampled_from(["fast", "explicit"])))
+
+
+def make(case):
+    g = torch.Generator().manual_seed(case["seed"])
+    dtype, shape, classes = case["dtype"], case["shape"], case["classes"]
+    logits = torch.randn(shape, generator=g, dtype=dtype) * 3
+    class_dim = 0 if len(shape) == 1 else 1
+    if case["probabilities"]:
+        target = torch.softmax(torch.randn(shape, generator=g, dtype=dtype), dim=class_dim)
+    else:
+        target = torch.randint(0, classes, shape[:class_dim] + shape[class_dim + 1:], generator=g)
+        if case["ignore_index"] == -100:          # sprinkle ignored elements
+            target = torch.where(torch.rand(target.shape, generator=g) < 0.3, -100, target)
+    weight = torch.rand(classes, generator=g, dtype=dtype) + 0.1 if case["weight"] else None
+    return logits, target, weight
+
+
+@settings(deadline=None, max_examples=80)
+@given(ce_cases())
+def test_cross_entropy_value_and_gradients_equal_torch(case):
+    logits, target, weight = make(case)
+    if not case["probabilities"] and case["reduction"] == "mean":
+        assume(bool((target != case["ignore_index"]).any()))     # all ignored: 0/0, tested below
+    opts = dict(weight=weight, ignore_index=case["ignore_index"], reduction=case["reduction"],
+                label_smoothing=case["label_smoothing"])
+    dtype = case["dtype"]
+    ref_logits = logits.clone().requires_grad_(True)
+    ref_target = target.clone().requires_grad_(True) if case["probabilities"] else target
+    ref = F.cross_entropy(ref_logits, ref_target, **opts)
+    cot = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    (ref * cot).sum().backward()
+
+    def f(logits, target):
+        return layers.cross_entropy(logits, target, impl=case["impl"], **opts)
+
+    out = f(logits, target)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref.detach(), **TOL[dtype])
+    loss = lambda lg, t: (f(lg, t) * cot).sum()   # noqa: E731
+    if case["probabilities"]:
+        g_logits, g_target = grad(loss, argnums=(0, 1))(logits, target)
+        torch.testing.assert_close(g_target, ref_target.grad, **TOL[dtype])
+    else:
+        g_logits = grad(loss)(logits, target)
+    torch.testing.assert_close(g_logits, ref_logits.grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("impl", ["fast", "explicit"])
+def test_cross_entropy_mean_over_all_ignored_targets_is_nan_as_torch(impl):
+    logits = torch.randn(3, 4, dtype=torch.float64)
+    target = torch.full((3,), -100)
+    assert torch.isnan(layers.cross_entropy(logits, target, impl=impl))
+    assert torch.isnan(F.cross_entropy(logits, target))
+
+
+@pytest.mark.parametrize("impl", ["fast", "explicit"])
+def test_cross_entropy_label_smoothing_formula_by_hand(impl):
+    logits = torch.tensor([[2.0, 0.0, -1.0]], dtype=torch.float64)
+    eps, k = 0.2, 3
+    logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    expect = -((1 - eps) * logp[0, 0] + eps / k * logp[0].sum())
+    got = layers.cross_entropy(logits, torch.tensor([0]), label_smoothing=eps, impl=impl)
+    torch.testing.assert_close(got, expect, rtol=1e-14, atol=0)
+
+
+def test_cross_entropy_rejects_target_batch_size_mismatch():
+    with pytest.raises(ValueError, match=r"cross_entropy: expected class-index target of shape \(4,\) "
+                                         r"\(logits are \(4, 10\)\), got \(5,\)"):
+        layers.cross_entropy(torch.zeros(4, 10), torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"cross_entropy: expected class-probability target shaped "
+                                         r"like logits \(4, 10\), got \(4, 1\)"):
+        layers.cross_entropy(torch.zeros(4, 10), torch.zeros(4, 1))
+
+
+def test_cross_entropy_rejects_ignore_index_with_probability_targets():
+    with pytest.raises(ValueError, match=r"cross_entropy: expected the default ignore_index=-100 with "
+                                         r"class-probability targets, got ignore_index=3"):
+        layers.cross_entropy(torch.zeros(4, 10), torch.zeros(4, 10), ignore_index=3)
+
+
+def test_cross_entropy_rejects_bad_weight_reduction_smoothing_and_dtypes():
+    lg, t = torch.zeros(4, 10), torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"cross_entropy: expected weight of shape \(10,\) .*got \(9,\)"):
+        layers.cross_entropy(lg, t, weight=torch.ones(9))
+    with pytest.raises(ValueError, match=r"cross_entropy: expected reduction in .*got 'avg'"):
+        layers.cross_entropy(lg, t, reduction="avg")
+    with pytest.raises(ValueError, match=r"cross_entropy: expected label_smoothing in \[0, 1\], got 1.5"):
+        layers.cross_entropy(lg, t, label_smoothing=1.5)
+    with pytest.raises(TypeError, match=r"cross_entropy: expected target of class indices .*got torch.bool"):
+        layers.cross_entropy(lg, t.bool())
+    with pytest.raises(TypeError, match=r"cross_entropy: expected logits with a floating dtype, got torch.int64"):
+        layers.cross_entropy(t.reshape(4, 1).expand(4, 10), t)
+    with pytest.raises(ValueError, match=r"cross_entropy: expected logits .*got \(\)"):
+        layers.cross_entropy(torch.zeros(()), t)
