@@ -23,13 +23,14 @@ def resolve_labels(fn: str, labels, params: Tree, kind: str = "mask") -> list:
     leaves, spec = pytree.tree_flatten(tree)
     _, p_spec = pytree.tree_flatten(params)
     if spec != p_spec:
+        # A mask written for the whole tree also serves the path-keyed sub-dicts that
+        # masked / multi_transform / freeze hand to inner transformations: match by leaf path.
         p_paths, m_paths = leaf_paths(params), leaf_paths(tree)
-        missing = [p for p in p_paths if p not in set(m_paths)]
-        extra = [p for p in m_paths if p not in set(p_paths)]
-        where = (f"'{missing[0]}': missing in {kind}" if missing else
-                 f"'{extra[0]}': unexpected in {kind} (not in params)" if extra else
-                 f"<root>: containers differ ({kind} {spec}, params {p_spec})")
-        raise ValueError(f"{fn}: {kind} and params differ at {where}")
+        by_path = dict(zip(m_paths, leaves))
+        missing = [p for p in p_paths if p not in by_path]
+        if missing:
+            raise ValueError(f"{fn}: {kind} and params differ at '{missing[0]}': missing in {kind}")
+        leaves = [by_path[p] for p in p_paths]
     if kind == "mask":
         for path, x in zip(leaf_paths(params), leaves):
             if isinstance(x, torch.Tensor) and x.ndim == 0 and x.dtype == torch.bool:
