@@ -410,9 +410,17 @@ def test_temp_file_is_fsynced_in_target_directory_before_rename(ckpt, monkeypatc
     path, tree = ckpt
     events = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda src, dst: (
-        events.append(("replace", os.path.dirname(src), os.fspath(dst))), real_replace(src, dst))[1])
+
+    def fsync(fd):
+        events.append("fsync")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.dirname(src), os.fspath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
     save(path, tree)
     assert events[0] == "fsync"
     assert events[1] == ("replace", str(path.parent), str(path))

@@ -108,7 +108,8 @@ def pairs(a, b, path=""):
 
 
 # The `jax` fixture only hands over the module, so sharing it between examples is harmless.
-@settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(deadline=None, max_examples=60,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tree=trees)
 def test_round_trip_shares_memory_and_keeps_structure_bits_and_dtypes(jax, tree):
     with x64(jax):
