@@ -48,12 +48,15 @@ def check_keys(d, required, optional, where, what):
             + (f" (unknown {unknown})" if unknown else ""))
 
 
-def check_vector(v, length, where, name, reference):
-    """``v`` is a tensor of shape ``(length,)``; ``reference`` explains where ``length`` comes from."""
+def check_vector(v, length, where, name, context, source):
+    """``v`` is a tensor of shape ``(length,)``; the error says it comes from ``context source.shape``.
+
+    The message is only formatted on failure: this runs on every training step.
+    """
     check_tensor(v, where, name)
     if v.dim() != 1 or v.shape[0] != length:
-        raise ValueError(f"{where}: expected {name} of shape ({length},) ({reference}), "
-                         f"got {shape_str(v)}")
+        raise ValueError(f"{where}: expected {name} of shape ({length},) ({context} "
+                         f"{shape_str(source)}), got {shape_str(v)}")
 
 
 def is_int(v):

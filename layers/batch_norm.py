@@ -21,11 +21,11 @@ def _check(params, state, x, train, momentum, eps, where):
     if not isinstance(params, dict) or params:
         C.check_keys(params, PARAM_KEYS, (), where, "params ({} for no affine transform)")
         for k in PARAM_KEYS:
-            C.check_vector(params[k], channels, where, k, f"one per channel of input {C.shape_str(x)}")
+            C.check_vector(params[k], channels, where, k, "one per channel of input", x)
     if not isinstance(state, dict) or state:
         C.check_keys(state, STATE_KEYS, (), where, "state ({} for no running statistics)")
         for k in STATE_KEYS[:2]:
-            C.check_vector(state[k], channels, where, k, f"one per channel of input {C.shape_str(x)}")
+            C.check_vector(state[k], channels, where, k, "one per channel of input", x)
         n = state["num_batches_tracked"]
         if not (C.is_int(n) or (isinstance(n, torch.Tensor) and n.dim() == 0)):
             raise TypeError(f"{where}: expected num_batches_tracked to be an int or a 0-d tensor, "
@@ -101,13 +101,21 @@ def _fast(weight, bias, state, x, train, update, momentum, eps):
         return y, state
     if not update:
         return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps), state
-    # F.batch_norm updates running buffers in place. Hand it fresh zero buffers and momentum 1 so
-    # they come back holding exactly this batch's mean and unbiased variance, then apply the
-    # running update functionally (momentum=None needs num_batches_tracked, a tensor).
-    c = x.shape[1]
-    stats_dtype = state["running_mean"].dtype
-    batch_mean = torch.zeros(c, dtype=stats_dtype, device=x.device)
-    batch_var = torch.zeros(c, dtype=stats_dtype, device=x.device)
+    count = state["num_batches_tracked"] + 1
+    if momentum is not None:
+        # F.batch_norm updates the running buffers in place: give it copies, return the copies.
+        running_mean = state["running_mean"].clone()
+        running_var = state["running_var"].clone()
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, training=True,
+                         momentum=momentum, eps=eps)
+        return y, {"running_mean": running_mean, "running_var": running_var,
+                   "num_batches_tracked": count}
+    # momentum=None weights the batch by 1 / count, a tensor that F.batch_norm cannot take. Give
+    # it zero buffers and momentum 1 so they come back holding exactly this batch's mean and
+    # unbiased variance, then apply the running update functionally.
+    stats = state["running_mean"]
+    batch_mean = torch.zeros(x.shape[1], dtype=stats.dtype, device=stats.device)
+    batch_var = torch.zeros_like(batch_mean)
     y = F.batch_norm(x, batch_mean, batch_var, weight, bias, training=True, momentum=1.0, eps=eps)
     return y, _updated_state(state, batch_mean, batch_var, momentum)
 

@@ -89,7 +89,7 @@ def conv2d(params, x, *, stride=1, padding=0, dilation=1, groups=1, impl=None):
         raise ValueError(f"{where}: expected input with {in_per_group * groups} channels "
                          f"(weight is {C.shape_str(weight)}, groups={groups}), got {C.shape_str(x)}")
     if bias is not None:
-        C.check_vector(bias, out_ch, where, "bias", f"weight is {C.shape_str(weight)}")
+        C.check_vector(bias, out_ch, where, "bias", "weight is", weight)
     pads = _padding(padding, (kh, kw), dilation, stride, where)
     for axis, size, k, d, (p0, p1) in (("height", x.shape[-2], kh, dilation[0], pads[0]),
                                        ("width", x.shape[-1], kw, dilation[1], pads[1])):

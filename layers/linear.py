@@ -32,7 +32,7 @@ def linear(params, x, *, impl=None):
         raise ValueError(f"{where}: expected input with last dimension {weight.shape[1]} "
                          f"(weight is {C.shape_str(weight)}), got {C.shape_str(x)}")
     if bias is not None:
-        C.check_vector(bias, weight.shape[0], where, "bias", f"weight is {C.shape_str(weight)}")
+        C.check_vector(bias, weight.shape[0], where, "bias", "weight is", weight)
 
     if impl == "fast":
         return F.linear(x, weight, bias)

@@ -22,7 +22,7 @@ def _check(logits, target, weight, ignore_index, reduction, label_smoothing, whe
     class_dim = 0 if logits.dim() == 1 else 1
     classes = logits.shape[class_dim]
     if weight is not None:
-        C.check_vector(weight, classes, where, "weight", f"one per class of logits {C.shape_str(logits)}")
+        C.check_vector(weight, classes, where, "weight", "one per class of logits", logits)
     if target.is_floating_point():
         if target.shape != logits.shape:
             raise ValueError(f"{where}: expected class-probability target shaped like logits "
