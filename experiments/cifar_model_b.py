@@ -1,6 +1,16 @@
-"""Model B on CIFAR-10: the project's main job (not built yet)."""
+"""Model B (VGG-like, 64-128-256 widths, batch norm, dropout, Xavier init) on CIFAR-10.
+
+    python -m experiments.cifar_model_b                    # fast recipe, data from $CIFAR10_DIR
+    python -m experiments.cifar_model_b --recipe report    # the report's conditions
+    python -m experiments.cifar_model_b --resume runs/cifar_model_b-fast-s0
+
+See docs/training.md for the recipes and every flag.
+"""
 import sys
 
+from .cifar_common import main
+
+DESCRIPTION = "Model B (VGG-like, 64-128-256 widths, batch norm, dropout, Xavier init) on CIFAR-10."
+
 if __name__ == "__main__":
-    sys.exit("experiments.cifar_model_b is not built yet (issue 5): the training engine and the "
-             "CIFAR-10 experiments have not landed.")
+    sys.exit(main("cifar_model_b", DESCRIPTION))

@@ -1,0 +1,242 @@
+"""What the three CIFAR-10 experiments share: the command line, the two recipes, and ``main``.
+
+A *recipe* is a dict of hyperparameters (docs/training.md gives every value and its reason);
+command-line flags override single entries. The resolved dict is the run's config: it is
+written to ``runs/<name>/config.json`` and into every checkpoint, so ``--resume`` and
+``experiments.evaluate`` rebuild exactly the same net and optimizer from it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+import layers
+import nets
+import optim
+
+from . import engine
+from .data import DataNotFoundError, find_data_dir, load_cifar10, validation_split
+
+__all__ = ["RECIPES", "MODELS", "build_parser", "resolve_config", "build_net", "build_optimizer",
+           "build_loss", "load_data", "parse_val_split", "main"]
+
+MODELS = ("cifar_model_a", "cifar_model_b", "cifar_model_c")
+
+# Settings every recipe shares unless it says otherwise.
+_COMMON = dict(seed=0, device="auto", val_split="5000", limit_per_class=None, eval_batch_size=1000,
+               bf16=True, channels_last=True, compile=False, crop=4, flip=True)
+
+# "report": the report's conditions as far as its text states them; the rest is our default.
+_REPORT = dict(optimizer="adam", lr=1e-3, momentum=0.0, nesterov=False, weight_decay=0.0,
+               decay_mask=False, schedule="constant", label_smoothing=0.0, crop=0, flip=False,
+               tta_flip=False, epochs=20)
+
+# "fast": SGD + Nesterov, one-cycle, label smoothing, crop + flip, decay mask, flip TTA.
+_FAST = dict(optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4, decay_mask=True,
+             schedule="onecycle", pct_start=0.25, div_factor=10.0, final_div_factor=100.0,
+             label_smoothing=0.1, tta_flip=True, batch_size=512)
+
+RECIPES: dict[str, dict[str, dict]] = {
+    "cifar_model_a": {
+        "report": {**_COMMON, **_REPORT, "batch_size": 32},
+        "fast": {**_COMMON, **_FAST, "lr": 0.2, "epochs": 12},
+    },
+    "cifar_model_b": {
+        "report": {**_COMMON, **_REPORT, "batch_size": 125, "dropout": 0.1, "head_dropout": 0.2},
+        "fast": {**_COMMON, **_FAST, "lr": 0.4, "epochs": 16, "dropout": 0.1, "head_dropout": 0.2},
+    },
+    "cifar_model_c": {
+        "report": {**_COMMON, **_REPORT, "batch_size": 125, "dropout": 0.1, "head_dropout": 0.2},
+        "fast": {**_COMMON, **_FAST, "lr": 0.4, "epochs": 18, "dropout": 0.1, "head_dropout": 0.2},
+    },
+}
+
+_NETS = {"cifar_model_a": nets.model_a, "cifar_model_b": nets.model_b, "cifar_model_c": nets.model_c}
+
+
+def parse_val_split(text: str | float | int | None) -> float | int:
+    """``"0.1"`` -> 0.1 (a fraction), ``"5000"`` -> 5000 (a count), None/``"0"`` -> 0 (no split)."""
+    if text is None:
+        return 0
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--val-split: expected a fraction in [0, 1) or a whole count, got {text!r}") from None
+    if value >= 1 or value == 0:
+        if value != int(value):
+            raise ValueError(f"--val-split: expected a fraction in [0, 1) or a whole count, got {text!r}")
+        return int(value)
+    if value < 0:
+        raise ValueError(f"--val-split: expected a fraction in [0, 1) or a whole count, got {text!r}")
+    return value
+
+
+def build_parser(model: str, description: str) -> argparse.ArgumentParser:
+    """The shared command line; every flag defaults to None = "take it from the recipe"."""
+    p = argparse.ArgumentParser(prog=f"python -m experiments.{model}", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Recipes: " + "; ".join(
+                                    f"{r}: " + ", ".join(f"{k}={v}" for k, v in sorted(cfg.items())
+                                                         if k not in _COMMON)
+                                    for r, cfg in RECIPES[model].items()))
+    a = p.add_argument
+    a("--recipe", choices=sorted(RECIPES[model]), default="fast",
+      help="hyperparameter set (default: fast); see docs/training.md")
+    a("--epochs", type=int, help="training epochs")
+    a("--batch-size", type=int, help="images per step (SGD lr is scaled linearly with it "
+                                     "unless --lr is given)")
+    a("--lr", type=float, help="(peak) learning rate")
+    a("--seed", type=int, help="seed of the run key: init, split, shuffling, augmentation, dropout")
+    a("--device", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
+    a("--out", default="runs", help="folder holding the run folders (default: runs)")
+    a("--name", help="run folder name (default: <model>-<recipe>-s<seed>)")
+    a("--data-dir", help="CIFAR-10 folder (default: $CIFAR10_DIR, else ./data)")
+    a("--val-split", help="validation images carved from train: a fraction (0.1) or a count "
+                          "(5000); 0 for none")
+    a("--limit-per-class", type=int, help="use only the first N images of each class (smoke runs)")
+    a("--resume", metavar="RUN_DIR", help="continue runs/<name> from its last checkpoint "
+                                          "(its saved config is used)")
+    a("--label-smoothing", type=float, help="label smoothing of the training loss")
+    a("--weight-decay", type=float, help="L2 weight decay (coupled, as torch.optim)")
+    a("--bf16", action=argparse.BooleanOptionalAction, help="bfloat16 autocast")
+    a("--channels-last", action=argparse.BooleanOptionalAction, help="channels-last memory format")
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the step")
+    a("--tta-flip", action=argparse.BooleanOptionalAction, help="average logits with the mirror image")
+    a("--max-epochs", type=int, help="stop (resumably) after this many completed epochs")
+    a("--no-test", action="store_true", help="do not evaluate on the test split each epoch")
+    return p
+
+
+def resolve_config(model: str, args: argparse.Namespace) -> dict:
+    """The recipe for ``model`` with the flags that were given laid over it."""
+    cfg = dict(RECIPES[model][args.recipe])
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                 "seed": args.seed, "device": args.device, "val_split": args.val_split,
+                 "limit_per_class": args.limit_per_class, "label_smoothing": args.label_smoothing,
+                 "weight_decay": args.weight_decay, "bf16": args.bf16,
+                 "channels_last": args.channels_last, "compile": args.compile,
+                 "tta_flip": args.tta_flip}
+    if args.batch_size is not None and args.lr is None and cfg["optimizer"] == "sgd":
+        cfg["lr"] = cfg["lr"] * args.batch_size / cfg["batch_size"]  # linear scaling rule
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    cfg["val_split"] = str(cfg["val_split"])
+    parse_val_split(cfg["val_split"])
+    cfg.update(model=model, recipe=args.recipe, data_dir=args.data_dir, test=not args.no_test)
+    cfg["name"] = args.name or f"{model}-{args.recipe}-s{cfg['seed']}"
+    return cfg
+
+
+def build_net(cfg: dict, num_classes: int = 10):
+    """The config's net: ``nets.model_a/b/c(num_classes, ...)``."""
+    kwargs = {k: cfg[k] for k in ("dropout", "head_dropout") if k in cfg}
+    return _NETS[cfg["model"]](num_classes, **kwargs)
+
+
+def build_optimizer(cfg: dict, steps_per_epoch: int):
+    """The config's optimizer, with its learning-rate schedule over ``epochs * steps_per_epoch``."""
+    total = cfg["epochs"] * steps_per_epoch
+    if cfg["schedule"] == "onecycle":
+        lr = optim.one_cycle_schedule(cfg["lr"], total, pct_start=cfg["pct_start"],
+                                      anneal_strategy="linear", div_factor=cfg["div_factor"],
+                                      final_div_factor=cfg["final_div_factor"])
+    elif cfg["schedule"] == "constant":
+        lr = cfg["lr"]
+    else:
+        raise ValueError(f"build_optimizer: expected schedule 'onecycle' or 'constant', got {cfg['schedule']!r}")
+    mask = optim.decay_mask_no_bias_or_norm if cfg["decay_mask"] else None
+    if cfg["optimizer"] == "sgd":
+        return optim.sgd(lr, momentum=cfg["momentum"], nesterov=cfg["nesterov"],
+                         weight_decay=cfg["weight_decay"], weight_decay_mask=mask)
+    if cfg["optimizer"] == "adam":
+        if mask is not None and cfg["weight_decay"]:
+            raise ValueError("build_optimizer: expected no decay mask with adam (optim.adam has none), "
+                             "got decay_mask=True")
+        return optim.adam(lr, weight_decay=cfg["weight_decay"])
+    raise ValueError(f"build_optimizer: expected optimizer 'sgd' or 'adam', got {cfg['optimizer']!r}")
+
+
+def build_loss(cfg: dict):
+    """``(logits, y) -> mean cross-entropy`` with the config's label smoothing."""
+    return partial(layers.cross_entropy, label_smoothing=float(cfg["label_smoothing"]))
+
+
+def load_data(cfg: dict, *, progress: bool = True):
+    """``(train, val, test)`` datasets for ``cfg`` (val / test may be None)."""
+    root = find_data_dir(cfg.get("data_dir"))
+    limit = cfg.get("limit_per_class")
+    full = load_cifar10(root, "train", limit_per_class=limit, progress=progress)
+    val_size = parse_val_split(cfg["val_split"])
+    if val_size:
+        tr_idx, va_idx = validation_split(full.labels, val_size, engine.run_keys(cfg["seed"])["split"],
+                                          num_classes=len(full.classes))
+        train, val = full.subset(tr_idx), full.subset(va_idx)
+    else:
+        train, val = full, None
+    test = load_cifar10(root, "test", limit_per_class=limit, progress=progress) if cfg.get("test", True) else None
+    print(f"data: {root.resolve()} train {len(train.labels)}, val {len(val.labels) if val else 0}, "
+          f"test {len(test.labels) if test else 0}", file=sys.stderr)
+    return train, val, test
+
+
+def main(model: str, description: str, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, train (or resume), print the final table; returns the exit status."""
+    args = build_parser(model, description).parse_args(argv)
+    if args.resume:
+        run_dir = Path(args.resume)
+        try:
+            _, progress, cfg = engine.load_run(run_dir)
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if cfg.get("model") != model:
+            print(f"error: {run_dir} is a run of experiments.{cfg.get('model')}, not of "
+                  f"experiments.{model}", file=sys.stderr)
+            return 2
+        if args.data_dir:
+            cfg["data_dir"] = args.data_dir
+        if args.device:
+            cfg["device"] = args.device
+    else:
+        cfg = resolve_config(model, args)
+        run_dir = Path(args.out) / cfg["name"]
+        if (run_dir / engine.CHECKPOINT).exists():
+            print(f"error: {run_dir} already holds a run; continue it with --resume {run_dir} "
+                  "or pick another --name", file=sys.stderr)
+            return 2
+    try:
+        train, val, test = load_data(cfg)
+    except (DataNotFoundError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    net = build_net(cfg, len(train.classes))
+    steps_per_epoch = len(train.labels) // cfg["batch_size"]
+    opt = build_optimizer(cfg, steps_per_epoch)
+    device = engine.resolve_device(cfg["device"])
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    print(f"{model} recipe {cfg['recipe']} on {device}: epochs {cfg['epochs']}, batch "
+          f"{cfg['batch_size']}, lr {cfg['lr']}, bf16 {cfg['bf16']}, channels_last "
+          f"{cfg['channels_last']}, run dir {run_dir}", file=sys.stderr)
+    resume_cmd = f"python -m experiments.{model} --resume {run_dir}"
+    try:
+        result = engine.fit(cfg, net=net, opt=opt, loss_fn=build_loss(cfg), train=train, val=val,
+                            test=test, run_dir=run_dir, resume=bool(args.resume),
+                            max_epochs=args.max_epochs, resume_command=resume_cmd)
+    except engine.NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if result.status == "interrupted":
+        return 130
+    if result.status == "stopped":
+        print(f"stopped after epoch {args.max_epochs}; continue with: {resume_cmd}", file=sys.stderr)
+    else:
+        last = result.history[-1] if result.history else {}
+        print(json.dumps({k: last.get(k) for k in ("epoch", "val_accuracy", "test_accuracy")}))
+    return 0
