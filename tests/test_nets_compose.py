@@ -1,0 +1,291 @@
+"""The ``serial`` combinator and the ``Net`` contract: names, keys, purity and transforms.
+
+Properties: children are named as ``nn.Sequential`` names them; ``init`` is a function of the
+key and gives every layer its own key; a training call with dropout and no key is an error while
+eval needs none; dropout is deterministic per key; ``apply`` modifies nothing; it runs under
+``torch.func.grad`` (new state through ``has_aux``), ``torch.func.vmap`` in eval (per-sample
+gradients) and ``torch.compile``.
+"""
+import os
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import layers
+import nets
+from nets.compose import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, Linear,
+                          MaxPool2d, ReLU, as_net, leaves, serial)
+
+SEEDS = st.integers(0, 2**31 - 1)
+
+
+def tiny_net(p=0.5):
+    """Every layer kind once, small enough for 8x8 inputs."""
+    features = serial(Conv2d(3, 8, 3, padding=1), BatchNorm2d(8), ReLU(), MaxPool2d(2))
+    classifier = serial(AdaptiveAvgPool2d(2), Flatten(), Dropout(p), Linear(8 * 2 * 2, 10))
+    return as_net(serial(features=features, classifier=classifier), name="tiny")
+
+
+def _inputs(seed, shape=(4, 3, 8, 8), dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen, dtype=dtype), torch.randint(0, 10, shape[:1], generator=gen)
+
+
+def _assert_trees_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ----------------------------------------------------------------------------- names and init
+
+def test_serial_names_children_by_position_and_keyword_like_nn_sequential():
+    ours = serial(body=serial(Conv2d(3, 4, 3), ReLU(), BatchNorm2d(4)), head=serial(Flatten(), Linear(4, 2)))
+    twin = nn.Sequential()
+    twin.add_module("body", nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)))
+    twin.add_module("head", nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+    declared = {**ours.param_shapes, **ours.state_shapes}
+    assert declared == {k: tuple(v.shape) for k, v in twin.state_dict().items()}
+    assert [path for path, _ in leaves(ours)] == ["body.0", "body.1", "body.2", "head.0", "head.1"]
+
+
+def test_serial_rejects_mixed_positional_and_keyword_children_and_non_layers():
+    with pytest.raises(TypeError, match="serial: expected layers either all positional or all by keyword"):
+        serial(ReLU(), head=ReLU())
+    with pytest.raises(TypeError, match="serial: expected layer '1' to be a nets.compose.Layer, got ReLU"):
+        serial(ReLU(), nn.ReLU())
+    with pytest.raises(ValueError, match="serial: expected at least one layer"):
+        serial()
+
+
+@settings(deadline=None, max_examples=10)
+@given(seed=SEEDS)
+def test_init_is_a_function_of_the_key_alone(seed):
+    net = tiny_net()
+    a, sa = net.init(layers.random.key(seed))
+    b, sb = net.init(layers.random.key(seed))
+    c, _ = net.init(layers.random.key(seed + 1))
+    _assert_trees_equal(a, b)
+    _assert_trees_equal(sa, sb)
+    assert not torch.equal(a["features.0.weight"], c["features.0.weight"])
+
+
+def test_init_gives_each_layer_its_own_key_and_the_requested_dtype():
+    net = as_net(serial(Linear(5, 5), Linear(5, 5)), name="two")
+    params, _ = net.init(layers.random.key(0), dtype=torch.float64)
+    assert not torch.equal(params["0.weight"], params["1.weight"])
+    assert all(v.dtype == torch.float64 for v in params.values())
+    _, state = tiny_net().init(layers.random.key(0), dtype=torch.float64)
+    assert state["features.1.running_mean"].dtype == torch.float64
+    assert state["features.1.num_batches_tracked"].dtype == torch.int64
+
+
+def test_init_rejects_a_layer_initialiser_that_breaks_its_declared_shapes():
+    wrong = Linear(3, 2, init=lambda key, *, dtype, device: {"weight": torch.zeros(3, 3, dtype=dtype),
+                                                              "bias": torch.zeros(2, dtype=dtype)})
+    net = as_net(serial(wrong), name="wrong")
+    with pytest.raises(ValueError, match=r"wrong.init: .*0.weight: declared \(2, 3\), made \(3, 3\)"):
+        net.init(layers.random.key(0))
+
+
+def test_layer_constructors_reject_bad_arguments_naming_the_layer():
+    with pytest.raises(ValueError, match=r"Conv2d\(3, 0\): expected out_channels to be a positive int"):
+        Conv2d(3, 0, 3)
+    with pytest.raises(ValueError, match=r"Linear\(2, 3\): expected init to be one of"):
+        Linear(2, 3, init="glorot")
+    with pytest.raises(ValueError, match=r"Dropout: expected p \(the drop probability\) in \[0, 1\], got 1.5"):
+        Dropout(1.5)
+
+
+# ----------------------------------------------------------------------------- apply contract
+
+def test_training_apply_of_a_net_with_dropout_and_no_key_raises_naming_the_layers():
+    net = tiny_net()
+    params, state = net.init(layers.random.key(0))
+    x, _ = _inputs(0, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"tiny.apply: expected a random key .* \['classifier.2'\] "
+                                         r"when train=True, got key=None"):
+        net.apply(params, state, x, train=True)
+    m = nets.model_b()
+    mp, ms = m.init(layers.random.key(0))
+    with pytest.raises(ValueError, match=r"model_b.apply: expected a random key .*'features.7'"):
+        m.apply(mp, ms, x.new_zeros(2, 3, 32, 32), train=True)
+
+
+def test_eval_needs_no_key_and_ignores_a_given_one():
+    net = tiny_net()
+    params, state = net.init(layers.random.key(0), dtype=torch.float64)
+    x, _ = _inputs(1)
+    y0, s0 = net.apply(params, state, x, train=False)
+    y1, s1 = net.apply(params, state, x, train=False, key=layers.random.key(5))
+    assert torch.equal(y0, y1)
+    _assert_trees_equal(s0, state)
+    _assert_trees_equal(s1, state)
+
+
+def test_training_without_dropout_needs_no_key():
+    net = tiny_net(p=0.0)
+    params, state = net.init(layers.random.key(0), dtype=torch.float64)
+    x, _ = _inputs(2)
+    y, new_state = net.apply(params, state, x, train=True)
+    assert y.shape == (4, 10)
+    assert int(new_state["features.1.num_batches_tracked"]) == 1
+
+
+@settings(deadline=None, max_examples=10)
+@given(seed=SEEDS)
+def test_dropout_in_training_is_deterministic_per_key_and_differs_across_keys(seed):
+    net = nets.model_b(dropout=0.2, head_dropout=0.5)
+    params, state = net.init(layers.random.key(0))
+    x, _ = _inputs(seed, (2, 3, 32, 32), torch.float32)
+    k = layers.random.key(seed)
+    y1, s1 = net.apply(params, state, x, train=True, key=k)
+    y2, s2 = net.apply(params, state, x, train=True, key=k)
+    y3, _ = net.apply(params, state, x, train=True, key=layers.random.fold_in(k, 1))
+    assert torch.equal(y1, y2)
+    _assert_trees_equal(s1, s2)
+    assert not torch.equal(y1, y3)
+
+
+@settings(deadline=None, max_examples=10)
+@given(seed=SEEDS)
+def test_serial_hands_child_i_the_ith_key_of_split(seed):
+    net = as_net(serial(ReLU(), Dropout(0.5), Dropout(0.25)), name="drops")
+    x, _ = _inputs(seed)
+    k = layers.random.key(seed)
+    y, _ = net.apply({}, {}, x, train=True, key=k)
+    keys = layers.random.split(k, 3)
+    expected = layers.dropout(layers.dropout(layers.relu(x), p=0.5, train=True, key=keys[1]),
+                              p=0.25, train=True, key=keys[2])
+    assert torch.equal(y, expected)
+
+
+@settings(deadline=None, max_examples=4)
+@given(seed=SEEDS, train=st.booleans())
+def test_apply_modifies_none_of_its_arguments_and_repeats_exactly(seed, train):
+    net = nets.model_b()
+    params, state = net.init(layers.random.key(seed), dtype=torch.float64)
+    x, _ = _inputs(seed, (2, 3, 32, 32))
+    k = layers.random.key(seed + 1)
+    copies = ({k: v.clone() for k, v in params.items()}, {k: v.clone() for k, v in state.items()},
+              x.clone(), k.clone())
+    y1, s1 = net.apply(params, state, x, train=train, key=k)
+    y2, s2 = net.apply(params, state, x, train=train, key=k)
+    _assert_trees_equal(params, copies[0])
+    _assert_trees_equal(state, copies[1])
+    assert torch.equal(x, copies[2])
+    assert torch.equal(k, copies[3])
+    assert torch.equal(y1, y2)
+    _assert_trees_equal(s1, s2)
+    if train:
+        assert not torch.equal(s1["features.1.running_mean"], state["features.1.running_mean"])
+
+
+def test_apply_rejects_wrong_keys_non_bool_train_and_bad_keys():
+    net = tiny_net()
+    params, state = net.init(layers.random.key(0))
+    x, _ = _inputs(0, dtype=torch.float32)
+    extra = {**params, "features.9.weight": params["features.0.weight"]}
+    del extra["classifier.3.bias"]
+    with pytest.raises(ValueError, match=r"tiny.apply: expected params with the 6 keys of init, got "
+                                         r"6 keys \(missing \['classifier.3.bias'\], "
+                                         r"unexpected \['features.9.weight'\]\)"):
+        net.apply(extra, state, x, train=False)
+    with pytest.raises(ValueError, match=r"tiny.apply: expected state .*missing \['features.1.running_var'\]"):
+        net.apply(params, {k: v for k, v in state.items() if "var" not in k}, x, train=False)
+    with pytest.raises(TypeError, match=r"tiny.apply: expected train to be a bool, got 1"):
+        net.apply(params, state, x, train=1)
+    with pytest.raises(ValueError, match=r"tiny.apply: expected a random key"):
+        net.apply(params, state, x, train=True, key=torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"conv2d: expected input with 3 channels"):
+        net.apply(params, state, torch.zeros(1, 4, 8, 8), train=False)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+@settings(deadline=None, max_examples=2)
+@given(seed=SEEDS)
+def test_grad_with_has_aux_returns_apply_state_and_autograd_gradients(seed):
+    net = nets.model_b(dropout=0.2, head_dropout=0.3)
+    params, state = net.init(layers.random.key(seed), dtype=torch.float64)
+    x, labels = _inputs(seed, (2, 3, 32, 32))
+    k = layers.random.key(seed + 7)
+
+    def loss(p):
+        logits, new_state = net.apply(p, state, x, train=True, key=k)
+        return F.cross_entropy(logits, labels), new_state
+
+    grads, new_state = torch.func.grad(loss, has_aux=True)(params)
+    leaves_ = {n: v.clone().requires_grad_(True) for n, v in params.items()}
+    value, ref_state = loss(leaves_)
+    ref = torch.autograd.grad(value, list(leaves_.values()))
+    # Same float64 ops in the same order on both paths: equal up to a few ulps.
+    for n, g in zip(leaves_, ref):
+        torch.testing.assert_close(grads[n], g, rtol=1e-12, atol=1e-14)
+    _assert_trees_equal(new_state, {n: v.detach() for n, v in ref_state.items()})
+
+
+@settings(deadline=None, max_examples=3)
+@given(seed=SEEDS)
+def test_vmap_of_grad_in_eval_gives_per_sample_gradients_of_a_loop(seed):
+    net = nets.model_b()
+    params, state = net.init(layers.random.key(seed), dtype=torch.float64)
+    x, labels = _inputs(seed, (3, 3, 32, 32))
+
+    def loss(p, xi, yi):
+        logits, _ = net.apply(p, state, xi[None], train=False)
+        return F.cross_entropy(logits, yi[None])
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, labels)
+    for i in range(x.shape[0]):
+        one = torch.func.grad(loss)(params, x[i], labels[i])
+        for n in params:
+            # Batched and single-sample kernels sum in different orders (float64): ulp level.
+            torch.testing.assert_close(per_sample[n][i], one[n], rtol=1e-10, atol=1e-13)
+
+
+@settings(deadline=None, max_examples=2)
+@given(seed=SEEDS)
+def test_compiled_apply_traces_as_one_graph_and_equals_eager(seed):
+    net = tiny_net()
+    params, state = net.init(layers.random.key(seed))
+    x, _ = _inputs(seed, dtype=torch.float32)
+    k = layers.random.key(seed + 1)
+    torch._dynamo.reset()
+    # fullgraph: any graph break (impure Python, data-dependent control flow) is an error.
+    compiled = torch.compile(net.apply, backend="aot_eager", fullgraph=True)
+    for train, key in ((True, k), (False, None)):
+        y, s = compiled(params, state, x, train=train, key=key)
+        y0, s0 = net.apply(params, state, x, train=train, key=key)
+        # aot_eager runs the same kernels: float32 equality up to reassociation by the tracer.
+        torch.testing.assert_close(y, y0, rtol=1e-6, atol=1e-6)
+        for n in s0:
+            torch.testing.assert_close(s[n], s0[n], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(os.environ.get("PURENN_TEST_INDUCTOR") != "1",
+                    reason="inductor compiles C++ (~35 s on a 2-core CPU); set PURENN_TEST_INDUCTOR=1")
+def test_inductor_compiled_training_step_equals_eager():
+    net = tiny_net()
+    params, state = net.init(layers.random.key(0))
+    x, labels = _inputs(0, dtype=torch.float32)
+    k = layers.random.key(1)
+
+    def loss(p, s, key):
+        logits, new_state = net.apply(p, s, x, train=True, key=key)
+        return F.cross_entropy(logits, labels), new_state
+
+    step = torch.compile(torch.func.grad(loss, has_aux=True))
+    start = time.perf_counter()
+    grads, new_state = step(params, state, k)
+    print(f"inductor compile + first step: {time.perf_counter() - start:.1f} s")
+    ref_grads, ref_state = torch.func.grad(loss, has_aux=True)(params, state, k)
+    # Inductor fuses and reorders float32 reductions: a few float32 ulps of O(1) values.
+    for n in params:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-5)
+    for n in state:
+        torch.testing.assert_close(new_state[n], ref_state[n], rtol=1e-4, atol=1e-5)
