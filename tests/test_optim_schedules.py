@@ -1,0 +1,136 @@
+"""Schedules: each value over N steps equals torch.optim.lr_scheduler's get_last_lr()."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import optim
+
+N = 60
+S = torch.optim.lr_scheduler
+
+
+def torch_values(base_lr, make, n=N):
+    """lr of steps 0..n-1 as torch reports it after 0, 1, ..., n-1 calls of scheduler.step()."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base_lr)
+    sched = make(opt)
+    values = []
+    for t in range(n):
+        values.append(sched.get_last_lr()[0])
+        if t < n - 1:
+            opt.step()
+            sched.step()
+    return values
+
+
+def assert_schedule_matches(ours, theirs, base_lr):
+    # torch updates recursively (lr *= factor each step) while ours is closed form: a few ulps of
+    # float64 per step, so 1e-12 relative to the base rate after N = 60 steps is ample.
+    for t, expected in enumerate(theirs):
+        assert math.isclose(ours(t), expected, rel_tol=1e-12, abs_tol=1e-12 * base_lr), (t, ours(t), expected)
+
+
+lrs = st.floats(1e-4, 10.0)
+
+
+@settings(deadline=None, max_examples=30)
+@given(base=lrs, step_size=st.integers(1, 20), gamma=st.floats(0.01, 1.0))
+def test_step_decay_schedule_equals_steplr(base, step_size, gamma):
+    assert_schedule_matches(optim.step_decay_schedule(base, step_size, gamma),
+                            torch_values(base, lambda o: S.StepLR(o, step_size, gamma)), base)
+
+
+@settings(deadline=None, max_examples=30)
+@given(base=lrs, milestones=st.lists(st.integers(1, N), max_size=6), gamma=st.floats(0.01, 1.0))
+def test_multistep_schedule_equals_multisteplr_including_repeated_milestones(base, milestones, gamma):
+    assert_schedule_matches(optim.multistep_schedule(base, milestones, gamma),
+                            torch_values(base, lambda o: S.MultiStepLR(o, milestones, gamma)), base)
+
+
+@settings(deadline=None, max_examples=30)
+@given(base=lrs, gamma=st.floats(0.5, 1.0))
+def test_exponential_schedule_equals_exponentiallr(base, gamma):
+    assert_schedule_matches(optim.exponential_schedule(base, gamma),
+                            torch_values(base, lambda o: S.ExponentialLR(o, gamma)), base)
+
+
+@settings(deadline=None, max_examples=30)
+@given(base=lrs, T_max=st.integers(1, N), eta_frac=st.floats(0.0, 1.0))
+def test_cosine_annealing_schedule_equals_cosineannealinglr_past_t_max(base, T_max, eta_frac):
+    eta_min = base * eta_frac
+    assert_schedule_matches(optim.cosine_annealing_schedule(base, T_max, eta_min),
+                            torch_values(base, lambda o: S.CosineAnnealingLR(o, T_max, eta_min)), base)
+
+
+@settings(deadline=None, max_examples=30)
+@given(base=lrs, start=st.floats(0.01, 1.0), end=st.floats(0.0, 1.0), total=st.integers(1, N))
+def test_linear_schedule_equals_linearlr(base, start, end, total):
+    assert_schedule_matches(optim.linear_schedule(base, start, end, total),
+                            torch_values(base, lambda o: S.LinearLR(o, start, end, total)), base)
+
+
+@settings(deadline=None, max_examples=40)
+@given(max_lr=lrs, total=st.integers(N, 2 * N), pct=st.floats(0.05, 0.95),
+       strategy=st.sampled_from(["cos", "linear"]), three_phase=st.booleans(),
+       div=st.floats(1.0, 100.0), final_div=st.floats(1.0, 1e5))
+def test_one_cycle_schedule_equals_onecyclelr(max_lr, total, pct, strategy, three_phase, div, final_div):
+    ours = optim.one_cycle_schedule(max_lr, total, pct, strategy, div, final_div, three_phase)
+    theirs = torch_values(max_lr, lambda o: S.OneCycleLR(
+        o, max_lr, total_steps=total, pct_start=pct, anneal_strategy=strategy, div_factor=div,
+        final_div_factor=final_div, three_phase=three_phase, cycle_momentum=False), n=total + 1)
+    assert_schedule_matches(ours, theirs, max_lr)
+
+
+def test_one_cycle_schedule_past_total_steps_is_an_error_as_in_torch():
+    with pytest.raises(ValueError, match=r"one_cycle_schedule: stepped 11 times, expected at most total_steps=10"):
+        optim.one_cycle_schedule(1.0, 10)(11)
+
+
+@settings(deadline=None, max_examples=30)
+@given(base=lrs, warmup=st.integers(1, 20), T_max=st.integers(1, N), start=st.floats(0.01, 1.0),
+       eta_frac=st.floats(0.0, 1.0))
+def test_warmup_cosine_equals_sequentiallr_of_linearlr_and_cosineannealinglr(base, warmup, T_max, start, eta_frac):
+    eta_min = base * eta_frac
+
+    def make(o):
+        return S.SequentialLR(o, [S.LinearLR(o, start, 1.0, warmup), S.CosineAnnealingLR(o, T_max, eta_min)],
+                              milestones=[warmup])
+    assert_schedule_matches(optim.warmup_cosine_schedule(base, warmup, T_max, start, eta_min),
+                            torch_values(base, make), base)
+
+
+@settings(deadline=None, max_examples=30)
+@given(base=lrs, b1=st.integers(1, 20), b2=st.integers(1, 20), gamma=st.floats(0.5, 1.0))
+def test_join_schedules_restarts_each_schedule_at_its_boundary_like_sequentiallr(base, b1, b2, gamma):
+    bounds = sorted([b1, b1 + b2])
+
+    def make(o):
+        return S.SequentialLR(o, [S.ConstantLR(o, 0.5, total_iters=1000), S.ExponentialLR(o, gamma),
+                                  S.StepLR(o, 3, gamma)], milestones=bounds)
+    ours = optim.join_schedules([optim.constant_schedule(0.5 * base), optim.exponential_schedule(base, gamma),
+                                 optim.step_decay_schedule(base, 3, gamma)], bounds)
+    assert_schedule_matches(ours, torch_values(base, make), base)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: optim.step_decay_schedule(1.0, 0), r"step_decay_schedule: expected step_size to be an integer >= 1, got 0"),
+    (lambda: optim.cosine_annealing_schedule(1.0, 0), r"cosine_annealing_schedule: expected T_max to be an integer >= 1, got 0"),
+    (lambda: optim.linear_schedule(1.0, 0.0), r"linear_schedule: expected start_factor in \(0, 1\], got 0.0"),
+    (lambda: optim.linear_schedule(1.0, 0.5, 1.5), r"linear_schedule: expected end_factor in \[0, 1\], got 1.5"),
+    (lambda: optim.one_cycle_schedule(1.0, 10, pct_start=1.5), r"one_cycle_schedule: expected pct_start in \[0, 1\], got 1.5"),
+    (lambda: optim.one_cycle_schedule(1.0, 10, anneal_strategy="exp"), r"one_cycle_schedule: expected anneal_strategy 'cos' or 'linear', got 'exp'"),
+    (lambda: optim.one_cycle_schedule(1.0, 0), r"one_cycle_schedule: expected total_steps to be an integer >= 1, got 0"),
+    (lambda: optim.join_schedules([optim.constant_schedule(1.0)], [3]), r"join_schedules: expected len\(boundaries\) == len\(schedules\) - 1"),
+    (lambda: optim.join_schedules([optim.constant_schedule(1.0)] * 3, [5, 2]), r"join_schedules: expected increasing boundaries, got \[5, 2\]"),
+    (lambda: optim.constant_schedule(1.0)(-1), r"constant_schedule: expected the step to be an integer >= 0, got -1"),
+])
+def test_invalid_schedule_arguments_raise_value_error(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_non_numeric_schedule_value_raises_type_error():
+    with pytest.raises(TypeError, match=r"exponential_schedule: expected gamma to be a real number, got str"):
+        optim.exponential_schedule(1.0, "0.9")
