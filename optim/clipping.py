@@ -10,19 +10,23 @@ from numbers import Real
 
 import torch
 from torch.utils import _pytree as pytree
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from .base import EmptyState, GradientTransformation, tensor_leaves
 
 
+def _groups(leaves):
+    """``[((device, dtype), indices)]`` in torch's own grouping order, so sums run as torch's."""
+    grouped = _group_tensors_by_device_and_dtype([leaves], with_indices=True)
+    return [(key, idx) for key, (_, idx) in grouped.items()]
+
+
 def global_norm(leaves: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of all leaves together, summed in torch's order (per-leaf norms grouped by
-    device and dtype in order of first appearance, then the norm of the stacked norms)."""
-    groups: dict = {}
-    for x in leaves:
-        groups.setdefault((x.device, x.dtype), []).append(x)
+    device and dtype as torch groups them, then the norm of the stacked norms)."""
     norms = []
-    for group in groups.values():
-        norms.extend(torch._foreach_norm(group, 2.0))
+    for _, idx in _groups(leaves):
+        norms.extend(torch._foreach_norm([leaves[i] for i in idx], 2.0))
     first_device = leaves[0].device
     return torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), 2.0)
 
@@ -50,11 +54,12 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         clip_coef = max_norm / (global_norm(leaves) + 1e-6)
         clip_coef_clamped = torch.clamp(clip_coef, max=1.0)
         out = [None] * len(leaves)
-        groups: dict = {}
-        for i, x in enumerate(leaves):
-            groups.setdefault((x.device, x.dtype), []).append(i)
-        for (device, _), idx in groups.items():
-            for i, y in zip(idx, torch._foreach_mul([leaves[i] for i in idx], clip_coef_clamped.to(device))):
+        for (device, _), idx in _groups(leaves):
+            # torch multiplies in place by the float64 factor; the result's rounding depends on
+            # the leaf (0-d float32 leaves are computed in float64), so copy and do exactly that.
+            group = [leaves[i].clone() for i in idx]
+            torch._foreach_mul_(group, clip_coef_clamped.to(device))
+            for i, y in zip(idx, group):
                 out[i] = y
         return pytree.tree_unflatten(out, spec), state
     return GradientTransformation(init, update)
