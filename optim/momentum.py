@@ -38,7 +38,7 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
         if not g:
             return updates, TraceState(count_tensor(t + 1), state.momentum_buffer)
         if t == 0:
-            bufs = [x.detach().clone() for x in g]
+            bufs = [x.clone() for x in g]
         else:
             bufs = torch._foreach_mul(bufs_old, momentum)
             torch._foreach_add_(bufs, g, alpha=1 - dampening)
