@@ -42,6 +42,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     def update(updates, state, params=None):
         check(state)
+        if params is not None:
+            flatten_like("update", "grads", updates, "params", params)
         new_state = []
         for t, s in zip(transforms, state):
             updates, s = t.update(updates, s, params)

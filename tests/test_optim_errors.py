@@ -1,0 +1,143 @@
+"""Errors: every invalid hyperparameter (torch's condition), tree mismatches naming the path."""
+import pytest
+import torch
+
+import optim
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: optim.sgd(-0.1), r"sgd: Invalid learning rate: expected lr >= 0, got -0.1"),
+    (lambda: optim.sgd(0.1, momentum=-0.5), r"sgd: Invalid momentum value: expected momentum >= 0, got -0.5"),
+    (lambda: optim.sgd(0.1, weight_decay=-1e-4), r"sgd: Invalid weight_decay value: expected weight_decay >= 0, got -0.0001"),
+    (lambda: optim.sgd(0.1, nesterov=True), r"sgd: Nesterov momentum requires a momentum and zero dampening: expected momentum > 0 and dampening == 0, got momentum=0.0, dampening=0.0"),
+    (lambda: optim.sgd(0.1, momentum=0.9, dampening=0.1, nesterov=True), r"sgd: Nesterov momentum requires .* got momentum=0.9, dampening=0.1"),
+    (lambda: optim.adam(-1e-3), r"adam: Invalid learning rate: expected lr >= 0, got -0.001"),
+    (lambda: optim.adam(float("nan")), r"adam: Invalid learning rate: expected lr >= 0, got nan"),
+    (lambda: optim.adam(eps=-1e-8), r"adam: Invalid epsilon value: expected eps >= 0, got -1e-08"),
+    (lambda: optim.adam(betas=(1.0, 0.999)), r"adam: Invalid beta parameter at index 0: expected 0 <= betas\[0\] < 1, got 1.0"),
+    (lambda: optim.adam(betas=(-0.1, 0.999)), r"adam: Invalid beta parameter at index 0: expected 0 <= betas\[0\] < 1, got -0.1"),
+    (lambda: optim.adam(betas=(0.9, 1.0)), r"adam: Invalid beta parameter at index 1: expected 0 <= betas\[1\] < 1, got 1.0"),
+    (lambda: optim.adam(weight_decay=-0.1), r"adam: Invalid weight_decay value: expected weight_decay >= 0, got -0.1"),
+    (lambda: optim.adamw(-1.0), r"adamw: Invalid learning rate: expected lr >= 0, got -1.0"),
+    (lambda: optim.adamw(eps=-1.0), r"adamw: Invalid epsilon value: expected eps >= 0, got -1.0"),
+    (lambda: optim.adamw(betas=(0.9, 1.5)), r"adamw: Invalid beta parameter at index 1: expected 0 <= betas\[1\] < 1, got 1.5"),
+    (lambda: optim.adamw(weight_decay=-0.01), r"adamw: Invalid weight_decay value: expected weight_decay >= 0, got -0.01"),
+])
+def test_invalid_hyperparameter_raises_value_error_like_torch(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (lambda: optim.sgd(-0.1), lambda p: torch.optim.SGD(p, lr=-0.1)),
+    (lambda: optim.sgd(0.1, momentum=-1.0), lambda p: torch.optim.SGD(p, lr=0.1, momentum=-1.0)),
+    (lambda: optim.sgd(0.1, momentum=0.5, dampening=0.5, nesterov=True),
+     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5, dampening=0.5, nesterov=True)),
+    (lambda: optim.adam(eps=-1.0), lambda p: torch.optim.Adam(p, eps=-1.0)),
+    (lambda: optim.adamw(betas=(0.5, 1.0)), lambda p: torch.optim.AdamW(p, betas=(0.5, 1.0))),
+])
+def test_torch_rejects_the_same_hyperparameters(ours, theirs):
+    with pytest.raises(ValueError):
+        ours()
+    with pytest.raises(ValueError):
+        theirs([torch.nn.Parameter(torch.zeros(1))])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optim.sgd(0.1, momentum=1.5),             # torch allows momentum >= 1
+    lambda: optim.sgd(0.1, momentum=0.9, dampening=2.0),
+    lambda: optim.sgd(0.0),
+    lambda: optim.adam(0.0, betas=(0.0, 0.0), eps=0.0),
+])
+def test_hyperparameters_torch_accepts_are_accepted(make):
+    make()
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: optim.sgd("0.1"), r"sgd: expected lr \(a float or a schedule step -> lr\) to be a real number, got str"),
+    (lambda: optim.sgd(0.1, nesterov=1), r"sgd: expected nesterov to be a bool, got int"),
+    (lambda: optim.adam(betas=0.9), r"adam: expected betas to be a pair \(beta1, beta2\), got 0.9"),
+    (lambda: optim.adamw(amsgrad="yes"), r"adamw: expected amsgrad to be a bool, got str"),
+    (lambda: optim.chain(optim.negate(), "sgd"), r"chain: expected GradientTransformations, got str at position 1"),
+    (lambda: optim.step("sgd", {}, (), {}), r"step: expected a GradientTransformation, got str"),
+])
+def test_wrong_types_raise_type_error(make, match):
+    with pytest.raises(TypeError, match=match):
+        make()
+
+
+def params():
+    return {"features.0.weight": torch.zeros(2, 3), "features.0.bias": torch.zeros(2)}
+
+
+def test_grads_missing_a_leaf_names_its_path():
+    opt = optim.sgd(0.1, momentum=0.9)
+    p = params()
+    grads = {"features.0.weight": torch.zeros(2, 3)}
+    with pytest.raises(ValueError, match=r"grads and params differ at 'features.0.bias': missing in grads"):
+        optim.step(opt, grads, opt.init(p), p)
+    with pytest.raises(ValueError, match=r"update: grads and params differ at 'features.0.bias': missing in grads"):
+        opt.update(grads, opt.init(p), p)
+
+
+def test_grads_with_an_extra_leaf_names_its_path():
+    p = params()
+    grads = {**params(), "classifier.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"apply_updates: updates and params differ at 'classifier.weight': unexpected in updates"):
+        optim.apply_updates(p, grads)
+
+
+def test_nested_tree_mismatch_names_the_nested_path():
+    p = {"features": [torch.zeros(2), {"bias": torch.zeros(2)}]}
+    g = {"features": [torch.zeros(2), {"weight": torch.zeros(2)}]}
+    with pytest.raises(ValueError, match=r"step: grads and params differ at 'features.1.bias': missing in grads"):
+        optim.step(optim.adam(), g, optim.adam().init(p), p)
+
+
+def test_shape_or_dtype_mismatch_names_the_leaf():
+    p = params()
+    g = {**params(), "features.0.bias": torch.zeros(3)}
+    with pytest.raises(ValueError, match=r"step: grads and params differ at 'features.0.bias': expected \(2,\) torch.float32 as in params, got \(3,\) torch.float32"):
+        optim.step(optim.sgd(0.1), g, optim.sgd(0.1).init(p), p)
+    g = {**params(), "features.0.bias": torch.zeros(2, dtype=torch.float64)}
+    with pytest.raises(ValueError, match=r"got \(2,\) torch.float64"):
+        optim.step(optim.sgd(0.1), g, optim.sgd(0.1).init(p), p)
+
+
+def test_mask_missing_a_leaf_names_its_path():
+    p = params()
+    opt = optim.sgd(0.1, weight_decay=0.1, weight_decay_mask={"features.0.weight": True})
+    with pytest.raises(ValueError, match=r"mask and params differ at 'features.0.bias': missing in mask"):
+        opt.init(p)
+
+
+def test_mask_with_non_bool_leaves_raises_type_error():
+    p = params()
+    opt = optim.freeze(optim.sgd(0.1), {"features.0.weight": 1, "features.0.bias": 0})
+    with pytest.raises(TypeError, match=r"freeze: expected mask leaves to be bools, got int at 'features.0.weight'"):
+        opt.init(p)
+
+
+def test_unknown_label_in_multi_transform_is_an_error():
+    p = params()
+    opt = optim.multi_transform({"a": optim.sgd(0.1)}, {"features.0.weight": "a", "features.0.bias": "b"})
+    with pytest.raises(ValueError, match=r"multi_transform.init: expected a label in \['a'\] at 'features.0.bias', got 'b'"):
+        opt.init(p)
+
+
+def test_state_from_other_params_is_an_error():
+    opt = optim.adam()
+    with pytest.raises(ValueError, match=r"scale_by_adam.update: expected moments for 2 leaves, got 1"):
+        opt.update(params(), opt.init({"w": torch.zeros(2)}), params())
+
+
+def test_non_tensor_gradient_leaf_raises_type_error():
+    p = params()
+    g = {**params(), "features.0.bias": 0.0}
+    with pytest.raises(TypeError, match=r"step: expected tensor leaves, got float in grads at 'features.0.bias'"):
+        optim.step(optim.sgd(0.1), g, optim.sgd(0.1).init(p), p)
+
+
+def test_current_lr_without_an_lr_field_is_an_error():
+    with pytest.raises(ValueError, match=r"current_lr: expected an optimizer state holding an 'lr' field"):
+        optim.current_lr(optim.clip_by_global_norm(1.0).init(params()))
