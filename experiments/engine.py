@@ -86,6 +86,11 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def _widen(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits (from autocast) to float32; float32/float64 stay as they are."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
 # --------------------------------------------------------------------------------------------
 # The pure step and the eval function
 
@@ -101,7 +106,7 @@ def make_step(net, opt, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
 
     Args:
       net: a ``Net(init, apply)``. opt: a ``GradientTransformation(init, update)``.
-      loss_fn: ``(logits (N, K) float32, y (N,) int64) -> scalar``.
+      loss_fn: ``(logits (N, K), y (N,) int64) -> scalar``.
       bf16: run the forward under ``torch.autocast(bfloat16)``; the loss is taken in float32.
       channels_last: hand ``x`` to the net in channels-last memory format (give the net
         channels-last parameters too, :func:`to_channels_last`).
@@ -112,7 +117,7 @@ def make_step(net, opt, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
     def loss_of(params, state, x, y, key):
         with _autocast(x.device, bf16):
             logits, new_state = net.apply(params, state, x, train=True, key=key)
-        logits = logits.float()
+        logits = _widen(logits)
         return loss_fn(logits, y), (new_state, logits)
 
     grad_and_value = torch.func.grad_and_value(loss_of, has_aux=True)
@@ -132,7 +137,8 @@ def make_step(net, opt, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
 
 def make_eval(net, *, tta_flip: bool = False, bf16: bool = False,
               channels_last: bool = False) -> Callable:
-    """Build ``predict(params, state, x (N, C, H, W) float) -> logits (N, K) float32`` (eval mode).
+    """Build ``predict(params, state, x (N, C, H, W) float) -> logits (N, K)`` (eval mode; float32
+    at least, bfloat16 logits are widened).
 
     With ``tta_flip`` the logits are ``(f(x) + f(mirror(x))) / 2``, mirror = flip of the width axis.
     """
@@ -140,9 +146,9 @@ def make_eval(net, *, tta_flip: bool = False, bf16: bool = False,
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), _autocast(x.device, bf16):
-            logits = net.apply(params, state, x, train=False)[0].float()
+            logits = _widen(net.apply(params, state, x, train=False)[0])
             if tta_flip:
-                logits = (logits + net.apply(params, state, x.flip(-1), train=False)[0].float()) / 2
+                logits = (logits + _widen(net.apply(params, state, x.flip(-1), train=False)[0])) / 2
         return logits
 
     return predict

@@ -1,0 +1,306 @@
+"""The training engine: the pure step, eval, speed options, resume, NaN guard, Ctrl-C, outputs."""
+import io
+import json
+from functools import partial
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils import _pytree as pytree
+
+import layers
+import nets
+import optim
+from experiments import engine
+from experiments.data import Dataset
+from layers import random as lr
+from nets.compose import BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, as_net, serial
+
+SEEDS = st.integers(0, 2**31 - 1)
+
+
+def tiny_net(classes=3, p=0.25):
+    """conv(3->4) - BN - ReLU - pool - dropout - linear: every kind of state the engine handles."""
+    return as_net(serial(features=serial(Conv2d(3, 4, 3, padding=1), BatchNorm2d(4), ReLU(),
+                                         MaxPool2d(2), Dropout(p)),
+                         classifier=serial(Flatten(), Linear(4 * 4 * 4, classes))), name="tiny")
+
+
+def tiny_data(seed, n=48, classes=3, side=8):
+    g = torch.Generator().manual_seed(seed)
+    return Dataset(torch.randint(0, 256, (n, 3, side, side), generator=g, dtype=torch.uint8),
+                   torch.arange(n) % classes, tuple(f"c{i}" for i in range(classes)))
+
+
+def _batch(seed, n=8, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def _equal_trees(a, b):
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    return sa == sb and all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+                            for x, y in zip(la, lb))
+
+
+# --------------------------------------------------------------------------------------------
+# The pure step
+
+
+@settings(deadline=None, max_examples=15)
+@given(seed=SEEDS, lr_=st.floats(1e-3, 0.5))
+def test_step_equals_autograd_sgd_update_and_new_bn_state(seed, lr_):
+    net = tiny_net()
+    params, state = net.init(lr.key(seed), dtype=torch.float64)
+    x, y = _batch(seed)
+    key = lr.key(seed + 1)
+    loss_fn = layers.cross_entropy
+    step = engine.make_step(net, optim.sgd(lr_), loss_fn)
+    new_p, new_s, _, metrics = step(params, state, optim.sgd(lr_).init(params), (x, y), key)
+    # reference: autograd through the same apply on leaf copies
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    logits, ref_state = net.apply(leaves, state, x, train=True, key=key)
+    loss = loss_fn(logits, y)
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    # float64, a handful of ops of size <= 256: only rounding-order differences remain
+    for (k, p), g in zip(params.items(), grads):
+        torch.testing.assert_close(new_p[k], p - lr_ * g, rtol=1e-12, atol=1e-12)
+    for k in ref_state:
+        torch.testing.assert_close(new_s[k], ref_state[k], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(metrics["loss"], loss.detach(), rtol=1e-12, atol=0)
+    assert int(metrics["correct"]) == int((logits.argmax(1) == y).sum())
+
+
+@settings(deadline=None, max_examples=10)
+@given(seed=SEEDS)
+def test_step_is_pure_same_inputs_same_outputs_inputs_untouched(seed):
+    net = tiny_net()
+    params, state = net.init(lr.key(seed), dtype=torch.float64)
+    opt = optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    opt_state = opt.init(params)
+    batch, key = _batch(seed), lr.key(seed)
+    before = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
+                             (params, state, opt_state, batch, key))
+    step = engine.make_step(net, opt, layers.cross_entropy)
+    a = step(params, state, opt_state, batch, key)
+    b = step(params, state, opt_state, batch, key)
+    assert _equal_trees(a, b)
+    assert _equal_trees((params, state, opt_state, batch, key), before)
+
+
+@settings(deadline=None, max_examples=10)
+@given(seed=SEEDS)
+def test_eval_with_flip_tta_averages_the_logits_of_image_and_mirror(seed):
+    net = tiny_net()
+    params, state = net.init(lr.key(seed), dtype=torch.float64)
+    x, _ = _batch(seed)
+    plain = engine.make_eval(net)(params, state, x)
+    mirror = engine.make_eval(net)(params, state, x.flip(-1))
+    tta = engine.make_eval(net, tta_flip=True)(params, state, x)
+    torch.testing.assert_close(tta, (plain + mirror) / 2, rtol=0, atol=0)
+    ref, _ = net.apply(params, state, x, train=False)
+    assert torch.equal(plain, ref)
+
+
+def test_evaluate_confusion_accuracy_and_loss_match_a_direct_computation():
+    net = tiny_net()
+    params, state = net.init(lr.key(0))
+    data = tiny_data(1, n=37)
+    predict = engine.make_eval(net)
+    res = engine.evaluate(predict, params, state, data, device=torch.device("cpu"), batch_size=10)
+    from experiments.augment import normalize
+
+    logits = predict(params, state, normalize(data.images))
+    pred = logits.argmax(1)
+    assert torch.equal(res.predictions, pred)
+    assert res.accuracy == (pred == data.labels).double().mean().item()
+    # float32 sums of 37 per-image losses in 4 batches vs one batch: ~1e-7 relative
+    assert res.loss == pytest.approx(layers.cross_entropy(logits, data.labels).item(), rel=1e-5)
+    assert res.confusion.sum() == 37
+    for t in range(3):
+        for p in range(3):
+            assert res.confusion[t, p] == int(((data.labels == t) & (pred == p)).sum())
+
+
+# --------------------------------------------------------------------------------------------
+# Speed options agree with eager fp32
+
+
+def _run_steps(n, **opts):
+    net = tiny_net(p=0.0)
+    params, state = net.init(lr.key(0))
+    opt = optim.sgd(0.05, momentum=0.9)
+    opt_state = opt.init(params)
+    if opts.get("channels_last"):
+        params, opt_state = engine.to_channels_last(params), engine.to_channels_last(opt_state)
+    step = engine.make_step(net, opt, layers.cross_entropy, **opts)
+    losses = []
+    for i in range(n):
+        x, y = _batch(i, n=16, dtype=torch.float32)
+        params, state, opt_state, m = step(params, state, opt_state, (x, y), lr.key(i))
+        losses.append(m["loss"])
+    return params, torch.stack(losses)
+
+
+def test_channels_last_matches_eager_fp32():
+    p0, l0 = _run_steps(4)
+    p1, l1 = _run_steps(4, channels_last=True)
+    # float32, same math with another memory layout: only summation order differs (~1e-6)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    for k in p0:
+        torch.testing.assert_close(p1[k], p0[k], rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_matches_eager_fp32_within_bf16_tolerance():
+    p0, l0 = _run_steps(4)
+    p1, l1 = _run_steps(4, bf16=True, channels_last=True)
+    # bfloat16 keeps 8 bits of mantissa (relative step 2**-8 = 0.4%); conv outputs of 27-term
+    # sums and 4 SGD steps compound to about 1-2%: 3% relative on the loss, 2e-2 on parameters
+    # of magnitude ~0.3.
+    torch.testing.assert_close(l1, l0, rtol=3e-2, atol=3e-2)
+    for k in p0:
+        torch.testing.assert_close(p1[k], p0[k], rtol=5e-2, atol=2e-2)
+
+
+def test_compiled_step_matches_eager_fp32():
+    torch._dynamo.reset()
+    p0, l0 = _run_steps(3)
+    p1, l1 = _run_steps(3, compile=True)
+    # inductor fuses and reorders float32 reductions: ~1e-6 relative per op
+    torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-5)
+    for k in p0:
+        torch.testing.assert_close(p1[k], p0[k], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# The epoch loop
+
+
+CFG = dict(seed=3, epochs=2, batch_size=12, device="cpu", bf16=False, channels_last=False,
+           crop=2, flip=True, tta_flip=True, eval_batch_size=16, model="cifar_model_b", name="t")
+
+
+def _fit(run_dir, cfg=CFG, lr_=0.05, loss_fn=layers.cross_entropy, **kw):
+    train, test = tiny_data(0), tiny_data(1, n=20)
+    steps = len(train.labels) // cfg["batch_size"]
+    opt = optim.sgd(optim.one_cycle_schedule(lr_, cfg["epochs"] * steps), momentum=0.9,
+                    nesterov=True, weight_decay=5e-4,
+                    weight_decay_mask=optim.decay_mask_no_bias_or_norm)
+    stream = io.StringIO()
+    res = engine.fit(cfg, net=tiny_net(), opt=opt, loss_fn=loss_fn, train=train, val=test,
+                     test=test, run_dir=run_dir, stream=stream, **kw)
+    return res, stream.getvalue()
+
+
+def test_fit_writes_every_output_file_and_one_metrics_line_per_epoch(tmp_path):
+    res, log = _fit(tmp_path / "run")
+    assert res.status == "done"
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.json", "metrics.jsonl", "accuracy.png", "loss.png", "confusion.png",
+            engine.CHECKPOINT} <= files
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
+                  "test_accuracy", "lr", "seconds"):
+            assert isinstance(r[k], float), k
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["seed"] == 3
+    assert "train_loss" in log and "epoch 2/2" in log  # final table and per-epoch lines
+    tree, progress, cfg = engine.load_run(tmp_path / "run")
+    assert progress["epoch"] == 2 and progress["step"] == 0 and cfg == CFG
+    assert _equal_trees(tree["params"], res.params)
+
+
+def test_resume_after_max_epochs_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    full, _ = _fit(tmp_path / "full")
+    stopped, _ = _fit(tmp_path / "part", max_epochs=1)
+    assert stopped.status == "stopped"
+    resumed, log = _fit(tmp_path / "part", resume=True)
+    assert "resuming" in log
+    assert _equal_trees(resumed.params, full.params)
+    assert _equal_trees(resumed.state, full.state)
+    assert _equal_trees(resumed.opt_state, full.opt_state)
+    strip = lambda h: [{k: v for k, v in r.items() if "seconds" not in k} for r in h]  # noqa: E731
+    assert strip(resumed.history) == strip(full.history)
+
+
+def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_resume_is_bit_identical(tmp_path):
+    full, _ = _fit(tmp_path / "full")
+
+    def interrupt(epoch, step):
+        if (epoch, step) == (1, 2):
+            raise KeyboardInterrupt
+
+    cut, log = _fit(tmp_path / "cut", on_step=interrupt)
+    assert cut.status == "interrupted"
+    assert "resume with: python -m experiments.cifar_model_b --resume" in log
+    _, progress, _ = engine.load_run(tmp_path / "cut")
+    assert (progress["epoch"], progress["step"]) == (1, 2)
+    resumed, _ = _fit(tmp_path / "cut", resume=True)
+    assert _equal_trees(resumed.params, full.params)
+    assert _equal_trees(resumed.opt_state, full.opt_state)
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    _fit(tmp_path / "run", max_epochs=1)
+    ckpt = tmp_path / "run" / engine.CHECKPOINT
+    good = ckpt.read_bytes()
+    nan_loss = lambda logits, y: layers.cross_entropy(logits, y) * float("nan")  # noqa: E731
+    with pytest.raises(engine.NonFiniteLossError, match="finite training loss, got nan at epoch 2, batch 0"):
+        _fit(tmp_path / "run", resume=True, loss_fn=nan_loss)
+    assert ckpt.read_bytes() == good
+
+
+def test_huge_learning_rate_trips_the_guard_and_leaves_the_initial_checkpoint(tmp_path):
+    with pytest.raises(engine.NonFiniteLossError, match="last good checkpoint"):
+        _fit(tmp_path / "run", lr_=1e30)
+    tree, progress, _ = engine.load_run(tmp_path / "run")
+    params, _ = tiny_net().init(engine.run_keys(CFG["seed"])["init"])
+    assert progress["epoch"] == 0 and _equal_trees(tree["params"], params)
+    assert all(torch.isfinite(v).all() for v in tree["params"].values())
+
+
+def test_run_keys_are_distinct_and_depend_on_the_seed():
+    a, b = engine.run_keys(0), engine.run_keys(1)
+    assert len({tuple(v.tolist()) for v in a.values()}) == 3
+    assert not torch.equal(a["train"], b["train"])
+
+
+# --------------------------------------------------------------------------------------------
+# Progress bar and devices
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_redraws_with_carriage_return_on_a_tty():
+    s = _Tty()
+    bar = engine.ProgressBar(10, "epoch 1/1", stream=s, interval=0.0)
+    for i in range(1, 11):
+        bar.update(i, 32 * i, loss=1.5, acc=0.25)
+    bar.close("done line")
+    out = s.getvalue()
+    assert out.count("\r") >= 10 and "img/s" in out and "ETA" in out and "loss 1.5000" in out
+    assert "acc 25.00%" in out and out.endswith("done line\n")
+
+
+def test_progress_bar_is_quiet_off_a_tty_except_the_closing_line():
+    s = io.StringIO()
+    bar = engine.ProgressBar(10, "epoch 1/1", stream=s, interval=0.0)
+    for i in range(1, 11):
+        bar.update(i, 32 * i, loss=1.5)
+    bar.close("epoch 1/1: loss 1.5")
+    assert s.getvalue() == "epoch 1/1: loss 1.5\n"
+
+
+def test_resolve_device_auto_and_errors():
+    assert engine.resolve_device("cpu") == torch.device("cpu")
+    assert engine.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            engine.resolve_device("cuda")
