@@ -16,6 +16,22 @@ def _pool_out_size(size, k, s, p, d, ceil_mode):
     return out
 
 
+def _padding_only_window(size, k, s, p, d, out):
+    """Whether some window near the leading edge holds padding only (possible with dilation).
+
+    A window starting at ``i s - p >= 0`` contains its first tap, which lies inside the input
+    (torch's output-size rule guarantees ``i s - p < size``), so only the few windows that start
+    in the leading padding, ``i s < p``, need a look.
+    """
+    i = 0
+    while i < out and i * s < p:
+        start = i * s - p
+        if not any(0 <= start + u * d < size for u in range(k)):
+            return True
+        i += 1
+    return False
+
+
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, *, impl=None):
     """Max over each (dilated) window, as ``torch.nn.MaxPool2d``.
 
@@ -54,6 +70,11 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
                              f"{d * (k - 1) + 1} (kernel_size={kernel_size!r}, dilation={dilation!r}, "
                              f"padding={padding!r}), got {C.shape_str(x)}")
         out.append(_pool_out_size(size, k, s, p, d, ceil_mode))
+        # torch returns -inf for such a window and its CPU backward then writes out of bounds.
+        if _padding_only_window(size, k, s, p, d, out[-1]):
+            raise ValueError(f"{where}: expected every window to overlap the input, got a window of "
+                             f"padding only along the {axis} (kernel_size={kernel_size!r}, "
+                             f"dilation={dilation!r}, padding={padding!r}) for input {C.shape_str(x)}")
 
     if impl == "fast":
         return F.max_pool2d(x, kernel, stride_, pad, dil, ceil_mode)
