@@ -11,7 +11,7 @@ def dropout(x, *, p, train, key=None, impl=None):
 
     ``y = x * m / (1 - p)`` with ``m ~ Bernoulli(1 - p)`` drawn elementwise from ``key``
     (``layers.random.bernoulli(key, 1 - p, x.shape)``), so ``E[y] = x``. ``p = 1`` gives exact
-    zeros (no ``0 / 0``); ``train=False`` or ``p = 0`` returns ``x`` unchanged. The same key gives
+    zeros (no ``0 / 0``, even for infinite ``x``); ``train=False`` or ``p = 0`` returns ``x`` unchanged. The same key gives
     the same mask, in both formulations and on every device.
 
     Args:
@@ -36,13 +36,13 @@ def dropout(x, *, p, train, key=None, impl=None):
         raise ValueError(f"{where}: expected a random key (layers.random.key) when train=True "
                          f"and p={p} > 0, got key=None")
     _random.check_key(key, where)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    if p == 1.0:
+        # Select, never multiply: inf * 0 would be NaN, and so would the gradient of x / 0.
+        return torch.where(torch.zeros_like(x, dtype=torch.bool), x, zero)
     keep_prob = 1.0 - p
     keep = _random.bernoulli(key, keep_prob, x.shape, device=x.device)
 
     if impl == "fast":
-        # One multiply; p = 1 keeps nothing, so its scale (1 / 0) is never needed.
-        scale = 1.0 / keep_prob if keep_prob > 0.0 else 0.0
-        return x * (keep.to(x.dtype) * scale)
-    if keep_prob == 0.0:
-        return torch.zeros_like(x) * x        # zeros that still depend on x (gradient 0)
-    return torch.where(keep, x / keep_prob, torch.zeros((), dtype=x.dtype, device=x.device))
+        return x * (keep.to(x.dtype) * (1.0 / keep_prob))      # one fused multiply by the scaled mask
+    return torch.where(keep, x / keep_prob, zero)

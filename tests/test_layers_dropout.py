@@ -73,7 +73,7 @@ def test_dropout_gradient_equals_mask_over_keep_prob(impl, p):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_dropout_p_one_gives_zeros_and_zero_gradient_without_nan(impl):
-    x = torch.tensor([1.0, -2.0, 0.0, 1e308], dtype=torch.float64)
+    x = torch.tensor([1.0, -2.0, 0.0, 1e308, float("inf"), float("nan")], dtype=torch.float64)
     y = layers.dropout(x, p=1.0, train=True, key=lr.key(0), impl=impl)
     assert torch.equal(y, torch.zeros_like(x))
     g = grad(lambda x: layers.dropout(x, p=1.0, train=True, key=lr.key(0), impl=impl).sum())(x)

@@ -19,8 +19,9 @@ TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-
        seed=st.integers(0, 2**31 - 1), impl=st.sampled_from(["fast", "explicit"]))
 def test_linear_output_and_gradients_equal_torch_linear(lead, fan_in, fan_out, bias, layout, zeros,
                                                         dtype, seed, impl):
-    torch.manual_seed(seed)                    # module init only
-    module = torch.nn.Linear(fan_in, fan_out, bias=bias, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):    # seeded module init, global RNG untouched
+        torch.manual_seed(seed)
+        module = torch.nn.Linear(fan_in, fan_out, bias=bias, dtype=dtype)
     params = {k: v.detach().clone() for k, v in module.named_parameters()}
     g = torch.Generator().manual_seed(seed)
     shape = tuple(lead) + (fan_in,)
