@@ -1,5 +1,4 @@
 """Fully connected layer: ``y = x W^T + b``."""
-import torch
 import torch.nn.functional as F
 
 from . import _checks as C

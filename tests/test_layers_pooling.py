@@ -1,7 +1,6 @@
 """max_pool2d and adaptive_avg_pool2d: both formulations equal torch (outputs, gradients, ties)."""
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.func import grad
