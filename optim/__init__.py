@@ -11,6 +11,7 @@ torch.optim's algorithms with the same foreach operations (see docs/optim.md).
 """
 from .adam import ScaleByAdamState, scale_by_adam
 from .alias import adam, adamw, sgd
+from .buffers import release_buffers
 from .base import (EmptyState, GradientTransformation, apply_updates, current_lr, current_step,
                    step)
 from .clipping import clip_by_global_norm, global_norm
@@ -29,7 +30,7 @@ __all__ = [
     "chain", "masked", "multi_transform", "freeze", "MaskedState", "MultiTransformState",
     "negate", "scale_by_learning_rate", "set_to_zero", "LearningRateState",
     "trace", "TraceState", "add_decayed_weights", "scale_by_adam", "ScaleByAdamState",
-    "clip_by_global_norm", "global_norm", "decay_mask_no_bias_or_norm",
+    "clip_by_global_norm", "global_norm", "decay_mask_no_bias_or_norm", "release_buffers",
     "constant_schedule", "step_decay_schedule", "multistep_schedule", "exponential_schedule",
     "cosine_annealing_schedule", "linear_schedule", "one_cycle_schedule", "join_schedules",
     "warmup_cosine_schedule",

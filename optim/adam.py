@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 from torch.utils import _pytree as pytree
 
+from . import buffers
 from .base import GradientTransformation, Tree, count_tensor, flatten_like, tensor_leaves
 from .masks import resolve_labels
 from .schedules import as_schedule
@@ -71,8 +72,8 @@ def scale_by_adam(lr=1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
         if not g:
             return g, p, spec, rate, [], [], [], decay, state._replace(
                 count=count_tensor(t), lr=torch.tensor(float(schedule(t)), dtype=torch.float64))
-        mu = torch._foreach_lerp(mu_old, g, 1 - b1)
-        nu = torch._foreach_mul(nu_old, b2)
+        mu = buffers.lerp(mu_old, g, 1 - b1)
+        nu = buffers.mul(nu_old, b2)
         torch._foreach_addcmul_(nu, g, g, 1 - b2)
         bias_correction1 = [1 - b1 ** t for _ in g]
         bias_correction2 = [1 - b2 ** t for _ in g]
@@ -80,11 +81,11 @@ def scale_by_adam(lr=1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
         bias_correction2_sqrt = [bc ** 0.5 for bc in bias_correction2]
         if amsgrad:
             nu_max_old, _ = tensor_leaves(fn, "state.nu_max", state.nu_max)
-            nu_max = torch._foreach_maximum(nu_max_old, nu)
-            denom = torch._foreach_sqrt(nu_max)
+            nu_max = buffers.maximum(nu_max_old, nu)
+            denom = buffers.sqrt(nu_max)
             nu_max_tree = pytree.tree_unflatten(nu_max, spec)
         else:
-            denom = torch._foreach_sqrt(nu)
+            denom = buffers.sqrt(nu)
             nu_max_tree = ()
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, eps)
@@ -101,11 +102,11 @@ def scale_by_adam(lr=1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
         if not g:
             return updates, new_state
         # (step_size * m) / denom is the term addcdiv adds, so p + u equals torch's addcdiv.
-        out = torch._foreach_mul(mu, step_sizes)
+        out = buffers.mul(mu, step_sizes)
         torch._foreach_div_(out, denom)
         idx = [i for i, d in enumerate(decay) if d]
         if idx:
-            decayed = torch._foreach_mul([p[i] for i in idx], -rate * weight_decay)
+            decayed = buffers.mul([p[i] for i in idx], -rate * weight_decay)
             torch._foreach_add_([out[i] for i in idx], decayed)
         return pytree.tree_unflatten(out, spec), new_state
 
@@ -114,23 +115,20 @@ def scale_by_adam(lr=1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
             "scale_by_adam.step", updates, state, params)
         if not g:
             return params, new_state
-        idx = [i for i, d in enumerate(decay) if d]
-        if idx:
-            p = list(p)
-            for i, x in zip(idx, torch._foreach_mul([p[i] for i in idx], 1 - rate * weight_decay)):
-                p[i] = x
-            # p now holds fresh tensors where decayed: those may be updated in place.
-            fresh = set(idx)
-            torch._foreach_addcdiv_([p[i] for i in idx], [mu[i] for i in idx],
-                                    [denom[i] for i in idx], [step_sizes[i] for i in idx])
-            rest = [i for i in range(len(p)) if i not in fresh]
-            if rest:
-                for i, x in zip(rest, torch._foreach_addcdiv([p[i] for i in rest], [mu[i] for i in rest],
-                                                             [denom[i] for i in rest],
-                                                             [step_sizes[i] for i in rest])):
-                    p[i] = x
-            new_p = p
-        else:
-            new_p = torch._foreach_addcdiv(p, mu, denom, step_sizes)
+        new_p = [None] * len(p)
+        decayed = [i for i, d in enumerate(decay) if d]
+        kept = [i for i, d in enumerate(decay) if not d]
+        pick = lambda xs, idx: [xs[i] for i in idx]
+        if decayed:
+            # torch: p *= 1 - lr * lambda, then p += step_size * m / denom, both in place; here
+            # in place on the fresh decayed copy.
+            fresh = buffers.mul(pick(p, decayed), 1 - rate * weight_decay)
+            torch._foreach_addcdiv_(fresh, pick(mu, decayed), pick(denom, decayed), pick(step_sizes, decayed))
+            for i, x in zip(decayed, fresh):
+                new_p[i] = x
+        if kept:
+            for i, x in zip(kept, buffers.addcdiv(pick(p, kept), pick(mu, kept), pick(denom, kept),
+                                                  pick(step_sizes, kept))):
+                new_p[i] = x
         return pytree.tree_unflatten(new_p, spec), new_state
     return GradientTransformation(init, update, fused_step)

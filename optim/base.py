@@ -24,6 +24,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch.utils import _pytree as pytree
 
+from . import buffers
+
 Tree = Any
 InitFn = Callable[[Tree], Tree]
 UpdateFn = Callable[..., "tuple[Tree, Tree]"]
@@ -123,14 +125,13 @@ def count_tensor(n: int = 0) -> torch.Tensor:
 
 
 def apply_updates(params: Tree, updates: Tree) -> Tree:
-    """New parameters ``params + updates``, leaf by leaf (one ``torch._foreach_add``).
+    """New parameters ``params + updates``, leaf by leaf (``torch._foreach_add``; on CPU into
+    recycled storage, see :mod:`optim.buffers`).
 
     params, updates: trees of the same structure, shapes and dtypes. Returns a new tree.
     """
     u, p, spec = flatten_like("apply_updates", "updates", updates, "params", params)
-    if not p:
-        return pytree.tree_unflatten([], spec)
-    return pytree.tree_unflatten(torch._foreach_add(p, u), spec)
+    return pytree.tree_unflatten(buffers.add(p, u), spec)
 
 
 def step(opt: GradientTransformation, grads: Tree, state: Tree, params: Tree):

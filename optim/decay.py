@@ -7,11 +7,12 @@ from __future__ import annotations
 import torch
 from torch.utils import _pytree as pytree
 
+from . import buffers
 from .base import EmptyState, GradientTransformation, flatten_like
 
 
 def add_decayed_weights(weight_decay: float, mask=None) -> GradientTransformation:
-    """``u = g + weight_decay * p`` (one ``torch._foreach_add(g, p, alpha=weight_decay)``).
+    """``u = g + weight_decay * p`` (one ``buffers.add(g, p, alpha=weight_decay)``).
 
     mask: None (decay every leaf), a tree of bools like params, or a callable params -> such a
     tree; leaves marked False pass through unchanged (torch: a param group with weight_decay=0).
@@ -30,5 +31,5 @@ def add_decayed_weights(weight_decay: float, mask=None) -> GradientTransformatio
         g, p, spec = flatten_like("add_decayed_weights.update", "updates", updates, "params", params)
         if weight_decay == 0 or not g:
             return updates, state
-        return pytree.tree_unflatten(torch._foreach_add(g, p, alpha=weight_decay), spec), state
+        return pytree.tree_unflatten(buffers.add(g, p, alpha=weight_decay), spec), state
     return GradientTransformation(init, update)

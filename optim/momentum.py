@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch.utils import _pytree as pytree
 
+from . import buffers
 from .base import GradientTransformation, Tree, count_tensor, tensor_leaves
 
 
@@ -38,11 +39,11 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
         if not g:
             return updates, TraceState(count_tensor(t + 1), state.momentum_buffer)
         if t == 0:
-            bufs = [x.clone() for x in g]
+            bufs = buffers.clone(g)
         else:
-            bufs = torch._foreach_mul(bufs_old, momentum)
+            bufs = buffers.mul(bufs_old, momentum)
             torch._foreach_add_(bufs, g, alpha=1 - dampening)
-        direction = torch._foreach_add(g, bufs, alpha=momentum) if nesterov else bufs
+        direction = buffers.add(g, bufs, alpha=momentum) if nesterov else bufs
         return (pytree.tree_unflatten(direction, spec),
                 TraceState(count_tensor(t + 1), pytree.tree_unflatten(bufs, spec)))
     return GradientTransformation(init, update)

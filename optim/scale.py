@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 from torch.utils import _pytree as pytree
 
+from . import buffers
 from .base import EmptyState, GradientTransformation, count_tensor, flatten_like, tensor_leaves
 from .schedules import as_schedule
 
@@ -52,12 +53,12 @@ def scale_by_learning_rate(lr) -> GradientTransformation:
     def update(updates, state, params=None):
         leaves, spec = tensor_leaves("scale_by_learning_rate.update", "updates", updates)
         rate, state = advance(state)
-        return pytree.tree_unflatten(torch._foreach_mul(leaves, -rate) if leaves else [], spec), state
+        return pytree.tree_unflatten(buffers.mul(leaves, -rate), spec), state
 
     def fused_step(updates, state, params):
         d, p, spec = flatten_like("scale_by_learning_rate.step", "updates", updates, "params", params)
         rate, state = advance(state)
-        return pytree.tree_unflatten(torch._foreach_add(p, d, alpha=-rate) if p else [], spec), state
+        return pytree.tree_unflatten(buffers.add(p, d, alpha=-rate), spec), state
     return GradientTransformation(init, update, fused_step)
 
 

@@ -147,7 +147,7 @@ def run_parity(data, make_ours, make_torch, base_lr):
                                        msg=lambda m: f"update+apply step {t}, {n}: {m}")
             if n in frozen:
                 assert torch.equal(p_f[n], params[n]) and torch.equal(p_u[n], params[n])
-        assert math.isclose(optim.current_lr(state_f), topt.param_groups[0]["lr"], rel_tol=1e-12, abs_tol=1e-300)
+        assert math.isclose(optim.current_lr(state_f), topt.param_groups[0]["lr"], rel_tol=1e-12, abs_tol=1e-12 * base_lr)
         assert optim.current_step(state_f) == t
 
 
