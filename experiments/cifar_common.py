@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import time
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -112,7 +114,57 @@ def build_parser(model: str, description: str) -> argparse.ArgumentParser:
     a("--tta-flip", action=argparse.BooleanOptionalAction, help="average logits with the mirror image")
     a("--max-epochs", type=int, help="stop (resumably) after this many completed epochs")
     a("--no-test", action="store_true", help="do not evaluate on the test split each epoch")
+    a("--benchmark", type=int, metavar="STEPS",
+      help="time STEPS training steps (at the recipe's batch size, on random images) for fp32, "
+           "channels_last, bf16 and bf16+channels_last, interleaved in rounds, then exit")
     return p
+
+
+def benchmark(cfg: dict, steps: int, rounds: int = 3, stream=None) -> dict[str, float]:
+    """Images/s of the full training step (augmentation included) for each speed option.
+
+    ``steps`` timed steps per option and round (after one untimed warm-up step), options
+    interleaved within each round so that a noisy, shared machine slows them alike; the
+    median over rounds is reported.
+    """
+    stream = sys.stderr if stream is None else stream
+    device = engine.resolve_device(cfg["device"])
+    from layers import random as lr
+
+    from .augment import augment_batch
+
+    bs = cfg["batch_size"]
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (bs, 3, 32, 32), generator=g, dtype=torch.uint8).to(device)
+    labels = torch.randint(0, 10, (bs,), generator=g).to(device)
+    net = build_net(cfg)
+    modes = {"fp32": {}, "channels_last": {"channels_last": True}, "bf16": {"bf16": True},
+             "bf16+channels_last": {"bf16": True, "channels_last": True}}
+    rates: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(rounds):
+        for mode, opts in modes.items():
+            params, state = net.init(lr.key(0), device=device)
+            opt = build_optimizer(cfg, steps + 1)
+            opt_state = opt.init(params)
+            if opts.get("channels_last"):
+                params, opt_state = engine.to_channels_last(params), engine.to_channels_last(opt_state)
+            step = engine.make_step(net, opt, build_loss(cfg), **opts)
+            for i in range(steps + 1):
+                if i == 1:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                x = augment_batch(lr.key(i), images)
+                params, state, opt_state, m = step(params, state, opt_state, (x, labels), lr.key(i))
+                m["loss"].item()
+            rates[mode].append(steps * bs / (time.perf_counter() - t0))
+            print(f"round {r + 1}/{rounds} {mode:>18}: {rates[mode][-1]:7.1f} img/s", file=stream)
+    result = {m: sorted(v)[len(v) // 2] for m, v in rates.items()}
+    print(f"median img/s over {rounds} rounds of {steps} steps, batch {bs}, {device}, "
+          f"{torch.get_num_threads()} threads:", file=stream)
+    for m, v in result.items():
+        print(f"  {m:>18}: {v:7.1f} img/s ({v / result['fp32']:.2f}x fp32)", file=stream)
+    return result
 
 
 def resolve_config(model: str, args: argparse.Namespace) -> dict:
@@ -143,8 +195,13 @@ def build_net(cfg: dict, num_classes: int = 10):
 def build_optimizer(cfg: dict, steps_per_epoch: int):
     """The config's optimizer, with its learning-rate schedule over ``epochs * steps_per_epoch``."""
     total = cfg["epochs"] * steps_per_epoch
-    if cfg["schedule"] == "onecycle":
-        lr = optim.one_cycle_schedule(cfg["lr"], total, pct_start=cfg["pct_start"],
+    if cfg["schedule"] == "onecycle" and total < 4:  # too short to warm up and anneal
+        lr = cfg["lr"]
+    elif cfg["schedule"] == "onecycle":
+        # The warm-up must span >= 2 steps: like torch's OneCycleLR, one_cycle_schedule divides
+        # by (pct_start * total - 1), zero for a 1-step warm-up (smoke runs with a few steps).
+        pct = max(cfg["pct_start"], 2.0 / total)
+        lr = optim.one_cycle_schedule(cfg["lr"], total, pct_start=pct,
                                       anneal_strategy="linear", div_factor=cfg["div_factor"],
                                       final_div_factor=cfg["final_div_factor"])
     elif cfg["schedule"] == "constant":
@@ -186,9 +243,25 @@ def load_data(cfg: dict, *, progress: bool = True):
     return train, val, test
 
 
+def _sigterm_as_ctrl_c():
+    """Let ``kill PID`` of a background run save a checkpoint the way Ctrl-C does; returns the
+    previous handler (None when handlers cannot be set from this thread)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
 def main(model: str, description: str, argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, train (or resume), print the final table; returns the exit status."""
     args = build_parser(model, description).parse_args(argv)
+    if args.benchmark:
+        cfg = resolve_config(model, args)
+        print(json.dumps(benchmark(cfg, args.benchmark)))
+        return 0
     if args.resume:
         run_dir = Path(args.resume)
         try:
@@ -225,6 +298,7 @@ def main(model: str, description: str, argv: Sequence[str] | None = None) -> int
           f"{cfg['batch_size']}, lr {cfg['lr']}, bf16 {cfg['bf16']}, channels_last "
           f"{cfg['channels_last']}, run dir {run_dir}", file=sys.stderr)
     resume_cmd = f"python -m experiments.{model} --resume {run_dir}"
+    previous = _sigterm_as_ctrl_c()
     try:
         result = engine.fit(cfg, net=net, opt=opt, loss_fn=build_loss(cfg), train=train, val=val,
                             test=test, run_dir=run_dir, resume=bool(args.resume),
@@ -232,6 +306,9 @@ def main(model: str, description: str, argv: Sequence[str] | None = None) -> int
     except engine.NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if result.status == "interrupted":
         return 130
     if result.status == "stopped":

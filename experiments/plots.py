@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 __all__ = ["plot_curves", "plot_confusion"]
 
@@ -25,6 +26,7 @@ def _curve(history: Sequence[Mapping], metric: str, path: Path, ylabel: str, tit
         if pts:
             ax.plot(*zip(*pts), marker="o", markersize=3, color=color, label=split)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -1,0 +1,111 @@
+"""The command lines: --help of every entry point, a run / resume / evaluate cycle on a generated
+data set, the missing-data message, and a smoke run on real CIFAR-10 when CIFAR10_DIR is set."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from experiments import cifar_common, evaluate
+from experiments.data import CIFAR10_CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRY_POINTS = ["experiments.cifar_model_a", "experiments.cifar_model_b",
+                "experiments.cifar_model_c", "experiments.evaluate"]
+OUTPUTS = {"config.json", "metrics.jsonl", "accuracy.png", "loss.png", "confusion.png",
+           "checkpoint.safetensors"}
+
+
+def test_help_works_for_every_entry_point():
+    procs = {m: subprocess.Popen([sys.executable, "-m", m, "--help"], cwd=ROOT, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for m in ENTRY_POINTS}
+    for m, p in procs.items():
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, (m, err)
+        assert f"usage: python -m {m}" in out
+        flags = ["--checkpoint", "--data-dir", "--split"] if m.endswith("evaluate") else [
+            "--epochs", "--batch-size", "--lr", "--seed", "--device", "--out", "--data-dir",
+            "--val-split", "--resume", "--recipe", "--limit-per-class", "--name"]
+        for flag in flags:
+            assert flag in out, (m, flag)
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path, monkeypatch):
+    """A 32x32 PNG image-folder CIFAR-10 with 6 train and 2 test images per class."""
+    monkeypatch.setenv("PURENN_CACHE", str(tmp_path / "cache"))
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 6), ("test", 2)):
+        for c in CIFAR10_CLASSES:
+            (tmp_path / "c10" / split / c).mkdir(parents=True)
+            x = torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
+            for i in range(n):
+                Image.fromarray(x[i].numpy()).save(tmp_path / "c10" / split / c / f"{i}.png")
+    return tmp_path / "c10"
+
+
+def test_run_stop_resume_and_evaluate_through_the_command_line(tiny_cifar, tmp_path, capsys):
+    argv = ["--data-dir", str(tiny_cifar), "--epochs", "2", "--batch-size", "20", "--val-split", "10",
+            "--out", str(tmp_path / "runs"), "--name", "cli", "--no-bf16", "--seed", "1"]
+    assert cifar_common.main("cifar_model_a", "A", argv + ["--max-epochs", "1"]) == 0
+    run = tmp_path / "runs" / "cli"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    # a second fresh start would clobber the run: refused
+    assert cifar_common.main("cifar_model_a", "A", argv) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert cifar_common.main("cifar_model_a", "A", ["--resume", str(run)]) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0]["val_accuracy"] is not None and rows[0]["test_accuracy"] is not None
+    assert OUTPUTS <= {p.name for p in run.iterdir()}
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["batch_size"] == 20 and cfg["bf16"] is False and cfg["val_split"] == "10"
+    # a run of Model A is not resumed by Model B's entry point
+    assert cifar_common.main("cifar_model_b", "B", ["--resume", str(run)]) == 2
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(run), "--data-dir", str(tiny_cifar), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and all(c in out for c in CIFAR10_CLASSES)
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["accuracy"] == pytest.approx(rows[-1]["test_accuracy"])
+
+
+def test_missing_data_stops_with_one_message_naming_the_place(tmp_path, monkeypatch, capsys):
+    import torchvision
+
+    def offline(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    code = cifar_common.main("cifar_model_b", "B", ["--data-dir", str(tmp_path / "nothing"),
+                                                     "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(tmp_path / "nothing") in err and "no network" in err
+
+
+def test_val_split_parsing():
+    assert cifar_common.parse_val_split("0.1") == 0.1
+    assert cifar_common.parse_val_split("5000") == 5000
+    assert cifar_common.parse_val_split("0") == 0
+    with pytest.raises(ValueError, match="--val-split: expected a fraction.*got '2.5'"):
+        cifar_common.parse_val_split("2.5")
+    with pytest.raises(ValueError, match="got 'x'"):
+        cifar_common.parse_val_split("x")
+
+
+@pytest.mark.skipif(not os.environ.get("CIFAR10_DIR"), reason="CIFAR10_DIR is not set")
+def test_smoke_run_on_a_real_cifar_subset_loss_falls_and_every_output_appears(tmp_path, monkeypatch):
+    monkeypatch.setenv("PURENN_CACHE", str(tmp_path / "cache"))
+    argv = ["--limit-per-class", "20", "--epochs", "2", "--batch-size", "50", "--lr", "0.05",
+            "--val-split", "0", "--out", str(tmp_path / "runs"), "--name", "smoke"]
+    assert cifar_common.main("cifar_model_a", "A", argv) == 0
+    run = tmp_path / "runs" / "smoke"
+    assert OUTPUTS <= {p.name for p in run.iterdir()}
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert 0.0 <= rows[1]["test_accuracy"] <= 1.0
