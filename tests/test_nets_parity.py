@@ -14,7 +14,7 @@ from scipy import stats
 
 import layers
 import nets
-from tests import reference_modules as R
+import reference_modules as R
 
 # Dropout off so train mode is deterministic on both sides (dropout has its own tests).
 NETS = {
