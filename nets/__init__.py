@@ -6,27 +6,22 @@
 
 ``params`` and ``state`` are keyed like the ``state_dict()`` of the equivalent ``torch.nn``
 module. Build new nets with :mod:`nets.compose` (``serial`` and the layer records); print their
-architecture with :func:`summary`. See docs/nets.md.
+architecture with :func:`summary`; save and load any tree with :func:`save` / :func:`load`
+(safetensors), and move trees to JAX and back with :func:`to_jax` / :func:`from_jax`.
+See docs/nets.md.
 """
 from . import compose
+from .checkpoint import load, save
 from .cifar import model_b, model_c, vgg_like
 from .compose import Layer, Net, as_net, leaves, serial
+from .jax_interop import from_jax, to_jax
 from .model_a import model_a
 from .summary import Row, Summary, summary
 from .torchvision_weights import load_torchvision_weights
 from .vgg16 import vgg16
 
-try:  # nets.checkpoint lands separately (issue 4, checkpoints); import it when it is there.
-    from .checkpoint import load, save
-except ImportError:  # pragma: no cover
-    pass
-try:  # nets.jax_interop lands separately (issue 4, JAX interop).
-    from .jax_interop import from_jax, to_jax
-except ImportError:  # pragma: no cover
-    pass
-
 __all__ = [
-    "Layer", "Net", "Row", "Summary", "as_net", "compose", "leaves", "load",
+    "Layer", "Net", "Row", "Summary", "as_net", "compose", "from_jax", "leaves", "load",
     "load_torchvision_weights", "model_a", "model_b", "model_c", "save", "serial", "summary",
-    "from_jax", "to_jax", "vgg16", "vgg_like",
+    "to_jax", "vgg16", "vgg_like",
 ]
