@@ -1,6 +1,6 @@
 """Benchmark: one optimizer update of ours against torch.optim (foreach=True) on VGG16-shaped trees.
 
-    python -m experiments.bench_optim [--reps 15] [--quick] [--dtype float32|float64]
+    python -m experiments.bench_optim [--reps 15] [--quick] [--dtype float32|float64] [--no-recycle]
 
 Builds a parameter tree with torchvision's vgg16 shapes (13 conv weights / biases and 3 linear
 layers, 138M parameters; ``--quick`` divides every dimension's channel counts so the tree is about
@@ -24,6 +24,7 @@ import time
 import torch
 
 import optim
+import optim.buffers
 
 
 def vgg16_shapes(quick: bool) -> dict[str, tuple[int, ...]]:
@@ -91,12 +92,17 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=15, help="timed repetitions per implementation")
     ap.add_argument("--quick", action="store_true", help="a ~1/16-size tree instead of 138M parameters")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    ap.add_argument("--no-recycle", action="store_true",
+                    help="allocate every output fresh (disable optim.buffers) to see what recycling buys")
     args = ap.parse_args(argv)
+    if args.no_recycle:
+        optim.buffers.MIN_BYTES = float("inf")
     dtype = getattr(torch, args.dtype)
     shapes = vgg16_shapes(args.quick)
     n = sum(torch.Size(s).numel() for s in shapes.values())
     print(f"# {n / 1e6:.1f}M parameters in {len(shapes)} tensors, {args.dtype}, {args.reps} reps, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+          f"{', recycling off' if args.no_recycle else ''}")
     print("| optimizer | implementation | median ms / update | ratio to torch |")
     print("| --- | --- | ---: | ---: |")
     bench("SGD nesterov m=0.9 wd=5e-4",

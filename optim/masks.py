@@ -8,7 +8,7 @@ the keys are unchanged.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -70,4 +70,3 @@ def decay_mask_no_bias_or_norm(params: Tree) -> Tree:
     return pytree.tree_map_with_path(decide, params)
 
 
-MaskFn = Callable[[Tree], Tree]
