@@ -22,17 +22,20 @@ per-tensor op, so writing ``out=`` per tensor runs the same kernels: results are
 from __future__ import annotations
 
 import sys
+import threading
 import torch
 
 MIN_BYTES = 1 << 20          # smaller tensors come from malloc's free lists cheaply anyway
 MAX_POOLED = 1024            # pool length cap; the oldest entries are dropped first
 
 _pool: list = []
+_lock = threading.Lock()   # two threads stepping at once must not take the same buffer
 
 
 def release_buffers() -> None:
     """Forget every recycled buffer (their memory is freed once nobody else holds them)."""
-    _pool.clear()
+    with _lock:
+        _pool.clear()
 
 
 def pooled_count() -> int:
@@ -55,6 +58,11 @@ def recyclable(*lists) -> bool:
 
 
 def _take(like: torch.Tensor):
+    with _lock:
+        return _take_locked(like)
+
+
+def _take_locked(like: torch.Tensor):
     if like.numel() * like.element_size() < MIN_BYTES:
         return None
     for i in range(len(_pool)):
@@ -74,6 +82,11 @@ def _take(like: torch.Tensor):
 
 
 def _keep(ts) -> None:
+    with _lock:
+        _keep_locked(ts)
+
+
+def _keep_locked(ts) -> None:
     for t in ts:
         if t.numel() * t.element_size() >= MIN_BYTES and t.device.type == "cpu":
             _pool.append(t)
