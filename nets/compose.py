@@ -43,7 +43,6 @@ from layers import random as jr
 
 Shape = Tuple[int, ...]
 Tree = Dict[str, Any]
-Device = Union[str, torch.device, None]
 # A weight initialiser: a ``layers.init`` scheme name, or ``f(key, *, dtype, device) -> params``.
 Init = Union[str, Callable[..., Tree]]
 
