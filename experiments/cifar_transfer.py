@@ -1,0 +1,405 @@
+"""A transfer study that runs on this machine: CIFAR-10 split by class, pretrain on one half, move
+to the other with few labels.
+
+* **A** = airplane, automobile, bird, cat, deer (25 000 training images): the source task.
+* **B** = dog, frog, horse, ship, truck: the target task. ``n`` training images per class are
+  drawn from B's training split (32 as the report's Caltech split, and 500), per draw seed
+  ``d`` by ``permutation(fold_in(key(d), c))`` of class ``c``'s images, first ``n`` kept (so
+  the 32-image set is a subset of the 500-image one). Every method is tested on B's 5000 test
+  images.
+
+The net is :func:`small_vgg16`: VGG16's layout (configuration D: 2, 2, 3, 3, 3 convolutions in
+five blocks, each closed by a 2x2 max-pool) at a quarter of its widths (16, 32, 64, 128, 128)
+with batch norm, built with :func:`nets.vgg_like`. On a 32x32 image its blocks give
+16x16x16, 32x8x8, 64x4x4, 128x2x2 and 128x1x1, so the report's block-3 and block-4 heads exist
+(on 1024 and 512 features instead of 200704 and 100352).
+
+Methods (all hyperparameters are in :data:`RECIPE`; see docs/transfer.md):
+
+* ``probe-block{k}``: a linear classifier on the globally average-pooled, standardised
+  features of block ``k`` (frozen, eval mode), for ``k = 1..5``: the transferability curve;
+* ``head-block3``, ``head-block4``: the report's heads, ``flatten -> FC 1024 -> ReLU -> FC 5``
+  on the frozen block-3 / block-4 feature maps;
+* ``frozen+new-head``: the pretrained net with a new last layer, only that layer trained (on the
+  cached block-5 features; the head's dropout replays the whole net's keys,
+  :mod:`experiments.feature_cache`);
+* ``fine-tune``: the pretrained net with a new last layer, everything trained (batch norm in
+  training mode, crop + flip augmentation);
+* ``scratch``: the same net from a random init, trained on B's few images only.
+
+Resumable: pretraining is an :func:`experiments.engine.fit` run in ``OUT/pretrain-<hash>`` (the
+hash names its config), continued when interrupted and skipped when complete; frozen features
+are cached (:func:`experiments.feature_cache.cached`); every finished cell of the table is
+written to ``OUT/results.json`` at once and skipped on a rerun.
+
+    python -m experiments.cifar_transfer --out runs/cifar_transfer
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+import layers
+import nets
+import optim
+from layers import random as lr
+from nets.compose import Flatten, Linear, ReLU, as_net, serial
+
+from . import engine
+from . import feature_cache as fc
+from .augment import augment_batch, normalize
+from .cifar_common import build_loss, build_optimizer
+from .data import CIFAR10_CLASSES, Dataset, DataNotFoundError, cache_dir, find_data_dir, load_cifar10
+
+__all__ = ["CLASSES_A", "CLASSES_B", "WIDTHS", "RECIPE", "METHODS", "small_vgg16", "block_ends",
+           "split_by_class", "draw_per_class", "block_features", "run_study", "format_table", "main"]
+
+CLASSES_A = CIFAR10_CLASSES[:5]
+CLASSES_B = CIFAR10_CLASSES[5:]
+#: Widths of small_vgg16's five blocks: a quarter of VGG16's (64, 128, 256, 512, 512).
+WIDTHS = (16, 32, 64, 128, 128)
+_CONVS = (2, 2, 3, 3, 3)  # VGG16's convolutions per block (configuration D)
+
+METHODS = tuple(f"probe-block{k}" for k in range(1, 6)) + (
+    "head-block3", "head-block4", "frozen+new-head", "fine-tune", "scratch")
+
+#: Every hyperparameter of the study. ``pretrain`` is an engine.fit config (the "fast" recipe of
+#: experiments.cifar_common, shortened to fit a shared 2-core CPU); ``features`` trains every
+#: classifier on frozen features; ``finetune`` / ``scratch`` train whole nets. ``epochs`` maps
+#: images per class to epochs.
+RECIPE = {
+    "pretrain": dict(seed=0, epochs=3, batch_size=256, optimizer="sgd", lr=0.2, momentum=0.9,
+                     nesterov=True, weight_decay=5e-4, decay_mask=True, schedule="onecycle",
+                     pct_start=0.25, div_factor=10.0, final_div_factor=100.0,
+                     label_smoothing=0.1, crop=4, flip=True, tta_flip=False, bf16=False,
+                     channels_last=True, device="cpu", eval_batch_size=500),
+    "features": dict(lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=32, hidden=1024,
+                     epochs={32: 60, 500: 20}),
+    "finetune": dict(lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=32,
+                     epochs={32: 30, 500: 8}),
+    "scratch": dict(lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=32,
+                    epochs={32: 30, 500: 8}),
+}
+
+
+def small_vgg16(num_classes: int = 5, widths: Sequence[int] = WIDTHS) -> nets.Net:
+    """VGG16's five blocks (2, 2, 3, 3, 3 convs) at ``widths``, batch norm, for 32x32 images.
+
+    ``(N, 3, 32, 32) -> (N, num_classes)``; see :func:`nets.vgg_like` for the layers.
+    """
+    if len(widths) != 5:
+        raise ValueError(f"small_vgg16: expected 5 block widths, got {tuple(widths)}")
+    blocks = tuple((w,) * c for w, c in zip(widths, _CONVS))
+    return nets.vgg_like(blocks, num_classes=num_classes, dropout=0.1, head_dropout=0.2,
+                         name="small_vgg16")
+
+
+def block_ends(net: nets.Net) -> list[str]:
+    """Names of the max-pool leaves that close each block, in order (``features.<i>``)."""
+    return [name for name, leaf in nets.leaves(net.layer) if leaf.kind.startswith("MaxPool")]
+
+
+def split_by_class(data: Dataset, classes: Sequence[str]) -> Dataset:
+    """The images of ``classes`` only, relabelled ``0 .. len(classes) - 1`` in that order."""
+    missing = [c for c in classes if c not in data.classes]
+    if missing:
+        raise ValueError(f"split_by_class: expected classes among {data.classes}, got {missing}")
+    ids = torch.tensor([data.classes.index(c) for c in classes])
+    keep = torch.isin(data.labels, ids)
+    relabel = torch.full((len(data.classes),), -1, dtype=torch.int64)
+    relabel[ids] = torch.arange(len(classes))
+    return Dataset(data.images[keep], relabel[data.labels[keep]], tuple(classes))
+
+
+def draw_per_class(labels: torch.Tensor, n: int, seed: int, num_classes: int) -> torch.Tensor:
+    """Sorted indices of ``n`` images per class: the first ``n`` of
+    ``permutation(fold_in(key(seed), c), count_c)`` of class ``c``'s images."""
+    out = []
+    for c in range(num_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        if idx.numel() < n:
+            raise ValueError(f"draw_per_class: expected at least {n} images of class {c}, "
+                             f"got {idx.numel()}")
+        out.append(idx[lr.permutation(lr.fold_in(lr.key(seed), c), idx.numel())[:n]])
+    return torch.cat(out).sort().values
+
+
+def block_features(net: nets.Net, params, state, x: torch.Tensor) -> list[torch.Tensor]:
+    """The output of every block (eval mode) for a normalised batch ``x``: a list of
+    ``(N, C_k, H_k, W_k)``, one forward pass cut at each :func:`block_ends` leaf."""
+    names = fc.leaf_names(net)
+    outs, start = [], 0
+    with torch.no_grad():
+        for end in block_ends(net):
+            stop = names.index(end) + 1
+            x = fc.run_leaves(net, params, state, x, start=start, stop=stop, train=False)[0]
+            outs.append(x)
+            start = stop
+    return outs
+
+
+def _features(net, params, state, images, *, batch_size, progress) -> dict:
+    """Pooled features of every block, flat block-3 and block-4 maps, block-5 maps (cut point of
+    the new head), for uint8 ``images``."""
+    def fn(x):
+        b = block_features(net, params, state, x)
+        return torch.cat([f.mean((2, 3)) for f in b] + [b[2].flatten(1), b[3].flatten(1),
+                                                         b[4].flatten(1)], 1)
+    shapes = [tuple(f.shape[1:]) for f in block_features(net, params, state, normalize(images[:1]))]
+    flat = fc.extract(fn, fc.batches_of(images, batch_size, normalize), progress=progress)
+    sizes = [s[0] for s in shapes] + [math.prod(shapes[k]) for k in (2, 3, 4)]
+    parts = torch.split(flat, sizes, 1)
+    out = {f"pooled{k + 1}": parts[k] for k in range(5)}
+    out.update(block3=parts[5], block4=parts[6], block5=parts[7].reshape(len(images), *shapes[4]))
+    return out
+
+
+def _sgd(cfg: dict, total_steps: int | None = None):
+    lr_ = cfg["lr"]
+    if total_steps is not None and total_steps >= 4:
+        lr_ = optim.one_cycle_schedule(cfg["lr"], total_steps, pct_start=max(0.25, 2.0 / total_steps),
+                                       anneal_strategy="linear", div_factor=10.0,
+                                       final_div_factor=100.0)
+    return optim.sgd(lr_, momentum=cfg["momentum"], nesterov=True, weight_decay=cfg["weight_decay"],
+                     weight_decay_mask=optim.decay_mask_no_bias_or_norm)
+
+
+def _fresh_head(net, params, key):
+    """``params`` with the last linear layer (``classifier.3``) drawn anew from ``key``."""
+    fresh, _ = net.init(key)
+    return {**params, **{k: v for k, v in fresh.items() if k.startswith("classifier.3.")}}
+
+
+def _train_on_features(method, n, feats_tr, y_tr, feats_te, y_te, net, pre_params, key, log):
+    cfg = RECIPE["features"]
+    epochs = cfg["epochs"][n] if n in cfg["epochs"] else cfg["epochs"][max(cfg["epochs"])]
+    if method == "frozen+new-head":
+        cut = fc.leaf_names(net)[fc.leaf_names(net).index(block_ends(net)[-1]) + 1]  # block-5 dropout
+        head = fc.suffix_net(net, cut)
+        p0 = {k: v for k, v in _fresh_head(net, pre_params, lr.fold_in(key, 0)).items()
+              if k.startswith("classifier.")}
+        xtr, xte = feats_tr["block5"], feats_te["block5"]
+    else:
+        if method.startswith("probe-block"):
+            k = int(method[-1])
+            xtr, xte = fc.standardize(feats_tr[f"pooled{k}"], feats_te[f"pooled{k}"])
+            head = as_net(serial(Linear(xtr.shape[1], 5)), name=f"probe[block {k}]")
+        else:
+            k = int(method[-1])
+            xtr, xte = fc.standardize(feats_tr[f"block{k}"], feats_te[f"block{k}"])
+            head = as_net(serial(Flatten(), Linear(xtr.shape[1], cfg["hidden"]), ReLU(),
+                                 Linear(cfg["hidden"], 5)), name=f"report head[block {k}]")
+        p0, _ = head.init(lr.fold_in(key, 0))
+    steps = epochs * math.ceil(len(y_tr) / cfg["batch_size"])
+    params, _, _, hist = fc.train_epochs(head, p0, {}, _sgd(cfg, steps), xtr, y_tr, epochs=epochs,
+                                         batch_size=cfg["batch_size"], key=lr.fold_in(key, 1))
+    s = fc.scores(fc.predict(head, params, {}, xte), y_te, 5)
+    return s, hist[-1]["accuracy"]
+
+
+def _train_whole(method, n, b_train, y_tr, b_test, net, pre_params, pre_state, key, log):
+    cfg = RECIPE["finetune" if method == "fine-tune" else "scratch"]
+    epochs = cfg["epochs"][n] if n in cfg["epochs"] else cfg["epochs"][max(cfg["epochs"])]
+    if method == "fine-tune":
+        params, state = _fresh_head(net, pre_params, lr.fold_in(key, 0)), pre_state
+    else:
+        params, state = net.init(lr.fold_in(key, 0))
+    steps = epochs * math.ceil(len(y_tr) / cfg["batch_size"])
+    params, state, _, hist = fc.train_epochs(
+        net, params, state, _sgd(cfg, steps), b_train, y_tr, epochs=epochs,
+        batch_size=cfg["batch_size"], key=lr.fold_in(key, 1),
+        augment=lambda k, x: augment_batch(k, x, crop=4, flip=True), log=log)
+    s = fc.scores(fc.predict(net, params, state, b_test.images, prepare=normalize), b_test.labels, 5)
+    return s, hist[-1]["accuracy"]
+
+
+def pretrain(a_train: Dataset, a_test: Dataset, out: Path, epochs: int | None = None,
+             stream=None) -> tuple[dict, dict, Path]:
+    """Pretrain :func:`small_vgg16` on A (or continue / reuse the run): ``(params, state, run_dir)``."""
+    cfg = dict(RECIPE["pretrain"], model="cifar_transfer", name="pretrain-A")
+    if epochs is not None:
+        cfg["epochs"] = epochs
+    run_dir = out / f"pretrain-{fc.cache_key(**cfg)[:10]}"
+    net = small_vgg16(len(a_train.classes))
+    opt = build_optimizer(cfg, len(a_train.labels) // cfg["batch_size"])
+    resume = (run_dir / engine.CHECKPOINT).is_file()
+    result = engine.fit(cfg, net=net, opt=opt, loss_fn=build_loss(cfg), train=a_train, test=a_test,
+                        run_dir=run_dir, resume=resume, stream=stream,
+                        resume_command=f"python -m experiments.cifar_transfer --out {out}")
+    if result.status != "done":
+        raise KeyboardInterrupt
+    params = {k: v.contiguous() for k, v in result.params.items()}
+    return params, dict(result.state), run_dir
+
+
+def _load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save_results(path: Path, results: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def run_study(train: Dataset, test: Dataset, out: str | Path, *, shots: Sequence[int] = (32, 500),
+              draws: Sequence[int] = (3, 1), methods: Sequence[str] = METHODS,
+              pretrain_epochs: int | None = None, feature_cache: str | Path | None = None,
+              stream=None) -> dict:
+    """Run (or continue) the study on CIFAR-10 ``train`` / ``test``; returns ``results``:
+    ``{"n{n}-d{d}-{method}": {"accuracy", "mean_recall", "train_accuracy", "seconds"}}``,
+    also written to ``out/results.json``; ``out/table.md`` holds :func:`format_table`."""
+    stream = sys.stderr if stream is None else stream
+    log = lambda s: print(s, file=stream, flush=True)  # noqa: E731
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if len(draws) != len(shots):
+        raise ValueError(f"run_study: expected one draw count per shots entry ({len(shots)}), "
+                         f"got {len(draws)}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"run_study: expected methods among {METHODS}, got {unknown}")
+    a_train, a_test = split_by_class(train, CLASSES_A), split_by_class(test, CLASSES_A)
+    b_train, b_test = split_by_class(train, CLASSES_B), split_by_class(test, CLASSES_B)
+    t0 = time.perf_counter()
+    params, state, run_dir = pretrain(a_train, a_test, out, pretrain_epochs, stream)
+    log(f"pretrained net: {run_dir} ({time.perf_counter() - t0:.0f} s this run)")
+    net = small_vgg16(5)
+    weights = fc.tree_digest({**params, **state})
+    fdir = Path(feature_cache) if feature_cache is not None else cache_dir() / "features"
+    results_path = out / "results.json"
+    results = _load_results(results_path)
+    if results.get("_pretrained") not in (None, weights):
+        log(f"{results_path} holds results of other pretrained weights; starting a new table")
+        results = {}
+    results["_pretrained"] = weights
+    results["_pretrain_run"] = str(run_dir)
+
+    def feats(x: Dataset, what: str):
+        key = fc.cache_key(weights=weights, data=fc.tree_digest({"images": x.images}),
+                           net="small_vgg16", widths=list(WIDTHS), what="cifar_transfer blocks v1")
+        return fc.cached(fdir, f"cifar_transfer-{what}", key,
+                         lambda: _features(net, params, state, x.images, batch_size=250,
+                                           progress=f"features of {what}"), log=stream)
+
+    test_feats = None
+    for n, nd in zip(shots, draws):
+        for d in range(nd):
+            pool = draw_per_class(b_train.labels, max(shots), d, 5)
+            sub = b_train.subset(pool[torch.isin(pool, draw_per_class(b_train.labels, n, d, 5))])
+            train_feats = None
+            for method in methods:
+                cell = f"n{n}-d{d}-{method}"
+                if cell in results:
+                    continue
+                t1 = time.perf_counter()
+                key = lr.fold_in(lr.fold_in(lr.key(d), n), METHODS.index(method))
+                if method in ("fine-tune", "scratch"):
+                    s, train_acc = _train_whole(method, n, sub.images, sub.labels, b_test, net,
+                                                params, state, key, None)
+                else:
+                    if test_feats is None:
+                        test_feats = feats(b_test, "B-test")
+                    if train_feats is None:
+                        full = feats(b_train.subset(pool), f"B-train-{max(shots)}-d{d}")
+                        keep = torch.isin(pool, draw_per_class(b_train.labels, n, d, 5))
+                        train_feats = {k: v[keep] for k, v in full.items()}
+                    s, train_acc = _train_on_features(method, n, train_feats, sub.labels, test_feats,
+                                                      b_test.labels, net, params, key, None)
+                results[cell] = {"accuracy": s.accuracy, "mean_recall": s.mean_recall,
+                                 "train_accuracy": train_acc, "seconds": time.perf_counter() - t1}
+                _save_results(results_path, results)
+                log(f"{cell}: test {100 * s.accuracy:.2f}% (mean recall {100 * s.mean_recall:.2f}%),"
+                    f" train {100 * train_acc:.2f}%, {time.perf_counter() - t1:.1f} s")
+    table = format_table(results, shots, methods)
+    (out / "table.md").write_text(table + "\n")
+    log(table)
+    return results
+
+
+def format_table(results: dict, shots: Sequence[int], methods: Sequence[str] = METHODS) -> str:
+    """Markdown table: one row per method, per ``n`` the test accuracy on B's test images
+    (mean +- sample std over draws when several) and the training accuracy of the last epoch.
+
+    B's test set is balanced (1000 per class), so the mean per-class recall equals the accuracy;
+    ``results.json`` holds both."""
+    head = "| method | " + " | ".join(f"{n}/class: test acc % | {n}/class: train acc %" for n in shots) + " |"
+    rows = [head, "|---|" + "---:|---:|" * len(shots)]
+
+    def fmt(vals):
+        if not vals:
+            return "-"
+        m = 100 * statistics.fmean(vals)
+        return f"{m:.2f}" if len(vals) == 1 else f"{m:.2f} ± {100 * statistics.stdev(vals):.2f}"
+
+    for method in methods:
+        cells = []
+        for n in shots:
+            got = [v for k, v in results.items()
+                   if k.startswith(f"n{n}-d") and k.endswith(f"-{method}")]
+            cells += [fmt([g["accuracy"] for g in got]), fmt([g["train_accuracy"] for g in got])]
+        rows.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.cifar_transfer",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Methods: " + ", ".join(METHODS) + ". See docs/transfer.md.")
+    p.add_argument("--out", default="runs/cifar_transfer",
+                   help="study folder: pretraining run, results.json, table.md (default: %(default)s)")
+    p.add_argument("--data-dir", help="CIFAR-10 folder (default: $CIFAR10_DIR, else ./data)")
+    p.add_argument("--shots", type=int, nargs="+", default=[32, 500],
+                   help="training images per class of B (default: 32 500)")
+    p.add_argument("--draws", type=int, nargs="+", default=None,
+                   help="random draws of the training images per --shots entry (default: 3 for "
+                        "n <= 100, else 1)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="which rows to run (default: all)")
+    p.add_argument("--pretrain-epochs", type=int, help=f"epochs on A (default: "
+                   f"{RECIPE['pretrain']['epochs']})")
+    p.add_argument("--limit-per-class", type=int,
+                   help="use only the first N images of each class of CIFAR-10 (smoke runs)")
+    p.add_argument("--feature-cache", help="folder of the frozen-feature cache (default: "
+                   "<purenn cache>/features)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    draws = args.draws or [3 if n <= 100 else 1 for n in args.shots]
+    try:
+        root = find_data_dir(args.data_dir)
+        train = load_cifar10(root, "train", limit_per_class=args.limit_per_class)
+        test = load_cifar10(root, "test", limit_per_class=args.limit_per_class)
+    except (DataNotFoundError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        run_study(train, test, args.out, shots=args.shots, draws=draws, methods=args.methods,
+                  pretrain_epochs=args.pretrain_epochs, feature_cache=args.feature_cache)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; rerun the same command to continue ({args.out})", file=sys.stderr)
+        return 130
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"study done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

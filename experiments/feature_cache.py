@@ -1,0 +1,320 @@
+"""Frozen features computed once: split a net at a layer, cache the frozen part's output on disk,
+train the rest on the cache.
+
+A :class:`~nets.compose.Net` built with ``nets.compose.serial`` is a chain of leaf layers
+``l_1, ..., l_L`` (:func:`nets.compose.leaves`), and ``net.apply`` is their composition. Cutting
+after leaf ``l_t`` (``through``) gives
+
+    prefix(x)   = l_t o ... o l_1 (x)            frozen, always run in eval mode
+    suffix(h)   = l_L o ... o l_{t+1} (h)        trained, in train mode with the net's own keys
+    net(x)      = suffix(prefix(x))
+
+so training the suffix on ``h = prefix(x)`` computed once and stored is the same computation as
+training through the frozen net, as long as the prefix holds no layer whose training-mode output
+differs from its eval-mode output. Two rules make that hold and are documented choices:
+
+* **The prefix runs in eval mode.** Dropout in the prefix is off and batch norm uses its running
+  statistics (which stay frozen). For VGG16's convolutions (no dropout, no batch norm) train and
+  eval coincide; for VGG16's classifier, cutting after ``classifier.4`` caches the penultimate
+  4096-d activations with dropout ``classifier.2`` *off* (see docs/transfer.md).
+* **The suffix gets the keys the whole net would give it.** ``serial`` splits one key per child,
+  recursively; :func:`leaf_keys` replays that split, so dropout in the suffix (e.g. VGG16's
+  ``classifier.5`` before the last layer) draws exactly the mask that
+  ``net.apply(params, state, x, train=True, key=k)`` draws. Cut after ``classifier.1`` and
+  the cached path reproduces training the head through the whole net in train mode, both
+  dropouts included.
+
+The cache is a safetensors file named by a sha256 of what determines it: the frozen parameters
+and state (their bytes), the cut, and a description of the data (file names, sizes,
+modification times, preprocessing). Change any of them and the name changes; a damaged file is
+recomputed, never trusted.
+
+:func:`train_epochs` is the loop the heads (and, in :mod:`experiments.cifar_transfer`, whole
+nets) train with: shuffled minibatches from one key, :func:`experiments.engine.make_step` per
+batch, the last partial batch kept (few-shot sets are too small to drop data).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import layers
+import nets
+from layers import random as lr
+from nets.compose import Net
+
+from . import engine
+
+__all__ = [
+    "leaf_names", "leaf_keys", "run_leaves", "prefix_apply", "suffix_net", "extract",
+    "tree_digest", "cache_key", "cached", "train_epochs", "predict", "Scores", "scores",
+    "batches_of", "standardize",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Cutting a net
+
+
+def leaf_names(net: Net) -> list[str]:
+    """Full names of ``net``'s leaf layers in the order ``apply`` runs them (``"features.0"``, ...)."""
+    return [name for name, _ in nets.leaves(net.layer)]
+
+
+def leaf_keys(layer, key: torch.Tensor | None, prefix: str = "") -> dict[str, torch.Tensor | None]:
+    """The key each leaf of ``layer`` receives from ``layer.apply(..., key=key)``.
+
+    ``serial`` hands child ``i`` of ``n`` the key ``split(key, n)[i]``; this walks the tree the
+    same way. ``key=None`` (eval) gives ``None`` everywhere.
+    """
+    if not layer.children:
+        return {prefix: key}
+    keys = lr.split(key, len(layer.children)) if key is not None else None
+    out = {}
+    for i, (name, child) in enumerate(layer.children):
+        out.update(leaf_keys(child, None if keys is None else keys[i],
+                             f"{prefix}.{name}" if prefix else name))
+    return out
+
+
+def _check_cut(net: Net, through: str, where: str) -> int:
+    names = leaf_names(net)
+    if through not in names:
+        raise ValueError(f"{where}: expected `through` to name a leaf layer of {net.name} "
+                         f"(one of {names}), got {through!r}")
+    return names.index(through)
+
+
+def run_leaves(net: Net, params: Mapping, state: Mapping, x: torch.Tensor, *, start: int, stop: int,
+               train: bool, key: torch.Tensor | None = None):
+    """Leaves ``start .. stop - 1`` of ``net`` on ``x``: ``(y, new_state)``.
+
+    ``key`` is the key of the *whole* net (the one ``net.apply`` would get); each leaf gets its
+    share of it (:func:`leaf_keys`). ``new_state`` holds only the state of the leaves run.
+    ``run_leaves(.., 0, L)`` equals ``net.apply``.
+    """
+    items = nets.leaves(net.layer)[start:stop]
+    keys = leaf_keys(net.layer, key if train else None)
+    new_state = {}
+    for name, leaf in items:
+        p = {k: params[f"{name}.{k}"] for k in leaf.param_shapes}
+        s = {k: state[f"{name}.{k}"] for k in leaf.state_shapes}
+        x, s = leaf.apply(p, s, x, train=train, key=keys[name])
+        new_state.update({f"{name}.{k}": v for k, v in s.items()})
+    return x, new_state
+
+
+def prefix_apply(net: Net, through: str) -> Callable:
+    """``f(params, state, x) -> h``: leaves up to and including ``through``, eval mode, no grad."""
+    stop = _check_cut(net, through, "prefix_apply") + 1
+
+    def f(params, state, x):
+        with torch.no_grad():
+            return run_leaves(net, params, state, x, start=0, stop=stop, train=False)[0]
+    return f
+
+
+def suffix_net(net: Net, through: str, frozen_params: Mapping | None = None) -> Net:
+    """The leaves after ``through`` as a :class:`Net` over the *trainable* parameters.
+
+    ``apply(params, state, h, *, train, key=None)`` runs the suffix on ``h`` with the parameters
+    ``{**frozen_params, **params}`` (so a suffix may mix frozen and trained layers, e.g. VGG16's
+    ``classifier.3`` frozen and ``classifier.6`` trained); ``key`` is the whole net's key.
+    ``state`` holds the suffix's state (batch norm), the prefix's is not needed. ``init`` is
+    the whole net's ``init`` restricted to the suffix's trainable names.
+    """
+    start = _check_cut(net, through, "suffix_net") + 1
+    frozen = dict(frozen_params or {})
+    suffix_leaves = nets.leaves(net.layer)[start:]
+    p_names = {f"{n}.{k}" for n, leaf in suffix_leaves for k in leaf.param_shapes}
+    s_names = {f"{n}.{k}" for n, leaf in suffix_leaves for k in leaf.state_shapes}
+    stochastic = [n for n, leaf in suffix_leaves if leaf.stochastic]
+    where = f"{net.name}[after {through}].apply"
+
+    def init(key, **kwargs):
+        p, s = net.init(key, **kwargs)
+        return ({k: v for k, v in p.items() if k in p_names and k not in frozen},
+                {k: v for k, v in s.items() if k in s_names})
+
+    def apply(params, state, h, *, train, key=None):
+        full = {**frozen, **params}
+        missing = sorted(p_names - full.keys())
+        if missing:
+            raise ValueError(f"{where}: expected parameters for the layers after {through}, "
+                             f"missing {missing}")
+        if train and key is None and stochastic:
+            raise ValueError(f"{where}: expected a random key for the dropout layers {stochastic} "
+                             "when train=True, got key=None")
+        return run_leaves(net, full, state, h, start=start, stop=len(nets.leaves(net.layer)),
+                          train=train, key=key)
+
+    return Net(init, apply, net.layer, f"{net.name}[after {through}]")
+
+
+def extract(fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[torch.Tensor], *,
+            dtype: torch.dtype = torch.float32, progress: str | None = None) -> torch.Tensor:
+    """``cat([fn(x) for x in batches])`` on the CPU in ``dtype``, under ``no_grad``."""
+    out, done = [], 0
+    with torch.no_grad():
+        for x in batches:
+            out.append(fn(x).to("cpu", dtype))
+            done += len(x)
+            if progress:
+                print(f"\r{progress}: {done} images", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    if not out:
+        raise ValueError("extract: expected at least one batch, got none")
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------
+# The cache
+
+
+def tree_digest(tree: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a flat ``{name: tensor}`` dict: every name, dtype, shape and the raw bytes."""
+    h = hashlib.sha256()
+    for name in sorted(tree):
+        t = tree[name].detach().contiguous().cpu()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cache_key(**parts) -> str:
+    """sha256 of ``parts`` (JSON-able values: digests, names, numbers), order-independent."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cached(directory: str | os.PathLike, name: str, key: str,
+           compute: Callable[[], Mapping[str, torch.Tensor]], *, log=sys.stderr) -> dict:
+    """``{name: tensor}`` from ``directory/<name>-<key[:24]>.safetensors``, else ``compute()``
+    saved there atomically (temporary file + ``os.replace``) and returned.
+
+    A file whose stored key differs, or that cannot be read, is recomputed and replaced.
+    """
+    path = Path(directory) / f"{name}-{key[:24]}.safetensors"
+    if path.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                stored = (f.metadata() or {}).get("key")
+            if stored == key:
+                print(f"feature cache: read {path}", file=log)
+                return load_file(str(path))
+            print(f"feature cache: {path} holds key {stored}, expected {key}; recomputing", file=log)
+        except Exception as err:  # noqa: BLE001 - a damaged cache is recomputed, never trusted
+            print(f"feature cache: ignoring unreadable {path}: {err}", file=log)
+    tensors = {k: v.contiguous() for k, v in compute().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"key": key})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    print(f"feature cache: wrote {path}", file=log)
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------
+# Training and scoring on tensors
+
+
+def train_epochs(net: Net, params, state, opt, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
+                 batch_size: int, key: torch.Tensor,
+                 loss_fn: Callable = layers.cross_entropy,
+                 augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 log: Callable[[str], None] | None = None):
+    """Minibatch training of ``net`` on ``(x, y)``: ``(params, state, opt_state, history)``.
+
+    Epoch ``e`` visits ``x`` in the order ``permutation(fold_in(fold_in(key, e), 0), N)`` in
+    batches of ``batch_size`` (the last one may be smaller); step ``s`` gets
+    ``k = fold_in(fold_in(fold_in(key, e), 1), s)``, hands ``augment(fold_in(k, 0), x_batch)`` (when
+    given) to the net and ``fold_in(k, 1)`` to its dropout, like :func:`experiments.engine.fit`.
+    ``history`` holds per epoch the mean training loss and accuracy.
+    """
+    where = "train_epochs"
+    n = len(y)
+    if n == 0 or len(x) != n:
+        raise ValueError(f"{where}: expected as many inputs as labels (at least one), got "
+                         f"{len(x)} inputs and {n} labels")
+    if not isinstance(epochs, int) or epochs < 0 or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"{where}: expected epochs >= 0 and batch_size >= 1 (ints), got "
+                         f"epochs={epochs!r}, batch_size={batch_size!r}")
+    step = engine.make_step(net, opt, loss_fn)
+    opt_state = opt.init(params)
+    history = []
+    for e in range(epochs):
+        ek = lr.fold_in(key, e)
+        order = lr.permutation(lr.fold_in(ek, 0), n).to(x.device)
+        step_root = lr.fold_in(ek, 1)
+        loss_sum, correct = 0.0, 0
+        for s, i in enumerate(range(0, n, batch_size)):
+            idx = order[i:i + batch_size]
+            sk = lr.fold_in(step_root, s)
+            xb = x[idx] if augment is None else augment(lr.fold_in(sk, 0), x[idx])
+            params, state, opt_state, m = step(params, state, opt_state, (xb, y[idx]),
+                                               lr.fold_in(sk, 1))
+            loss_sum += m["loss"].item() * len(idx)
+            correct += int(m["correct"])
+        history.append({"epoch": e + 1, "loss": loss_sum / n, "accuracy": correct / n})
+        if log is not None:
+            log(f"epoch {e + 1}/{epochs}: loss {loss_sum / n:.4f} acc {100 * correct / n:.2f}%")
+    return params, state, opt_state, history
+
+
+def predict(net: Net, params, state, x: torch.Tensor, *, batch_size: int = 500,
+            prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Eval-mode logits of ``net`` on ``x`` in batches (``prepare`` maps a raw batch to the
+    net's input, e.g. :func:`experiments.augment.normalize`)."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size]
+            out.append(net.apply(params, state, xb if prepare is None else prepare(xb),
+                                 train=False)[0].float())
+    return torch.cat(out)
+
+
+class Scores(NamedTuple):
+    """Accuracy (fraction of test images right) and mean per-class recall (the mean over classes
+    of the fraction of that class's images right: equal to accuracy on a balanced test set)."""
+
+    accuracy: float
+    mean_recall: float
+
+
+def scores(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Scores:
+    """:class:`Scores` of ``logits (N, K)`` against ``labels (N,)``; absent classes are skipped."""
+    pred = logits.argmax(-1).cpu()
+    labels = labels.cpu()
+    right = (pred == labels).double()
+    per_class = [right[labels == c].mean().item() for c in range(num_classes) if (labels == c).any()]
+    return Scores(right.mean().item(), sum(per_class) / len(per_class))
+
+
+def batches_of(x: torch.Tensor, batch_size: int,
+               prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterable[torch.Tensor]:
+    """``x`` in consecutive batches, each mapped by ``prepare`` when given."""
+    for i in range(0, len(x), batch_size):
+        yield x[i:i + batch_size] if prepare is None else prepare(x[i:i + batch_size])
+
+
+def standardize(train: torch.Tensor, *others: torch.Tensor) -> Sequence[torch.Tensor]:
+    """``(f - mean) / std`` per feature, both statistics from ``train`` (std floored at 1e-6)."""
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+    return [(t - mean) / std for t in (train, *others)]
