@@ -166,8 +166,8 @@ def test_bf16_autocast_matches_eager_fp32_within_bf16_tolerance():
 
 def test_compiled_step_matches_eager_fp32():
     torch._dynamo.reset()
-    p0, l0 = _run_steps(3)
-    p1, l1 = _run_steps(3, compile=True)
+    p0, l0 = _run_steps(2)
+    p1, l1 = _run_steps(2, compile=True)
     # inductor fuses and reorders float32 reductions: ~1e-6 relative per op
     torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-5)
     for k in p0:
