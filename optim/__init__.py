@@ -8,10 +8,12 @@ torch.optim's algorithms with the same foreach operations (see docs/optim.md).
     params = optim.apply_updates(params, updates)
     # or, fused (one pass over memory less):
     params, state = optim.step(opt, grads, state, params)
+    # or, fused and writing into the storage of params and state, which are handed over
+    # (the old trees must not be used afterwards):
+    params, state = optim.step(opt, grads, state, params, donate=True)
 """
 from .adam import ScaleByAdamState, scale_by_adam
 from .alias import adam, adamw, sgd
-from .buffers import release_buffers
 from .base import (EmptyState, GradientTransformation, apply_updates, current_lr, current_step,
                    step)
 from .clipping import clip_by_global_norm, global_norm
@@ -30,7 +32,7 @@ __all__ = [
     "chain", "masked", "multi_transform", "freeze", "MaskedState", "MultiTransformState",
     "negate", "scale_by_learning_rate", "set_to_zero", "LearningRateState",
     "trace", "TraceState", "add_decayed_weights", "scale_by_adam", "ScaleByAdamState",
-    "clip_by_global_norm", "global_norm", "decay_mask_no_bias_or_norm", "release_buffers",
+    "clip_by_global_norm", "global_norm", "decay_mask_no_bias_or_norm",
     "constant_schedule", "step_decay_schedule", "multistep_schedule", "exponential_schedule",
     "cosine_annealing_schedule", "linear_schedule", "one_cycle_schedule", "join_schedules",
     "warmup_cosine_schedule",

@@ -14,6 +14,11 @@ The learning rate lives here (not in a separate scale stage) because torch folds
 ``step_size = lr / (1 - beta1^t)`` and into the decoupled decay factor; keeping it lets the fused
 step reproduce torch's floating-point operations one for one. ``update`` returns
 ``new_p - p`` computed as ``(-lr_t lambda) p + step_size * m / denom``.
+
+With the state donated, m, v and vmax are written into their old storage (``_foreach_lerp_``,
+``_foreach_mul_`` + ``_foreach_addcmul_``, ``_foreach_maximum_``) and, in the donated fused step,
+p too (``_foreach_mul_``, ``_foreach_addcdiv_``): torch.optim.Adam's foreach step op for op. The
+one temporary is ``denom`` (torch allocates it too).
 """
 from __future__ import annotations
 
@@ -22,7 +27,6 @@ from typing import NamedTuple
 import torch
 from torch.utils import _pytree as pytree
 
-from . import buffers
 from .base import GradientTransformation, Tree, count_tensor, flatten_like, tensor_leaves
 from .masks import resolve_labels
 from .schedules import as_schedule
@@ -54,9 +58,9 @@ def scale_by_adam(lr=1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
         return ScaleByAdamState(count_tensor(0), torch.tensor(float(schedule(0)), dtype=torch.float64),
                                 zeros(), zeros(), zeros() if amsgrad else ())
 
-    def moments(fn, updates, state, params):
-        """New state and the pieces of the parameter step; returns
-        (g, p, spec, rate, step_sizes, mu, denom, decay_leaves, new_state)."""
+    def moments(fn, updates, state, params, donate):
+        """New state (written into ``state``'s moments when ``donate``) and the pieces of the
+        parameter step; returns (g, p, spec, rate, step_sizes, mu, denom, decay_leaves, new_state)."""
         g, p, spec = flatten_like(fn, "updates", updates, "params", params)
         mu_old, _ = tensor_leaves(fn, "state.mu", state.mu)
         nu_old, _ = tensor_leaves(fn, "state.nu", state.nu)
@@ -72,8 +76,13 @@ def scale_by_adam(lr=1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
         if not g:
             return g, p, spec, rate, [], [], [], decay, state._replace(
                 count=count_tensor(t), lr=torch.tensor(float(schedule(t)), dtype=torch.float64))
-        mu = buffers.lerp(mu_old, g, 1 - b1)
-        nu = buffers.mul(nu_old, b2)
+        if donate:
+            mu, nu = mu_old, nu_old
+            torch._foreach_lerp_(mu, g, 1 - b1)
+            torch._foreach_mul_(nu, b2)
+        else:
+            mu = torch._foreach_lerp(mu_old, g, 1 - b1)
+            nu = torch._foreach_mul(nu_old, b2)
         torch._foreach_addcmul_(nu, g, g, 1 - b2)
         bias_correction1 = [1 - b1 ** t for _ in g]
         bias_correction2 = [1 - b2 ** t for _ in g]
@@ -81,11 +90,15 @@ def scale_by_adam(lr=1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
         bias_correction2_sqrt = [bc ** 0.5 for bc in bias_correction2]
         if amsgrad:
             nu_max_old, _ = tensor_leaves(fn, "state.nu_max", state.nu_max)
-            nu_max = buffers.maximum(nu_max_old, nu)
-            denom = buffers.sqrt(nu_max)
+            if donate:
+                nu_max = nu_max_old
+                torch._foreach_maximum_(nu_max, nu)
+            else:
+                nu_max = torch._foreach_maximum(nu_max_old, nu)
+            denom = torch._foreach_sqrt(nu_max)
             nu_max_tree = pytree.tree_unflatten(nu_max, spec)
         else:
-            denom = buffers.sqrt(nu)
+            denom = torch._foreach_sqrt(nu)
             nu_max_tree = ()
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, eps)
@@ -94,41 +107,52 @@ def scale_by_adam(lr=1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
                                      nu_max_tree)
         return g, p, spec, rate, step_sizes, mu, denom, decay, new_state
 
-    def update(updates, state, params=None):
+    def updates_from(fn, updates, state, params, donate):
         if params is None:
-            raise ValueError("scale_by_adam.update: expected params, got None")
+            raise ValueError(f"{fn}: expected params, got None")
         g, p, spec, rate, step_sizes, mu, denom, decay, new_state = moments(
-            "scale_by_adam.update", updates, state, params)
+            fn, updates, state, params, donate)
         if not g:
             return updates, new_state
         # (step_size * m) / denom is the term addcdiv adds, so p + u equals torch's addcdiv.
-        out = buffers.mul(mu, step_sizes)
+        out = torch._foreach_mul(mu, step_sizes)
         torch._foreach_div_(out, denom)
         idx = [i for i, d in enumerate(decay) if d]
         if idx:
-            decayed = buffers.mul([p[i] for i in idx], -rate * weight_decay)
+            decayed = torch._foreach_mul([p[i] for i in idx], -rate * weight_decay)
             torch._foreach_add_([out[i] for i in idx], decayed)
         return pytree.tree_unflatten(out, spec), new_state
 
-    def fused_step(updates, state, params):
+    def update(updates, state, params=None):
+        return updates_from("scale_by_adam.update", updates, state, params, False)
+
+    def donated_update(updates, state, params, updates_owned):
+        return *updates_from("scale_by_adam.update", updates, state, params, True), True
+
+    def fused_step(updates, state, params, donate=False):
         g, p, spec, rate, step_sizes, mu, denom, decay, new_state = moments(
-            "scale_by_adam.step", updates, state, params)
+            "scale_by_adam.step", updates, state, params, donate)
         if not g:
             return params, new_state
-        new_p = [None] * len(p)
         decayed = [i for i, d in enumerate(decay) if d]
-        kept = [i for i, d in enumerate(decay) if not d]
         pick = lambda xs, idx: [xs[i] for i in idx]
+        if donate:
+            # torch: p *= 1 - lr * lambda (decayed leaves), then p += step_size * m / denom.
+            if decayed:
+                torch._foreach_mul_(pick(p, decayed), 1 - rate * weight_decay)
+            torch._foreach_addcdiv_(p, mu, denom, step_sizes)
+            return params, new_state
+        new_p = list(p)
         if decayed:
-            # torch: p *= 1 - lr * lambda, then p += step_size * m / denom, both in place; here
-            # in place on the fresh decayed copy.
-            fresh = buffers.mul(pick(p, decayed), 1 - rate * weight_decay)
-            torch._foreach_addcdiv_(fresh, pick(mu, decayed), pick(denom, decayed), pick(step_sizes, decayed))
-            for i, x in zip(decayed, fresh):
+            # The same two operations, the first out of place (a fresh decayed copy).
+            for i, x in zip(decayed, torch._foreach_mul(pick(p, decayed), 1 - rate * weight_decay)):
                 new_p[i] = x
+            torch._foreach_addcdiv_(pick(new_p, decayed), pick(mu, decayed), pick(denom, decayed),
+                                    pick(step_sizes, decayed))
+        kept = [i for i, d in enumerate(decay) if not d]
         if kept:
-            for i, x in zip(kept, buffers.addcdiv(pick(p, kept), pick(mu, kept), pick(denom, kept),
-                                                  pick(step_sizes, kept))):
+            for i, x in zip(kept, torch._foreach_addcdiv(pick(p, kept), pick(mu, kept),
+                                                         pick(denom, kept), pick(step_sizes, kept))):
                 new_p[i] = x
         return pytree.tree_unflatten(new_p, spec), new_state
-    return GradientTransformation(init, update, fused_step)
+    return GradientTransformation(init, update, fused_step, donated_update)

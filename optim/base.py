@@ -14,8 +14,13 @@ other (e.g. SGD's updates and its momentum buffer), so treat every tree as immut
 ``step(opt, grads, state, params) -> (params, state)`` is the same computation as
 ``update`` followed by ``apply_updates`` but lets the last transformation write the new
 parameters in the very foreach call that applies the learning rate (``fused_step``), the way
-``torch.optim``'s foreach path updates parameters in place: one pass over memory less, and the
-same floating-point operations as torch.
+``torch.optim``'s foreach path updates parameters: one pass over memory less, and the same
+floating-point operations as torch.
+
+``step(..., donate=True)`` is the one exception to "nothing is mutated", and it is explicit, as
+``jax.jit(..., donate_argnums=...)``: the caller hands ``params`` and ``state`` over, and the new
+values are written into their storage with torch.optim's in-place foreach operations. Results are
+bit-identical to ``donate=False``; the donated trees must not be used afterwards.
 """
 from __future__ import annotations
 
@@ -24,12 +29,11 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch.utils import _pytree as pytree
 
-from . import buffers
-
 Tree = Any
 InitFn = Callable[[Tree], Tree]
 UpdateFn = Callable[..., "tuple[Tree, Tree]"]
-FusedStepFn = Callable[[Tree, Tree, Tree], "tuple[Tree, Tree]"]
+FusedStepFn = Callable[..., "tuple[Tree, Tree]"]
+DonatedUpdateFn = Callable[..., "tuple[Tree, Tree, bool]"]
 
 
 class GradientTransformation(NamedTuple):
@@ -37,13 +41,26 @@ class GradientTransformation(NamedTuple):
 
     init(params) -> state
     update(updates, state, params=None) -> (new_updates, new_state)
-    fused_step(updates, state, params) -> (new_params, new_state), or None when the stage has no
-        fused form; ``optim.step`` then runs ``update`` and ``apply_updates``.
+    fused_step(updates, state, params, donate) -> (new_params, new_state), or None when the stage
+        has no fused form; ``optim.step`` then runs ``update`` and ``apply_updates``. With
+        ``donate`` True it may write the results into the storage of ``params`` and ``state``
+        (and returns those tensors); with False it mutates nothing.
+    donated_update(updates, state, params, updates_owned) -> (new_updates, new_state,
+        new_updates_owned), or None: ``update`` with ``state`` donated (the new state may be
+        written into its storage). ``updates_owned`` says the incoming updates are temporaries
+        of this step that nothing else references, so they may be overwritten too; the stage
+        returns whether its own ``new_updates`` are such temporaries (False when they are, or
+        share storage with, the caller's gradients or the state). ``step(..., donate=True)``
+        uses it for every stage of a chain but the last; a stage without it runs ``update``.
+
+    Only ``init`` and ``update`` are needed; the other two are optional speed-ups that must give
+    bit-identical results.
     """
 
     init: InitFn
     update: UpdateFn
     fused_step: FusedStepFn | None = None
+    donated_update: DonatedUpdateFn | None = None
 
 
 class EmptyState(NamedTuple):
@@ -125,28 +142,122 @@ def count_tensor(n: int = 0) -> torch.Tensor:
 
 
 def apply_updates(params: Tree, updates: Tree) -> Tree:
-    """New parameters ``params + updates``, leaf by leaf (``torch._foreach_add``; on CPU into
-    recycled storage, see :mod:`optim.buffers`).
+    """New parameters ``params + updates``, leaf by leaf (one ``torch._foreach_add``); pure.
 
     params, updates: trees of the same structure, shapes and dtypes. Returns a new tree.
     """
     u, p, spec = flatten_like("apply_updates", "updates", updates, "params", params)
-    return pytree.tree_unflatten(buffers.add(p, u), spec)
+    return pytree.tree_unflatten(torch._foreach_add(p, u) if p else [], spec)
 
 
-def step(opt: GradientTransformation, grads: Tree, state: Tree, params: Tree):
+def apply_updates_donated(params: Tree, updates: Tree) -> Tree:
+    """``params += updates`` in place (``torch._foreach_add_``), for a donated ``params``;
+    returns ``params``. Same bits as :func:`apply_updates`."""
+    u, p, _ = flatten_like("apply_updates", "updates", updates, "params", params)
+    if p:
+        torch._foreach_add_(p, u)
+    return params
+
+
+def update_donated(t: GradientTransformation, updates: Tree, state: Tree, params: Tree,
+                   updates_owned: bool):
+    """``t.donated_update`` where the stage has one, else its pure ``update`` (whose outputs are
+    then not known to be temporaries). Returns ``(new_updates, new_state, new_updates_owned)``."""
+    if t.donated_update is not None:
+        return t.donated_update(updates, state, params, updates_owned)
+    updates, state = t.update(updates, state, params)
+    return updates, state, False
+
+
+def fused_or_applied(t: GradientTransformation, updates: Tree, state: Tree, params: Tree,
+                     donate: bool, updates_owned: bool = False):
+    """``(new_params, new_state)`` from the last stage ``t``: its fused step where it has one,
+    else its update followed by ``apply_updates`` (in place when ``donate``)."""
+    if t.fused_step is not None:
+        return t.fused_step(updates, state, params, donate)
+    if donate:
+        updates, state, _ = update_donated(t, updates, state, params, updates_owned)
+        return apply_updates_donated(params, updates), state
+    updates, state = t.update(updates, state, params)
+    return apply_updates(params, updates), state
+
+
+def _memory_span(x: torch.Tensor) -> tuple[int, int]:
+    """``[first byte, last byte + 1)`` of the memory ``x`` can address (views included)."""
+    reach = sum((n - 1) * s for n, s in zip(x.shape, x.stride()))
+    return x.data_ptr(), x.data_ptr() + (reach + 1) * x.element_size()
+
+
+def check_donation(grads: Tree, state: Tree, params: Tree) -> None:
+    """Refuse what ``step(..., donate=True)`` cannot write into safely (ValueError):
+
+    * a tensor that requires grad or is wrapped by a torch.func transform (in any of the three
+      trees): differentiating through the step needs the old values, so the step must be pure;
+    * two donated tensors (params / state leaves) whose memory overlaps (each would be written
+      twice), or a donated tensor overlapping a gradient (grads are never written).
+    """
+    spans = []   # (device, start, end, donated, where)
+    for name, tree in (("grads", grads), ("state", state), ("params", params)):
+        with_path, _ = pytree.tree_flatten_with_path(tree)
+        for path, x in with_path:
+            if not isinstance(x, torch.Tensor):
+                continue
+            where = f"{name} at '{path_str(path)}'"
+            if torch._C._functorch.is_functorch_wrapped_tensor(x):
+                raise ValueError(
+                    "step: donate=True expected plain tensors, got a torch.func-wrapped tensor in "
+                    f"{where}: inside torch.func transforms the step must be pure (donate=False)")
+            if x.requires_grad:
+                raise ValueError(
+                    "step: donate=True expected tensors that do not require grad, got one in "
+                    f"{where}: differentiating through the step needs the old values "
+                    "(use donate=False)")
+            if x.numel() == 0 or x.device.type == "meta":
+                continue
+            spans.append((str(x.device), *_memory_span(x), name != "grads", where))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    # Sweep in address order; keep the donated and the gradient span reaching furthest so far.
+    reach = {True: None, False: None}
+    device = None
+    for dev, start, end, donated, where in spans:
+        if dev != device:
+            device, reach = dev, {True: None, False: None}
+        others = [reach[True]] + ([reach[False]] if donated else [])
+        for other in others:
+            if other is not None and other[0] > start:
+                raise ValueError(
+                    "step: donate=True expected donated tensors that share no memory with each "
+                    f"other or with grads, got {where} overlapping {other[1]}")
+        if reach[donated] is None or end > reach[donated][0]:
+            reach[donated] = (end, where)
+
+
+def step(opt: GradientTransformation, grads: Tree, state: Tree, params: Tree, *,
+         donate: bool = False):
     """One optimizer step: ``(new_params, new_state)``.
 
     Equal to ``update`` then ``apply_updates``; when ``opt.fused_step`` exists it is used so that
     the new parameters come out of the same foreach call that applies the learning rate.
+
+    donate: False (default) mutates nothing. True donates ``params`` and ``state`` (not grads),
+    as ``jax.jit(..., donate_argnums=...)`` does: the step writes the new values into their
+    storage with torch.optim's in-place foreach operations (``_foreach_add_``, ``_foreach_mul_``,
+    ``_foreach_lerp_``, ``_foreach_addcmul_``, ``_foreach_addcdiv_``, ...) and returns those same
+    tensors (a few small leaves, e.g. step counters, are new). The results are bit-identical to
+    ``donate=False``. **Donated arguments must not be used afterwards; their contents are
+    unspecified** (also when the step raises): rebind the names to what ``step`` returns. grads
+    are only read. Donation refuses, with ValueError, tensors that require grad or are wrapped by
+    a torch.func transform (differentiate through the pure step instead) and donated tensors
+    that share memory with each other or with grads.
     """
     if not isinstance(opt, GradientTransformation):
         raise TypeError(f"step: expected a GradientTransformation, got {type(opt).__name__}")
+    if not isinstance(donate, bool):
+        raise TypeError(f"step: expected donate to be a bool, got {type(donate).__name__}")
     flatten_like("step", "grads", grads, "params", params)
-    if opt.fused_step is not None:
-        return opt.fused_step(grads, state, params)
-    updates, state = opt.update(grads, state, params)
-    return apply_updates(params, updates), state
+    if donate:
+        check_donation(grads, state, params)
+    return fused_or_applied(opt, grads, state, params, donate)
 
 
 def _find_field(tree: Tree, field: str):

@@ -47,19 +47,25 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     def init(params):
         return EmptyState()
 
-    def update(updates, state, params=None):
+    def clipped(updates, state, in_place):
         leaves, spec = tensor_leaves("clip_by_global_norm.update", "updates", updates)
         if not leaves:
             return updates, state
         clip_coef = max_norm / (global_norm(leaves) + 1e-6)
         clip_coef_clamped = torch.clamp(clip_coef, max=1.0)
-        out = [None] * len(leaves)
+        out = list(leaves) if in_place else [None] * len(leaves)
         for (device, _), idx in _groups(leaves):
             # torch multiplies in place by the float64 factor; the result's rounding depends on
             # the leaf (0-d float32 leaves are computed in float64), so copy and do exactly that.
-            group = [leaves[i].clone() for i in idx]
+            group = [leaves[i] if in_place else leaves[i].clone() for i in idx]
             torch._foreach_mul_(group, clip_coef_clamped.to(device))
             for i, y in zip(idx, group):
                 out[i] = y
         return pytree.tree_unflatten(out, spec), state
-    return GradientTransformation(init, update)
+
+    def update(updates, state, params=None):
+        return clipped(updates, state, False)
+
+    def donated_update(updates, state, params, updates_owned):
+        return *clipped(updates, state, updates_owned), True
+    return GradientTransformation(init, update, donated_update=donated_update)

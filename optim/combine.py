@@ -9,7 +9,8 @@
                                  the same: Adam would still move it through momentum and decay)
 
 Inner transformations of ``masked`` / ``multi_transform`` get flat dicts keyed by leaf path
-(see :mod:`optim.masks`).
+(see :mod:`optim.masks`). Those dicts hold the caller's very tensors, so a donated step's
+in-place writes land in the donated trees.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Mapping, NamedTuple
 
 from torch.utils import _pytree as pytree
 
-from .base import GradientTransformation, Tree, apply_updates, flatten_like
+from .base import GradientTransformation, Tree, flatten_like, fused_or_applied, update_donated
 from .masks import keyed_leaves, resolve_labels, select
 from .scale import set_to_zero
 
@@ -25,7 +26,8 @@ from .scale import set_to_zero
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Run transformations one after the other; state is the tuple of their states.
 
-    The fused step runs all but the last ``update`` and then the last one's ``fused_step``.
+    The fused step runs all but the last ``update`` and then the last one's ``fused_step``;
+    donated, it runs their ``donated_update`` instead, handing on which updates are temporaries.
     """
     for i, t in enumerate(transforms):
         if not isinstance(t, GradientTransformation):
@@ -50,22 +52,28 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_state.append(s)
         return updates, tuple(new_state)
 
-    def fused_step(updates, state, params):
+    def donated_update(updates, state, params, updates_owned):
+        check(state)
+        new_state = []
+        for t, s in zip(transforms, state):
+            updates, s, updates_owned = update_donated(t, updates, s, params, updates_owned)
+            new_state.append(s)
+        return updates, tuple(new_state), updates_owned
+
+    def fused_step(updates, state, params, donate=False):
         check(state)
         if not transforms:
             return params, state
-        new_state = []
+        new_state, owned = [], False   # the caller's grads come in: never written
         for t, s in zip(transforms[:-1], state[:-1]):
-            updates, s = t.update(updates, s, params)
+            if donate:
+                updates, s, owned = update_donated(t, updates, s, params, owned)
+            else:
+                updates, s = t.update(updates, s, params)
             new_state.append(s)
-        last = transforms[-1]
-        if last.fused_step is not None:
-            params, s = last.fused_step(updates, state[-1], params)
-        else:
-            updates, s = last.update(updates, state[-1], params)
-            params = apply_updates(params, updates)
+        params, s = fused_or_applied(transforms[-1], updates, state[-1], params, donate, owned)
         return params, tuple(new_state) + (s,)
-    return GradientTransformation(init, update, fused_step)
+    return GradientTransformation(init, update, fused_step, donated_update)
 
 
 class MultiTransformState(NamedTuple):
@@ -111,20 +119,28 @@ def multi_transform(transforms: Mapping[str, GradientTransformation], labels) ->
                 u_parts[name], state.inner_states[name], None if p_parts is None else p_parts[name])
         return merge(paths, spec, lab, new_parts), MultiTransformState(new_states)
 
-    def fused_step(updates, state, params):
+    def donated_update(updates, state, params, updates_owned):
+        ref = updates if params is None else params
+        paths, _, spec, lab, u_parts = split("multi_transform.update", updates, ref)
+        p_parts = split("multi_transform.update", params, params)[4] if params is not None else None
+        new_parts, new_states, owned = {}, {}, True
+        for name, t in transforms.items():
+            new_parts[name], new_states[name], part_owned = update_donated(
+                t, u_parts[name], state.inner_states[name],
+                None if p_parts is None else p_parts[name], updates_owned)
+            owned = owned and (part_owned or not u_parts[name])
+        return merge(paths, spec, lab, new_parts), MultiTransformState(new_states), owned
+
+    def fused_step(updates, state, params, donate=False):
         flatten_like("multi_transform.step", "updates", updates, "params", params)
         paths, _, spec, lab, u_parts = split("multi_transform.step", updates, params)
         p_parts = split("multi_transform.step", params, params)[4]
         new_parts, new_states = {}, {}
         for name, t in transforms.items():
-            if t.fused_step is not None:
-                new_parts[name], new_states[name] = t.fused_step(
-                    u_parts[name], state.inner_states[name], p_parts[name])
-            else:
-                u, new_states[name] = t.update(u_parts[name], state.inner_states[name], p_parts[name])
-                new_parts[name] = apply_updates(p_parts[name], u)
+            new_parts[name], new_states[name] = fused_or_applied(
+                t, u_parts[name], state.inner_states[name], p_parts[name], donate)
         return merge(paths, spec, lab, new_parts), MultiTransformState(new_states)
-    return GradientTransformation(init, update, fused_step)
+    return GradientTransformation(init, update, fused_step, donated_update)
 
 
 class MaskedState(NamedTuple):
@@ -146,14 +162,27 @@ def masked(inner: GradientTransformation, mask) -> GradientTransformation:
     def init(params):
         return MaskedState(inner.init(parts("masked.init", params, params)[4]))
 
-    def update(updates, state, params=None):
+    def run(updates, state, params, updates_owned, donate):
         ref = updates if params is None else params
         paths, leaves, spec, keep, u_sel = parts("masked.update", updates, ref)
         p_sel = None if params is None else parts("masked.update", params, params)[4]
-        new_sel, inner_state = inner.update(u_sel, state.inner_state, p_sel)
+        if donate:
+            new_sel, inner_state, inner_owned = update_donated(
+                inner, u_sel, state.inner_state, p_sel, updates_owned)
+        else:
+            new_sel, inner_state = inner.update(u_sel, state.inner_state, p_sel)
+            inner_owned = False
         out = [new_sel[p] if k else x for p, x, k in zip(paths, leaves, keep)]
-        return pytree.tree_unflatten(out, spec), MaskedState(inner_state)
-    return GradientTransformation(init, update)
+        # Owned when the inner outputs are (or there are none) and the passed-through leaves are.
+        owned = (inner_owned or not any(keep)) and (updates_owned or all(keep))
+        return pytree.tree_unflatten(out, spec), MaskedState(inner_state), owned
+
+    def update(updates, state, params=None):
+        return run(updates, state, params, False, False)[:2]
+
+    def donated_update(updates, state, params, updates_owned):
+        return run(updates, state, params, updates_owned, True)
+    return GradientTransformation(init, update, donated_update=donated_update)
 
 
 def freeze(inner: GradientTransformation, frozen) -> GradientTransformation:

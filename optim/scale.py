@@ -11,7 +11,6 @@ from typing import NamedTuple
 import torch
 from torch.utils import _pytree as pytree
 
-from . import buffers
 from .base import EmptyState, GradientTransformation, count_tensor, flatten_like, tensor_leaves
 from .schedules import as_schedule
 
@@ -24,7 +23,15 @@ def negate() -> GradientTransformation:
     def update(updates, state, params=None):
         leaves, spec = tensor_leaves("negate.update", "updates", updates)
         return pytree.tree_unflatten(torch._foreach_neg(leaves) if leaves else [], spec), state
-    return GradientTransformation(init, update)
+
+    def donated_update(updates, state, params, updates_owned):
+        leaves, _ = tensor_leaves("negate.update", "updates", updates)
+        if not updates_owned:
+            return *update(updates, state, params), True
+        if leaves:
+            torch._foreach_neg_(leaves)
+        return updates, state, True
+    return GradientTransformation(init, update, donated_update=donated_update)
 
 
 class LearningRateState(NamedTuple):
@@ -36,8 +43,8 @@ class LearningRateState(NamedTuple):
 def scale_by_learning_rate(lr) -> GradientTransformation:
     """``u = -lr_t * d`` with ``lr_t = lr`` or ``lr(t)`` for a schedule, t = updates done so far.
 
-    The fused step writes ``p + (-lr_t) * d`` in one ``torch._foreach_add(p, d, alpha=-lr_t)``,
-    the last operation of torch.optim.SGD's foreach step.
+    The fused step writes ``p + (-lr_t) * d`` in one ``torch._foreach_add(p, d, alpha=-lr_t)``
+    (``_foreach_add_`` into donated params), the last operation of torch.optim.SGD's foreach step.
     """
     schedule = as_schedule("scale_by_learning_rate", lr)
 
@@ -53,13 +60,27 @@ def scale_by_learning_rate(lr) -> GradientTransformation:
     def update(updates, state, params=None):
         leaves, spec = tensor_leaves("scale_by_learning_rate.update", "updates", updates)
         rate, state = advance(state)
-        return pytree.tree_unflatten(buffers.mul(leaves, -rate), spec), state
+        return pytree.tree_unflatten(torch._foreach_mul(leaves, -rate) if leaves else [], spec), state
 
-    def fused_step(updates, state, params):
+    def donated_update(updates, state, params, updates_owned):
+        if not updates_owned:
+            return *update(updates, state, params), True
+        leaves, _ = tensor_leaves("scale_by_learning_rate.update", "updates", updates)
+        rate, state = advance(state)
+        if leaves:
+            torch._foreach_mul_(leaves, -rate)
+        return updates, state, True
+
+    def fused_step(updates, state, params, donate=False):
         d, p, spec = flatten_like("scale_by_learning_rate.step", "updates", updates, "params", params)
         rate, state = advance(state)
-        return pytree.tree_unflatten(buffers.add(p, d, alpha=-rate), spec), state
-    return GradientTransformation(init, update, fused_step)
+        if not p:
+            return params, state
+        if donate:
+            torch._foreach_add_(p, d, alpha=-rate)
+            return params, state
+        return pytree.tree_unflatten(torch._foreach_add(p, d, alpha=-rate), spec), state
+    return GradientTransformation(init, update, fused_step, donated_update)
 
 
 def set_to_zero() -> GradientTransformation:
@@ -71,7 +92,10 @@ def set_to_zero() -> GradientTransformation:
         leaves, spec = tensor_leaves("set_to_zero.update", "updates", updates)
         return pytree.tree_unflatten([torch.zeros_like(x) for x in leaves], spec), state
 
-    def fused_step(updates, state, params):
+    def fused_step(updates, state, params, donate=False):
         flatten_like("set_to_zero.step", "updates", updates, "params", params)
         return params, state
-    return GradientTransformation(init, update, fused_step)
+
+    def donated_update(updates, state, params, updates_owned):
+        return *update(updates, state, params), True
+    return GradientTransformation(init, update, fused_step, donated_update)

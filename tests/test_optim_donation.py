@@ -1,0 +1,329 @@
+"""Buffer donation: ``optim.step(..., donate=True)`` equals the pure step bit for bit, writes the
+new values into the donated tensors and returns them, never writes grads, and refuses (ValueError)
+what it cannot write into safely."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils import _pytree as pytree
+
+import optim
+from optim.base import leaf_paths
+
+SHAPES = {"features.0.weight": (4, 3, 3, 3), "features.0.bias": (4,), "features.1.weight": (4,),
+          "features.1.bias": (4,), "classifier.weight": (5, 36), "classifier.bias": (5,),
+          "head.scale": ()}
+STEPS = 6   # past the first step (momentum's clone) and through a schedule's first changes
+INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def bits(x):
+    """The tensor's bit pattern (so -0.0 != 0.0 and NaN payloads count), for exact comparison."""
+    return x.view(INT_OF[x.dtype]) if x.dtype in INT_OF else x
+
+
+def assert_bit_identical(a, b, what):
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    assert sa == sb, what
+    for path, x, y in zip(leaf_paths(a), la, lb):
+        assert x.dtype == y.dtype and torch.equal(bits(x), bits(y)), f"{what}: differs at '{path}'"
+
+
+def clone_tree(tree):
+    return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+@st.composite
+def trees(draw):
+    """A flat state_dict-like tree: a random subset of SHAPES, each leaf float32 or float64."""
+    names = draw(st.lists(st.sampled_from(sorted(SHAPES)), min_size=1, max_size=len(SHAPES), unique=True))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    dtypes = draw(st.lists(st.sampled_from([torch.float32, torch.float64]), min_size=len(names),
+                           max_size=len(names)))
+    return {n: torch.randn(SHAPES[n], generator=g, dtype=torch.float64).to(dt)
+            for n, dt in zip(sorted(names, key=list(SHAPES).index), dtypes)}
+
+
+@st.composite
+def learning_rates(draw, base):
+    kind = draw(st.sampled_from(["float", "step", "cosine", "warmup_cosine"]))
+    if kind == "step":
+        return optim.step_decay_schedule(base, draw(st.integers(1, 3)), draw(st.floats(0.1, 1.0)))
+    if kind == "cosine":
+        return optim.cosine_annealing_schedule(base, draw(st.integers(1, 2 * STEPS)))
+    if kind == "warmup_cosine":
+        return optim.warmup_cosine_schedule(base, draw(st.integers(1, 3)), draw(st.integers(1, STEPS)))
+    return base
+
+
+@st.composite
+def optimizers(draw, params):
+    """sgd / adam / adamw over their options (nesterov, dampening, amsgrad, maximize, weight
+    decay with or without a mask, schedules), optionally behind clipping and with frozen leaves."""
+    kind = draw(st.sampled_from(["sgd", "adam", "adamw"]))
+    mask = draw(st.sampled_from([None, optim.decay_mask_no_bias_or_norm]))
+    weight_decay = draw(st.one_of(st.just(0.0), st.floats(1e-4, 0.5)))
+    maximize = draw(st.booleans())
+    if kind == "sgd":
+        lr = draw(learning_rates(draw(st.floats(1e-3, 0.5))))
+        momentum = draw(st.one_of(st.just(0.0), st.floats(0.0, 0.99)))
+        nesterov = momentum > 0 and draw(st.booleans())
+        dampening = 0.0 if nesterov else draw(st.one_of(st.just(0.0), st.floats(0.0, 1.0)))
+        opt = optim.sgd(lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, weight_decay_mask=mask)
+    else:
+        lr = draw(learning_rates(draw(st.floats(1e-4, 0.1))))
+        make = optim.adam if kind == "adam" else optim.adamw
+        opt = make(lr, betas=(draw(st.floats(0.0, 0.99)), draw(st.floats(0.0, 0.999))),
+                   eps=draw(st.sampled_from([1e-8, 0.0, 1e-3])), weight_decay=weight_decay,
+                   amsgrad=draw(st.booleans()), maximize=maximize, weight_decay_mask=mask)
+    if draw(st.booleans()):
+        opt = optim.chain(optim.clip_by_global_norm(draw(st.floats(0.1, 10.0))), opt)
+    frozen = draw(st.lists(st.sampled_from(sorted(params)), max_size=len(params), unique=True))
+    if frozen:
+        opt = optim.freeze(opt, {n: n in frozen for n in params})
+    return opt
+
+
+def run_pure_and_donated(opt, params, seed, steps=STEPS):
+    """Step the pure and the donated path side by side from equal starts, checking after every
+    step: bit-identical results, donated tensors returned (only counters and rates are new),
+    gradients untouched."""
+    p_pure, s_pure = params, opt.init(params)
+    p_don = clone_tree(params)
+    s_don = opt.init(p_don)
+    g = torch.Generator().manual_seed(seed)
+    for t in range(steps):
+        grads = {n: torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+                 for n, p in params.items()}
+        grads_copy = clone_tree(grads)
+        p_pure, s_pure = optim.step(opt, grads, s_pure, p_pure)
+        old_ids = {id(x) for x in pytree.tree_leaves((p_don, s_don))}
+        p_don, s_don = optim.step(opt, grads, s_don, p_don, donate=True)
+        assert_bit_identical(grads, grads_copy, f"grads after step {t}")
+        assert_bit_identical((p_don, s_don), (p_pure, s_pure), f"donated vs pure, step {t}")
+        assert all(id(x) in old_ids for x in pytree.tree_leaves(p_don))
+        for path, x in zip(leaf_paths(s_don), pytree.tree_leaves(s_don)):
+            assert id(x) in old_ids or path.split(".")[-1] in ("count", "lr"), path
+    return p_pure, s_pure
+
+
+@settings(deadline=None, max_examples=150)
+@given(data=st.data())
+def test_donated_step_is_bit_identical_to_pure_step_and_returns_the_donated_tensors(data):
+    params = data.draw(trees())
+    opt = data.draw(optimizers(params))
+    run_pure_and_donated(opt, params, data.draw(st.integers(0, 2**31 - 1)))
+
+
+def _by_bias(params):
+    return {k: "bias" if k.endswith("bias") else "weight" for k in params}
+
+
+# Chains where some leaves reach a stage as the caller's own gradients or as the optimizer state
+# (momentum without Nesterov hands on its buffer) and others as temporaries of the step: only the
+# temporaries may be overwritten (negate and clipping do it in place).
+MIXED_OWNERSHIP = {
+    "multi_transform_momentum_then_negate": lambda: optim.chain(
+        optim.multi_transform({"bias": optim.trace(0.9), "weight": optim.scale_by_learning_rate(2.0)}, _by_bias),
+        optim.negate(), optim.scale_by_learning_rate(0.1)),
+    "masked_momentum_then_clip": lambda: optim.chain(
+        optim.negate(), optim.masked(optim.trace(0.9), optim.decay_mask_no_bias_or_norm),
+        optim.clip_by_global_norm(1.0), optim.scale_by_learning_rate(0.1)),
+    "sgd_nesterov_masked_decay": lambda: optim.sgd(
+        0.1, momentum=0.9, nesterov=True, weight_decay=0.1,
+        weight_decay_mask=optim.decay_mask_no_bias_or_norm),
+    "sgd_nesterov_masked_decay_max": lambda: optim.sgd(
+        0.1, momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True,
+        weight_decay_mask=optim.decay_mask_no_bias_or_norm),
+    "adam_masked_l2": lambda: optim.adam(
+        1e-2, weight_decay=0.1, weight_decay_mask=optim.decay_mask_no_bias_or_norm),
+    "masked_scale_then_lr": lambda: optim.chain(
+        optim.masked(optim.scale_by_learning_rate(2.0), optim.decay_mask_no_bias_or_norm),
+        optim.scale_by_learning_rate(0.1)),
+    "frozen_inside_chain": lambda: optim.chain(
+        optim.freeze(optim.scale_by_learning_rate(2.0), lambda p: {k: k.endswith("bias") for k in p}),
+        optim.trace(0.9, nesterov=True), optim.scale_by_learning_rate(0.1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MIXED_OWNERSHIP))
+def test_donated_step_writes_only_its_own_temporaries_when_a_mask_passes_grads_through(name):
+    g = torch.Generator().manual_seed(4)
+    params = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in SHAPES.items()}
+    run_pure_and_donated(MIXED_OWNERSHIP[name](), params, seed=5)
+
+
+@pytest.mark.parametrize("make_ours, make_torch", [
+    (lambda: optim.sgd(0.05, momentum=0.9, nesterov=True),
+     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, foreach=True)),
+    (lambda: optim.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, maximize=True),
+     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                               maximize=True, foreach=True)),
+    (lambda: optim.adam(1e-2, weight_decay=1e-2, amsgrad=True, maximize=True),
+     lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2, amsgrad=True, maximize=True, foreach=True)),
+    (lambda: optim.adamw(1e-2, weight_decay=0.1, amsgrad=True),
+     lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, amsgrad=True, foreach=True)),
+])
+def test_donated_step_is_bit_identical_to_torch_foreach_step_in_float64(make_ours, make_torch):
+    g = torch.Generator().manual_seed(0)
+    params = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in SHAPES.items()}
+    tparams = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    opt, topt = make_ours(), make_torch(tparams)
+    state = opt.init(params)
+    for _ in range(30):
+        grads = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in params.items()}
+        for tp, gr in zip(tparams, grads.values()):
+            tp.grad = gr.clone()
+        topt.step()
+        params, state = optim.step(opt, grads, state, params, donate=True)
+    for ours, theirs in zip(params.values(), tparams):
+        assert torch.equal(ours, theirs.detach())
+
+
+def test_donated_nesterov_step_never_writes_grads_although_torch_writes_its_grads():
+    params = {"w": torch.ones(3, dtype=torch.float64)}
+    grads = {"w": torch.ones(3, dtype=torch.float64)}
+    opt = optim.sgd(0.1, momentum=0.9, nesterov=True)   # no decay: g reaches trace as given
+    state = opt.init(params)
+    for _ in range(2):
+        params, state = optim.step(opt, grads, state, params, donate=True)
+    assert torch.equal(grads["w"], torch.ones(3, dtype=torch.float64))
+    # torch.optim.SGD's foreach Nesterov step adds the buffer into p.grad in place.
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    p.grad = torch.ones(3, dtype=torch.float64)
+    topt = torch.optim.SGD([p], lr=0.1, momentum=0.9, nesterov=True, foreach=True)
+    topt.step()
+    assert not torch.equal(p.grad, torch.ones(3, dtype=torch.float64))
+
+
+def test_donated_step_writes_into_the_same_memory_every_step():
+    params = {"w": torch.randn(5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)}
+    opt = optim.adamw(1e-2, amsgrad=True)
+    state = opt.init(params)
+    addresses = {x.data_ptr() for x in pytree.tree_leaves((params, state)) if x.ndim}
+    for t in range(4):
+        grads = {"w": torch.full((5, 4), float(t + 1), dtype=torch.float64)}
+        params, state = optim.step(opt, grads, state, params, donate=True)
+        assert {x.data_ptr() for x in pytree.tree_leaves((params, state)) if x.ndim} == addresses
+
+
+class Halve:
+    """A user's transformation with only ``init`` and ``update`` (no fused or donated form)."""
+
+    @staticmethod
+    def make():
+        return optim.GradientTransformation(
+            lambda params: optim.EmptyState(),
+            lambda updates, state, params=None: (pytree.tree_map(lambda u: u / 2, updates), state))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optim.chain(Halve.make(), optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=0.1)),
+    lambda: optim.chain(optim.sgd(0.1, momentum=0.9), Halve.make()),
+    lambda: optim.chain(optim.adam(0.1), Halve.make(), optim.scale_by_learning_rate(0.5)),
+    lambda: optim.masked(optim.adamw(0.1, weight_decay=0.3), {"a": True, "b": False}),
+    Halve.make,
+])
+def test_donation_falls_back_to_update_for_stages_without_a_donated_form(make):
+    g = torch.Generator().manual_seed(1)
+    params = {"a": torch.randn(3, 2, generator=g, dtype=torch.float64),
+              "b": torch.randn(4, generator=g, dtype=torch.float64)}
+    run_pure_and_donated(make(), params, seed=2)
+
+
+def test_donated_params_may_be_disjoint_views_of_one_storage():
+    flat = torch.randn(10, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    params = {"a": flat[:4].view(2, 2), "b": flat[4:]}
+    pure = {k: v.clone() for k, v in params.items()}
+    opt = optim.sgd(0.1, momentum=0.9)
+    grads = {"a": torch.ones(2, 2, dtype=torch.float64), "b": torch.ones(6, dtype=torch.float64)}
+    new, _ = optim.step(opt, grads, opt.init(params), params, donate=True)
+    expected, _ = optim.step(opt, grads, opt.init(pure), pure)
+    assert_bit_identical(new, expected, "views")
+    assert torch.equal(flat, torch.cat([expected["a"].flatten(), expected["b"]]))
+
+
+def _tree(seed=0, n=3):
+    g = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(n, generator=g, dtype=torch.float64),
+            "b": torch.randn(n, generator=g, dtype=torch.float64)}
+
+
+def _requires_grad_state():
+    opt = optim.sgd(0.1, momentum=0.9)
+    params = _tree()
+    state = opt.init(params)
+    state[0].momentum_buffer["b"].requires_grad_(True)
+    return opt, _tree(1), state, params
+
+
+def _shared(tree, key, other):
+    tree = dict(tree)
+    tree[key] = tree[other]
+    return tree
+
+
+def _overlapping_views():
+    base = torch.randn(6, dtype=torch.float64)
+    return {"a": base[:4], "b": base[2:]}
+
+
+@pytest.mark.parametrize("case, match", [
+    (lambda: (optim.sgd(0.1), _tree(1), optim.sgd(0.1).init(_tree()),
+              {"a": torch.zeros(3, dtype=torch.float64, requires_grad=True), "b": torch.zeros(3, dtype=torch.float64)}),
+     r"step: donate=True expected tensors that do not require grad, got one in params at 'a'"),
+    (_requires_grad_state,
+     r"step: donate=True expected tensors that do not require grad, got one in state at '0.momentum_buffer.b'"),
+    (lambda: (optim.sgd(0.1), _tree(1), optim.sgd(0.1).init(_tree()), _shared(_tree(), "b", "a")),
+     r"step: donate=True expected donated tensors that share no memory with each other or with "
+     r"grads, got params at 'b' overlapping params at 'a'"),
+    (lambda: (optim.sgd(0.1), {"a": torch.ones(4, dtype=torch.float64), "b": torch.ones(4, dtype=torch.float64)},
+              optim.sgd(0.1).init(_overlapping_views()), _overlapping_views()),
+     r"got params at 'b' overlapping params at 'a'"),
+])
+def test_donation_refuses_autograd_tensors_and_shared_memory(case, match):
+    opt, grads, state, params = case()
+    with pytest.raises(ValueError, match=match):
+        optim.step(opt, grads, state, params, donate=True)
+
+
+def test_donation_refuses_params_that_share_memory_with_grads():
+    params = _tree()
+    opt = optim.sgd(0.1, momentum=0.9)
+    grads = {"a": params["a"], "b": torch.ones(3, dtype=torch.float64)}
+    with pytest.raises(ValueError, match=r"got (params at 'a' overlapping grads at 'a'|grads at 'a' "
+                                         r"overlapping params at 'a')"):
+        optim.step(opt, grads, opt.init(params), params, donate=True)
+    kept = params["a"].clone()
+    optim.step(opt, grads, opt.init(params), params)   # the pure step takes it
+    assert torch.equal(params["a"], kept)
+
+
+def test_donation_refuses_torch_func_wrapped_tensors():
+    opt = optim.sgd(0.1, momentum=0.9)
+
+    def loss_after_step(w):
+        p = {"w": w}
+        new, _ = optim.step(opt, {"w": torch.ones_like(w)}, opt.init(p), p, donate=True)
+        return new["w"].sum()
+    with pytest.raises(ValueError, match=r"step: donate=True expected plain tensors, got a "
+                                         r"torch.func-wrapped tensor in .*'w'"):
+        torch.func.grad(loss_after_step)(torch.ones(3, dtype=torch.float64))
+
+
+def test_donate_must_be_a_bool():
+    opt = optim.sgd(0.1)
+    with pytest.raises(TypeError, match=r"step: expected donate to be a bool, got str"):
+        optim.step(opt, _tree(1), opt.init(_tree()), _tree(), donate="yes")
+
+
+def test_update_and_apply_updates_stay_pure_next_to_donation():
+    params = _tree()
+    opt = optim.adamw(0.1, amsgrad=True)
+    state = opt.init(params)
+    copies = clone_tree((params, state))
+    updates, _ = opt.update(_tree(1), state, params)
+    optim.apply_updates(params, updates)
+    assert_bit_identical((params, state), copies, "update + apply_updates arguments")
