@@ -213,11 +213,13 @@ def test_fit_writes_every_output_file_and_one_metrics_line_per_epoch(tmp_path):
     assert _equal_trees(tree["params"], res.params)
 
 
-def test_resume_after_max_epochs_is_bit_identical_to_an_uninterrupted_run(tmp_path):
-    full, _ = _fit(tmp_path / "full")
-    stopped, _ = _fit(tmp_path / "part", max_epochs=1)
+@pytest.mark.parametrize("speed", [{}, {"bf16": True, "channels_last": True}], ids=["fp32", "bf16_cl"])
+def test_resume_after_max_epochs_is_bit_identical_to_an_uninterrupted_run(tmp_path, speed):
+    cfg = {**CFG, **speed}
+    full, _ = _fit(tmp_path / "full", cfg)
+    stopped, _ = _fit(tmp_path / "part", cfg, max_epochs=1)
     assert stopped.status == "stopped"
-    resumed, log = _fit(tmp_path / "part", resume=True)
+    resumed, log = _fit(tmp_path / "part", cfg, resume=True)
     assert "resuming" in log
     assert _equal_trees(resumed.params, full.params)
     assert _equal_trees(resumed.state, full.state)
