@@ -57,6 +57,7 @@ from . import engine
 from . import feature_cache as fc
 from .augment import augment_batch, normalize
 from .cifar_common import build_loss, build_optimizer
+from .feature_cache import block_ends
 from .data import CIFAR10_CLASSES, Dataset, DataNotFoundError, cache_dir, find_data_dir, load_cifar10
 
 __all__ = ["CLASSES_A", "CLASSES_B", "WIDTHS", "RECIPE", "METHODS", "small_vgg16", "block_ends",
@@ -102,11 +103,6 @@ def small_vgg16(num_classes: int = 5, widths: Sequence[int] = WIDTHS) -> nets.Ne
                          name="small_vgg16")
 
 
-def block_ends(net: nets.Net) -> list[str]:
-    """Names of the max-pool leaves that close each block, in order (``features.<i>``)."""
-    return [name for name, leaf in nets.leaves(net.layer) if leaf.kind.startswith("MaxPool")]
-
-
 def split_by_class(data: Dataset, classes: Sequence[str]) -> Dataset:
     """The images of ``classes`` only, relabelled ``0 .. len(classes) - 1`` in that order."""
     missing = [c for c in classes if c not in data.classes]
@@ -133,17 +129,9 @@ def draw_per_class(labels: torch.Tensor, n: int, seed: int, num_classes: int) ->
 
 
 def block_features(net: nets.Net, params, state, x: torch.Tensor) -> list[torch.Tensor]:
-    """The output of every block (eval mode) for a normalised batch ``x``: a list of
-    ``(N, C_k, H_k, W_k)``, one forward pass cut at each :func:`block_ends` leaf."""
-    names = fc.leaf_names(net)
-    outs, start = [], 0
-    with torch.no_grad():
-        for end in block_ends(net):
-            stop = names.index(end) + 1
-            x = fc.run_leaves(net, params, state, x, start=start, stop=stop, train=False)[0]
-            outs.append(x)
-            start = stop
-    return outs
+    """The output of every block (eval mode) for a normalised batch ``x``
+    (:func:`experiments.feature_cache.block_outputs`)."""
+    return fc.block_outputs(net, params, state, x)
 
 
 def _features(net, params, state, images, *, batch_size, progress) -> dict:
@@ -371,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use only the first N images of each class of CIFAR-10 (smoke runs)")
     p.add_argument("--feature-cache", help="folder of the frozen-feature cache (default: "
                    "<purenn cache>/features)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default: 1: on a shared CPU, OpenMP threads spin-wait "
+                        "for each other and small steps run ~10x slower with 2 than with 1)")
     return p
 
 

@@ -54,7 +54,8 @@ from nets.compose import Net
 from . import engine
 
 __all__ = [
-    "leaf_names", "leaf_keys", "run_leaves", "prefix_apply", "suffix_net", "extract",
+    "leaf_names", "leaf_keys", "run_leaves", "prefix_apply", "suffix_net", "block_ends",
+    "block_outputs", "extract",
     "tree_digest", "cache_key", "cached", "train_epochs", "predict", "Scores", "scores",
     "batches_of", "standardize",
 ]
@@ -157,6 +158,29 @@ def suffix_net(net: Net, through: str, frozen_params: Mapping | None = None) -> 
                           train=train, key=key)
 
     return Net(init, apply, net.layer, f"{net.name}[after {through}]")
+
+
+def block_ends(net: Net) -> list[str]:
+    """Names of the max-pool leaves that close each block of a VGG-style net, in order."""
+    return [name for name, leaf in nets.leaves(net.layer) if leaf.kind.startswith("MaxPool")]
+
+
+def block_outputs(net: Net, params: Mapping, state: Mapping, x: torch.Tensor,
+                  ends: Sequence[str] | None = None) -> list[torch.Tensor]:
+    """The output of each leaf in ``ends`` (default :func:`block_ends`) in eval mode, from one
+    forward pass cut at each of them: a list of ``(N, C_k, H_k, W_k)`` for VGG blocks."""
+    ends = block_ends(net) if ends is None else list(ends)
+    outs, start = [], 0
+    with torch.no_grad():
+        for end in ends:
+            stop = _check_cut(net, end, "block_outputs") + 1
+            if stop <= start:
+                raise ValueError(f"block_outputs: expected `ends` in the order the net runs them, "
+                                 f"got {ends}")
+            x = run_leaves(net, params, state, x, start=start, stop=stop, train=False)[0]
+            outs.append(x)
+            start = stop
+    return outs
 
 
 def extract(fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[torch.Tensor], *,
