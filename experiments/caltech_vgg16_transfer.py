@@ -16,9 +16,10 @@ Pipeline:
    hash of the frozen weights, of the image files (paths, sizes, times), of the split and of the
    preprocessing; the head then trains on the cache. Dropout (``--dropout``):
 
-   * ``eval`` (default): the cache holds the penultimate 4096-d activations (after
-     ``classifier.4``) computed in eval mode, so both of VGG16's classifier dropouts are off
-     while the head trains. One linear layer per step: the fastest path, and the one whose
+   * ``eval`` (default): the cache holds the penultimate 4096-d activations (the output of
+     ``classifier.5``, i.e. of ``classifier.4``'s ReLU with the dropout after it in eval
+     mode), so both of VGG16's classifier dropouts are off while the head trains: the same as
+     training through the frozen net built with ``dropout=0``. One linear layer per step: the fastest path, and the one whose
      features are deterministic.
    * ``train``: the cache holds ``classifier.1``'s output (after the first FC and its ReLU);
      every step runs ``classifier.2`` (dropout), ``.3`` (frozen FC), ``.4``, ``.5`` (dropout)
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import time
 import urllib.error
@@ -55,7 +57,7 @@ from . import feature_cache as fc
 from .data import cache_dir
 
 __all__ = ["VGG16_URL", "VGG16_FILE", "HEAD", "CUT", "WeightsNotFoundError", "resolve_weights",
-           "pretrained_vgg16", "frozen_mask", "head_optimizer", "frozen_optimizer",
+           "read_weights", "pretrained_vgg16", "frozen_mask", "head_optimizer", "frozen_optimizer",
            "train_head_on_features", "run", "build_parser", "main"]
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -63,7 +65,7 @@ VGG16_FILE = "vgg16-397923af.pth"
 #: The replaced last layer's parameters.
 HEAD = ("classifier.6.weight", "classifier.6.bias")
 #: Where the frozen part ends, per dropout mode (see the module docstring).
-CUT = {"eval": "classifier.4", "train": "classifier.1"}
+CUT = {"eval": "classifier.5", "train": "classifier.1"}
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -111,11 +113,22 @@ def resolve_weights(path: str | Path | None = None, *, hub_dir: str | Path | Non
                                "torchvision vgg16 state dict), or put the file in the hub cache.")
 
 
+def read_weights(path: str | Path, **kwargs):
+    """:func:`nets.load_torchvision_weights`, with a damaged file (not a zip / pickle, truncated)
+    reported as a ValueError naming it instead of torch.load's own exception."""
+    try:
+        return nets.load_torchvision_weights(path, **kwargs)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"read_weights: expected {path} to be a torchvision VGG16 state dict "
+                         f"(.pth), but torch.load could not read it: "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+
+
 def pretrained_vgg16(weights: str | Path, num_classes: int = 256, *, seed: int = 0):
     """``(net, params, state)``: ``nets.vgg16(num_classes)`` with the checkpoint's parameters and
     a fresh last layer (``classifier.6``, torchvision's ``N(0, 0.01)`` init from ``key(seed)``)
     when ``num_classes`` differs from the checkpoint's."""
-    loaded, state = nets.load_torchvision_weights(weights, num_classes=num_classes)
+    loaded, state = read_weights(weights, num_classes=num_classes)
     batch_norm = any(k.endswith("running_mean") for k in state)
     net = nets.vgg16(num_classes=num_classes, batch_norm=batch_norm)
     missing = [k for k in net.layer.param_shapes if k not in loaded]

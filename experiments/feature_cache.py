@@ -15,8 +15,8 @@ differs from its eval-mode output. Two rules make that hold and are documented c
 
 * **The prefix runs in eval mode.** Dropout in the prefix is off and batch norm uses its running
   statistics (which stay frozen). For VGG16's convolutions (no dropout, no batch norm) train and
-  eval coincide; for VGG16's classifier, cutting after ``classifier.4`` caches the penultimate
-  4096-d activations with dropout ``classifier.2`` *off* (see docs/transfer.md).
+  eval coincide; for VGG16's classifier, cutting after ``classifier.5`` caches the penultimate
+  4096-d activations with both dropouts (``classifier.2``, ``.5``) *off* (see docs/transfer.md).
 * **The suffix gets the keys the whole net would give it.** ``serial`` splits one key per child,
   recursively; :func:`leaf_keys` replays that split, so dropout in the suffix (e.g. VGG16's
   ``classifier.5`` before the last layer) draws exactly the mask that
