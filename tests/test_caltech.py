@@ -288,6 +288,25 @@ def test_block_features_have_the_documented_sizes_at_32():
     assert f["block3"].dtype == torch.float16 and f["pooled3"].dtype == torch.float32
 
 
+def test_visualize_command_line_on_a_torchvision_vgg16_pth(tree, vgg16_pth, tmp_path):
+    from PIL import Image
+
+    from experiments import visualize as vz
+
+    image = cd.list_classes(tree)[0].files[1]
+    out = tmp_path / "figs"
+    assert vz.main(["--checkpoint", str(vgg16_pth), "--image", str(image), "--out", str(out),
+                    "--layers", "features.1", "--max-channels", "4"]) == 0
+    sizes = {p.name: Image.open(p).size[::-1] for p in out.iterdir()}
+    assert sizes == {
+        "first_layer_filters.png": vz.grid_size(64, (24, 24), 8),
+        "last_conv_filters.png": vz.grid_size(256, (24, 24), 16),
+        "weight_histograms.png": (4 * 220, 4 * 300),          # 13 convs + 3 linears, 4 per row
+        "input.png": (224, 224),
+        "feature_maps_features_1.png": vz.grid_size(4, (224, 224), 2),
+    }
+
+
 @pytest.mark.parametrize("module", [ct, cf])
 def test_help_describes_the_entry_point(module, capsys):
     with pytest.raises(SystemExit) as e:
