@@ -287,6 +287,18 @@ def render(*, command: str, info: dict, peaks: dict, step_peaks: dict, steps: di
     return "\n".join(lines)
 
 
+NOTES_MARKER = "<!-- notes below this line are kept when experiments.bench rewrites the file -->"
+
+
+def kept_notes(path: Path) -> str:
+    """The hand-written part of an existing report: the marker line and all after it ("" if none)."""
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    i = text.find(NOTES_MARKER)
+    return "\n" + text[i:] if i >= 0 else ""
+
+
 def _parse_models(text: str) -> list[str]:
     models = [m.strip().lower() for m in text.split(",") if m.strip()]
     bad = [m for m in models if m not in MODELS]
@@ -358,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_write:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        out.write_text(text + "\n" + kept_notes(out))
         print(f"wrote {out}", file=sys.stderr)
     return 0
 

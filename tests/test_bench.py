@@ -32,7 +32,7 @@ def test_reference_module_state_dict_keys_and_shapes_equal_the_pure_nets(model):
         assert ref[k].shape == v.shape, k
 
 
-@settings(deadline=None, max_examples=3)
+@settings(deadline=None, max_examples=2)
 @given(seed=SEEDS, model=st.sampled_from(["a", "b", "c"]))
 def test_reference_module_eval_output_equals_pure_apply(seed, model):
     net = NETS[model]()
@@ -47,7 +47,7 @@ def test_reference_module_eval_output_equals_pure_apply(seed, model):
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
 
 
-@settings(deadline=None, max_examples=3)
+@settings(deadline=None, max_examples=2)
 @given(seed=SEEDS)
 def test_reference_loop_and_pure_step_follow_the_same_trajectory(seed):
     net = nets.model_b(dropout=0.0, head_dropout=0.0)  # dropout draws differ between the two
@@ -60,12 +60,12 @@ def test_reference_loop_and_pure_step_follow_the_same_trajectory(seed):
     step = engine.make_step(net, opt, loss_fn)
     opt_state = opt.init(params)
     g = torch.Generator().manual_seed(seed)
-    for i in range(3):
-        x = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64)
+    for i in range(2):  # Model B pools globally, so 16x16 inputs keep the test quick
+        x = torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64)
         y = torch.randint(0, 10, (4,), generator=g)
         ref_loss = loop.step(x, y)
         params, state, opt_state, metrics = step(params, state, opt_state, (x, y), lr.key(i))
-        # float64, 3 SGD steps through a 6-conv net: rounding-order differences only
+        # float64, 2 SGD steps through a 6-conv net: rounding-order differences only
         torch.testing.assert_close(metrics["loss"], ref_loss, rtol=1e-9, atol=1e-12)
     ref = module.state_dict()
     for k, v in {**params, **state}.items():
