@@ -1,0 +1,114 @@
+"""experiments.cifar_transfer: the class split, the per-class few-shot draws, small_vgg16's block
+shapes, the table, and a smoke run of the whole study on a small CIFAR-10 subset (skipped when
+CIFAR10_DIR is unset) that is rerun to check it resumes instead of recomputing."""
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nets
+from experiments import cifar_transfer as ctr
+from experiments.data import CIFAR10_CLASSES, Dataset
+from layers import random as lr
+
+SEEDS = st.integers(0, 2**31 - 1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors on a shared 2-core CPU: one thread avoids OpenMP spin-waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_split_by_class_keeps_only_the_halfs_images_relabelled_in_order():
+    labels = torch.tensor([0, 5, 9, 4, 6, 1, 5])
+    data = Dataset(torch.arange(7).reshape(7, 1, 1, 1).to(torch.uint8), labels, CIFAR10_CLASSES)
+    b = ctr.split_by_class(data, ctr.CLASSES_B)
+    assert b.classes == ("dog", "frog", "horse", "ship", "truck")
+    assert b.labels.tolist() == [0, 4, 1, 0] and b.images.flatten().tolist() == [1, 2, 4, 6]
+    a = ctr.split_by_class(data, ctr.CLASSES_A)
+    assert a.labels.tolist() == [0, 4, 1] and not set(a.images.flatten().tolist()) & {1, 2, 4, 6}
+    with pytest.raises(ValueError, match="split_by_class: expected classes among"):
+        ctr.split_by_class(data, ("unicorn",))
+
+
+@settings(deadline=None, max_examples=10)
+@given(seed=SEEDS, n=st.integers(1, 12))
+def test_draws_take_n_per_class_deterministically_and_nest_across_sizes(seed, n):
+    labels = torch.randint(0, 5, (200,), generator=torch.Generator().manual_seed(seed))
+    labels[:60] = torch.arange(60) % 5            # at least 12 of each class
+    idx = ctr.draw_per_class(labels, n, seed, 5)
+    assert torch.bincount(labels[idx], minlength=5).tolist() == [n] * 5
+    assert torch.equal(idx, ctr.draw_per_class(labels, n, seed, 5))
+    assert set(idx.tolist()) <= set(ctr.draw_per_class(labels, 12, seed, 5).tolist())
+
+
+def test_a_class_with_too_few_images_is_an_error():
+    with pytest.raises(ValueError, match="draw_per_class: expected at least 3 images of class 1, got 2"):
+        ctr.draw_per_class(torch.tensor([0, 0, 0, 1, 1]), 3, 0, 2)
+
+
+def test_small_vgg16_has_vgg16s_layout_at_a_quarter_width():
+    net = ctr.small_vgg16(5)
+    params, state = net.init(lr.key(0))
+    convs = [k for k, v in params.items() if v.dim() == 4]
+    assert len(convs) == 13                                     # 2 + 2 + 3 + 3 + 3, as VGG16
+    outs = ctr.block_features(net, params, state, torch.zeros(2, 3, 32, 32))
+    assert [tuple(o.shape[1:]) for o in outs] == [(16, 16, 16), (32, 8, 8), (64, 4, 4), (128, 2, 2),
+                                                 (128, 1, 1)]
+    s = nets.summary(net, (1, 3, 32, 32), show=False)
+    assert s.output_shape == (1, 5)
+
+
+def test_table_shows_mean_and_std_over_draws():
+    results = {"_pretrained": "x",
+               "n32-d0-scratch": {"accuracy": 0.5, "train_accuracy": 1.0},
+               "n32-d1-scratch": {"accuracy": 0.7, "train_accuracy": 1.0},
+               "n500-d0-scratch": {"accuracy": 0.8, "train_accuracy": 0.9}}
+    table = ctr.format_table(results, (32, 500), ("scratch", "fine-tune"))
+    lines = table.splitlines()
+    assert lines[2] == "| scratch | 60.00 ± 14.14 | 100.00 ± 0.00 | 80.00 | 90.00 |"
+    assert lines[3] == "| fine-tune | - | - | - | - |"
+
+
+@pytest.mark.skipif(not os.environ.get("CIFAR10_DIR"), reason="CIFAR10_DIR is not set")
+def test_smoke_run_on_a_subset_fills_the_table_and_a_rerun_resumes(tmp_path, monkeypatch, capsys):
+    from experiments.data import find_data_dir, load_cifar10
+
+    monkeypatch.setenv("PURENN_CACHE", str(tmp_path / "purenn"))   # leave the user's cache alone
+    root = find_data_dir(download=False)
+    train = load_cifar10(root, "train", limit_per_class=12, progress=False)
+    test = load_cifar10(root, "test", limit_per_class=6, progress=False)
+    # a smoke run: every method, a few steps each
+    monkeypatch.setitem(ctr.RECIPE, "pretrain", {**ctr.RECIPE["pretrain"], "batch_size": 30})
+    for part in ("features", "finetune", "scratch"):
+        monkeypatch.setitem(ctr.RECIPE, part, {**ctr.RECIPE[part], "epochs": {4: 2}, "batch_size": 8})
+    monkeypatch.setitem(ctr.RECIPE["features"], "hidden", 16)
+    kw = dict(shots=(4,), draws=(1,), pretrain_epochs=1, feature_cache=tmp_path / "cache")
+    results = ctr.run_study(train, test, tmp_path / "study", **kw)
+    cells = {k for k in results if not k.startswith("_")}
+    assert cells == {f"n4-d0-{m}" for m in ctr.METHODS}
+    assert all(0 <= results[c]["accuracy"] <= 1 for c in cells)
+    table = (tmp_path / "study" / "table.md").read_text()
+    assert all(m in table for m in ctr.METHODS)
+    capsys.readouterr()
+    again = ctr.run_study(train, test, tmp_path / "study", **kw)
+    err = capsys.readouterr().err
+    assert "resuming" in err and "n4-d0-" not in err          # nothing retrained
+    assert again == results
+    saved = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert saved["n4-d0-scratch"] == results["n4-d0-scratch"]
+
+
+def test_help_describes_the_study(capsys):
+    with pytest.raises(SystemExit) as e:
+        ctr.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--shots" in out and "--draws" in out and "frozen+new-head" in out
