@@ -6,6 +6,13 @@ from hypothesis import strategies as st
 from torch.func import functional_call, grad
 
 import layers
+from layouts import make_input as _make_input
+
+
+def make_input(shape, seed, dtype, layout, values):
+    """Inputs with ints in [-2, 2]: exact zeros and repeated values."""
+    return _make_input(shape, seed, dtype, layout, values, int_range=(-2, 3))
+
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
 
@@ -13,24 +20,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning
 # different order than ATen, so agreement is ~1e-14; 1e-10 leaves room without hiding a bug.
 # float32: eps 6e-8 times up to 54 terms of magnitude up to ~10 -> ~3e-5 worst case; use 1e-4.
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
-
-
-def make_input(shape, seed, dtype, layout, values):
-    """A tensor of ``shape`` with the given memory layout; values normal or few small integers."""
-    g = torch.Generator().manual_seed(seed)
-    if values == "ints":   # exact zeros and many ties
-        base = torch.randint(-2, 3, shape, generator=g).to(dtype)
-    else:
-        base = torch.randn(shape, generator=g, dtype=dtype)
-    if layout == "channels_last" and len(shape) == 4:
-        return base.contiguous(memory_format=torch.channels_last)
-    if layout == "transposed":
-        return base.transpose(-1, -2).contiguous().transpose(-1, -2)
-    if layout == "sliced":
-        big = torch.zeros(shape[:-1] + (2 * shape[-1],), dtype=dtype)
-        big[..., ::2] = base
-        return big[..., ::2]
-    return base
 
 
 @st.composite

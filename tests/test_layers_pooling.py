@@ -6,29 +6,12 @@ from hypothesis import strategies as st
 from torch.func import grad
 
 import layers
+from layouts import make_input
 
 # Max-pool output is a selection (exact); its gradient sums at most kh*kw <= 9 cotangents per
 # input, so float64 agrees to ~1e-15. Adaptive average sums up to H = 9 values: same reasoning.
 # float32: eps 6e-8 times <= 9 terms of magnitude <= ~10 -> ~5e-6; 1e-5 is safe.
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
-
-
-def make_input(shape, seed, dtype, layout, values):
-    """A tensor of ``shape`` with the given memory layout; values normal or few small integers."""
-    g = torch.Generator().manual_seed(seed)
-    if values == "ints":   # few distinct values: tied windows and exact zeros
-        base = torch.randint(-1, 2, shape, generator=g).to(dtype)
-    else:
-        base = torch.randn(shape, generator=g, dtype=dtype)
-    if layout == "channels_last" and len(shape) == 4:
-        return base.contiguous(memory_format=torch.channels_last)
-    if layout == "transposed":
-        return base.transpose(-1, -2).contiguous().transpose(-1, -2)
-    if layout == "sliced":
-        big = torch.zeros(shape[:-1] + (2 * shape[-1],), dtype=dtype)
-        big[..., ::2] = base
-        return big[..., ::2]
-    return base
 
 
 common = dict(
