@@ -174,7 +174,8 @@ def fused_or_applied(t: GradientTransformation, updates: Tree, state: Tree, para
     """``(new_params, new_state)`` from the last stage ``t``: its fused step where it has one,
     else its update followed by ``apply_updates`` (in place when ``donate``)."""
     if t.fused_step is not None:
-        return t.fused_step(updates, state, params, donate)
+        # (pure calls keep the three-argument form, so a fused step written before donation works)
+        return t.fused_step(updates, state, params, donate=True) if donate else t.fused_step(updates, state, params)
     if donate:
         updates, state, _ = update_donated(t, updates, state, params, updates_owned)
         return apply_updates_donated(params, updates), state
