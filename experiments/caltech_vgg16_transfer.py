@@ -19,8 +19,8 @@ Pipeline:
    * ``eval`` (default): the cache holds the penultimate 4096-d activations (the output of
      ``classifier.5``, i.e. of ``classifier.4``'s ReLU with the dropout after it in eval
      mode), so both of VGG16's classifier dropouts are off while the head trains: the same as
-     training through the frozen net built with ``dropout=0``. One linear layer per step: the fastest path, and the one whose
-     features are deterministic.
+     training through the frozen net built with ``dropout=0``. One linear layer per step: the
+     fastest path, and the one whose features are deterministic.
    * ``train``: the cache holds ``classifier.1``'s output (after the first FC and its ReLU);
      every step runs ``classifier.2`` (dropout), ``.3`` (frozen FC), ``.4``, ``.5`` (dropout)
      and ``.6`` in train mode with the keys the whole net would draw. This is *exactly* the

@@ -317,9 +317,10 @@ def format_table(results: dict, shots: Sequence[int], methods: Sequence[str] = M
     """Markdown table: one row per method, per ``n`` the test accuracy on B's test images
     (mean +- sample std over draws when several) and the training accuracy of the last epoch.
 
-    B's test set is balanced (the same count per class), so the mean per-class recall equals the accuracy;
-    ``results.json`` holds both."""
-    head = "| method | " + " | ".join(f"{n}/class: test acc % | {n}/class: train acc %" for n in shots) + " |"
+    B's test set is balanced (the same count per class), so the mean per-class recall equals
+    the accuracy; ``results.json`` holds both."""
+    head = "| method | " + " | ".join(f"{n}/class: test acc % | {n}/class: train acc %"
+                                       for n in shots) + " |"
     rows = [head, "|---|" + "---:|---:|" * len(shots)]
 
     def fmt(vals):

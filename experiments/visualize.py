@@ -20,7 +20,8 @@ Every tile grid is ``rows * (tile + pad) + pad`` by ``cols * (tile + pad) + pad`
 ``tile = side * scale`` (:func:`grid_size`); the histogram figure is exactly
 ``figsize * dpi`` pixels.
 
-    python -m experiments.visualize --checkpoint runs/x/checkpoint.safetensors --image cat.png --out docs/figures
+    python -m experiments.visualize --checkpoint runs/x/checkpoint.safetensors --image cat.png \
+        --out docs/figures
 """
 from __future__ import annotations
 
@@ -218,9 +219,10 @@ def load_checkpoint(path: str | Path, model: str | None = None):
         net, kind = ((builders[model](k), "cifar") if model in builders
                      else (nets.vgg16(k, batch_norm=bool(state)), "imagenet"))
         if set(net.layer.param_shapes) != set(params):
+            want, got = set(net.layer.param_shapes), set(params)
             raise ValueError(f"visualize: expected the parameters of {net.name} in {path}, got "
-                             f"other names (missing {sorted(set(net.layer.param_shapes) - set(params))[:5]}, "
-                             f"unexpected {sorted(set(params) - set(net.layer.param_shapes))[:5]})")
+                             f"other names (missing {sorted(want - got)[:5]}, unexpected "
+                             f"{sorted(got - want)[:5]})")
         return net, params, state, kind
     raise ValueError(f"visualize: expected --model among {sorted(builders) + ['vgg16']} for "
                      f"{path} (its metadata names no model), got {model!r}")
@@ -277,10 +279,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     convs = conv_weights(params)
-    written = [save_png(first_layer_filters(convs[0][1], scale=args.scale), out / f"{args.prefix}first_layer_filters.png"),
-               save_png(last_conv_filters(convs[-1][1], scale=args.scale), out / f"{args.prefix}last_conv_filters.png")]
-    weight_histograms(params, out / f"{args.prefix}weight_histograms.png", title=str(args.checkpoint))
-    written.append(out / f"{args.prefix}weight_histograms.png")
+    png = lambda what: out / f"{args.prefix}{what}.png"  # noqa: E731
+    written = [save_png(first_layer_filters(convs[0][1], scale=args.scale), png("first_layer_filters")),
+               save_png(last_conv_filters(convs[-1][1], scale=args.scale), png("last_conv_filters"))]
+    weight_histograms(params, png("weight_histograms"), title=str(args.checkpoint))
+    written.append(png("weight_histograms"))
     relus = [n for n, leaf in nets.leaves(net.layer) if leaf.kind == "ReLU"]
     chosen = args.layers or [relus[0], [n for n in relus if n.startswith("features")][-1]]
     try:
