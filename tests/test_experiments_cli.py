@@ -1,5 +1,6 @@
 """The command lines: --help of every entry point, a run / resume / evaluate cycle on a generated
 data set, the missing-data message, and a smoke run on real CIFAR-10 when CIFAR10_DIR is set."""
+import io
 import json
 import os
 import subprocess
@@ -109,3 +110,14 @@ def test_smoke_run_on_a_real_cifar_subset_loss_falls_and_every_output_appears(tm
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[1]["train_loss"] < rows[0]["train_loss"]
     assert 0.0 <= rows[1]["test_accuracy"] <= 1.0
+
+
+def test_benchmark_reports_images_per_second_for_every_speed_option():
+    args = cifar_common.build_parser("cifar_model_a", "A").parse_args(
+        ["--benchmark", "1", "--batch-size", "8", "--device", "cpu"])
+    err = io.StringIO()
+    rates = cifar_common.benchmark(cifar_common.resolve_config("cifar_model_a", args), args.benchmark,
+                                   rounds=1, stream=err)
+    assert set(rates) == {"fp32", "channels_last", "bf16", "bf16+channels_last"}
+    assert all(r > 0 for r in rates.values())
+    assert "median img/s over 1 rounds of 1 steps, batch 8" in err.getvalue()
