@@ -53,6 +53,7 @@ import optim
 from layers import random as lr
 
 from . import caltech_data as cd
+from . import engine
 from . import feature_cache as fc
 from .data import cache_dir
 
@@ -234,13 +235,56 @@ def run(args: argparse.Namespace, stream=None) -> dict:
     return results
 
 
+def benchmark(steps: int = 5, *, crop: int = 64, batch_size: int = 8, dropout: str = "eval",
+              stream=None) -> dict:
+    """Seconds per head-training step through the frozen VGG16 (``optim.freeze``, gradients of
+    the whole net as ``engine.make_step`` takes them) and on cached features, and seconds per
+    image to compute the features once; random weights and images, ``crop x crop`` inputs."""
+    stream = sys.stderr if stream is None else stream
+    g = torch.Generator().manual_seed(0)
+    net = nets.vgg16(num_classes=256)
+    params = {k: torch.randn(s, generator=g) * (0.01 if len(s) == 2 else 0.05 if len(s) == 4 else 0)
+              for k, s in net.layer.param_shapes.items()}
+    x = torch.randn(batch_size, 3, crop, crop, generator=g)
+    y = torch.randint(0, 256, (batch_size,), generator=g)
+    through_net = net if dropout == "train" else nets.vgg16(num_classes=256, dropout=0.0)
+    frozen = {k: v for k, v in params.items() if k not in HEAD}
+    head = fc.suffix_net(net, CUT[dropout], frozen)
+    prefix = fc.prefix_apply(net, CUT[dropout])
+
+    def timed(fn):
+        fn(0)                                                   # warm-up
+        t0 = time.perf_counter()
+        for i in range(1, steps + 1):
+            fn(i)
+        return (time.perf_counter() - t0) / steps
+
+    step_net = engine.make_step(through_net, frozen_optimizer(), layers.cross_entropy)
+    opt_state = frozen_optimizer().init(params)
+    t_net = timed(lambda i: step_net(params, {}, opt_state, (x, y), lr.key(i))[3]["loss"].item())
+    t_feat = timed(lambda i: prefix(params, {}, x).sum().item()) / batch_size
+    feats = prefix(params, {}, x)
+    step_head = engine.make_step(head, head_optimizer(), layers.cross_entropy)
+    p_head = {k: params[k] for k in HEAD}
+    h_state = head_optimizer().init(p_head)
+    t_head = timed(lambda i: step_head(p_head, {}, h_state, (feats, y), lr.key(i))[3]["loss"].item())
+    out = {"crop": crop, "batch_size": batch_size, "dropout": dropout, "threads": torch.get_num_threads(),
+           "through_net_s_per_step": t_net, "cached_s_per_step": t_head,
+           "features_s_per_image": t_feat, "speedup_per_step": t_net / t_head}
+    print(f"head step, batch {batch_size} at {crop}x{crop}, dropout {dropout}: through the frozen "
+          f"net {t_net:.3f} s, on cached features {t_head * 1e3:.2f} ms ({t_net / t_head:.0f}x); "
+          f"features once: {t_feat:.3f} s per image", file=stream)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.caltech_vgg16_transfer",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See docs/transfer.md.")
     a = p.add_argument
-    a("--data", required=True, help="Caltech-256 folder (holding 256_ObjectCategories/ or being it)")
+    a("--data", help="Caltech-256 folder (holding 256_ObjectCategories/ or being it); required "
+                     "unless --benchmark")
     a("--weights", help="torchvision VGG16 .pth (default: torch hub cache, else download)")
     a("--offline", action="store_true", help="never download the weights")
     a("--clutter", action="store_true", help="keep class 257.clutter (left out by default)")
@@ -261,11 +305,24 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cache-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
       help="dtype of the cached features (default: float32)")
     a("--out", help="folder for results.json and the trained head")
+    a("--benchmark", type=int, metavar="STEPS",
+      help="time STEPS head steps through the frozen net vs on cached features (random weights, "
+           "--crop sized images, --batch-size), then exit")
+    a("--threads", type=int, help="torch CPU threads (default: torch's)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.benchmark:
+        print(json.dumps(benchmark(args.benchmark, crop=args.crop, batch_size=args.batch_size,
+                                   dropout=args.dropout)))
+        return 0
+    if not args.data:
+        parser.error("--data is required (unless --benchmark)")
     try:
         results = run(args)
     except (WeightsNotFoundError, FileNotFoundError, ValueError) as err:
