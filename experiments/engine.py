@@ -356,7 +356,7 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train: Dataset, val: Da
     params, state = net.init(keys["init"])
     opt_state = opt.init(params)
     if resume:
-        tree, progress, saved = load_run(run_dir, like={"params": params, "state": state,
+        tree, progress, _ = load_run(run_dir, like={"params": params, "state": state,
                                                         "opt_state": opt_state, "key": keys["train"]})
         params, state, opt_state = tree["params"], tree["state"], tree["opt_state"]
         if not torch.equal(tree["key"], keys["train"]):

@@ -1,7 +1,6 @@
 """The training engine: the pure step, eval, speed options, resume, NaN guard, Ctrl-C, outputs."""
 import io
 import json
-from functools import partial
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ from hypothesis import strategies as st
 from torch.utils import _pytree as pytree
 
 import layers
-import nets
 import optim
 from experiments import engine
 from experiments.data import Dataset
