@@ -87,7 +87,7 @@ def build_parser(model: str, description: str) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Recipes: " + "; ".join(
                                     f"{r}: " + ", ".join(f"{k}={v}" for k, v in sorted(cfg.items())
-                                                         if k not in _COMMON)
+                                                         if _COMMON.get(k, object()) != v)
                                     for r, cfg in RECIPES[model].items()))
     a = p.add_argument
     a("--recipe", choices=sorted(RECIPES[model]), default="fast",
