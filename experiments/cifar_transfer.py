@@ -61,7 +61,8 @@ from .feature_cache import block_ends
 from .data import CIFAR10_CLASSES, Dataset, DataNotFoundError, cache_dir, find_data_dir, load_cifar10
 
 __all__ = ["CLASSES_A", "CLASSES_B", "WIDTHS", "RECIPE", "METHODS", "small_vgg16", "block_ends",
-           "split_by_class", "draw_per_class", "block_features", "run_study", "format_table", "main"]
+           "split_by_class", "draw_per_class", "block_features", "run_study", "format_table",
+           "plot_transferability", "main"]
 
 CLASSES_A = CIFAR10_CLASSES[:5]
 CLASSES_B = CIFAR10_CLASSES[5:]
@@ -309,6 +310,7 @@ def run_study(train: Dataset, test: Dataset, out: str | Path, *, shots: Sequence
                     f" train {100 * train_acc:.2f}%, {time.perf_counter() - t1:.1f} s")
     table = format_table(results, shots, methods)
     (out / "table.md").write_text(table + "\n")
+    plot_transferability(results, shots, out / "transferability.png")
     log(table)
     return results
 
@@ -337,6 +339,43 @@ def format_table(results: dict, shots: Sequence[int], methods: Sequence[str] = M
             cells += [fmt([g["accuracy"] for g in got]), fmt([g["train_accuracy"] for g in got])]
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def plot_transferability(results: dict, shots: Sequence[int], path: str | Path) -> None:
+    """Test accuracy of the linear probe on each block (mean and std over draws), one line per
+    ``n``, with the fine-tuned and from-scratch nets as dashed / dotted levels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def acc(n, method):
+        got = [100 * v["accuracy"] for k, v in results.items()
+               if k.startswith(f"n{n}-d") and k.endswith(f"-{method}")]
+        return (statistics.fmean(got), statistics.stdev(got) if len(got) > 1 else 0.0) if got else None
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for i, n in enumerate(shots):
+        color = f"C{i}"
+        pts = [(k, acc(n, f"probe-block{k}")) for k in range(1, 6)]
+        pts = [(k, a) for k, a in pts if a is not None]
+        if pts:
+            ax.errorbar([k for k, _ in pts], [a[0] for _, a in pts], yerr=[a[1] for _, a in pts],
+                        fmt="o-", color=color, capsize=3, label=f"linear probe, {n}/class")
+        for method, style in (("fine-tune", "--"), ("scratch", ":")):
+            a = acc(n, method)
+            if a is not None:
+                ax.axhline(a[0], color=color, linestyle=style, linewidth=1,
+                           label=f"{method}, {n}/class")
+    ax.set_xlabel("block of small_vgg16 pretrained on A (globally pooled output)")
+    ax.set_ylabel("test accuracy on B (%)")
+    ax.set_xticks(range(1, 6))
+    ax.set_title("CIFAR-10 A -> B: transferability per block")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
