@@ -38,7 +38,7 @@ from nets.compose import Flatten, Linear, ReLU, as_net, serial
 
 from . import caltech_data as cd
 from . import feature_cache as fc
-from .caltech_vgg16_transfer import WeightsNotFoundError, read_weights, resolve_weights
+from .caltech_vgg16_transfer import WeightsNotFoundError, resolve_weights
 from .data import cache_dir
 
 __all__ = ["report_head", "linear_probe", "block_features", "run", "build_parser", "main"]
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace, stream=None) -> dict:
                                test_per_class=args.test_per_class, seed=args.seed)
     k = len(split.classes)
     weights = resolve_weights(args.weights, download=not args.offline)
-    params, state = read_weights(weights, truncate_after_block=5)
+    params, state = nets.load_torchvision_weights(weights, truncate_after_block=5)
     net = nets.vgg16(batch_norm=bool(state), truncate_after_block=5)
     cache = None if args.no_cache else Path(args.feature_cache or cache_dir() / "features")
     common = dict(flat_blocks=tuple(args.heads), flat_dtype=getattr(torch, args.cache_dtype),

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import sys
 import time
 import urllib.error
@@ -58,7 +57,7 @@ from . import feature_cache as fc
 from .data import cache_dir
 
 __all__ = ["VGG16_URL", "VGG16_FILE", "HEAD", "CUT", "WeightsNotFoundError", "resolve_weights",
-           "read_weights", "pretrained_vgg16", "frozen_mask", "head_optimizer", "frozen_optimizer",
+           "pretrained_vgg16", "frozen_mask", "head_optimizer", "frozen_optimizer",
            "train_head_on_features", "run", "build_parser", "main"]
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -114,22 +113,11 @@ def resolve_weights(path: str | Path | None = None, *, hub_dir: str | Path | Non
                                "torchvision vgg16 state dict), or put the file in the hub cache.")
 
 
-def read_weights(path: str | Path, **kwargs):
-    """:func:`nets.load_torchvision_weights`, with a damaged file (not a zip / pickle, truncated)
-    reported as a ValueError naming it instead of torch.load's own exception."""
-    try:
-        return nets.load_torchvision_weights(path, **kwargs)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise ValueError(f"read_weights: expected {path} to be a torchvision VGG16 state dict "
-                         f"(.pth), but torch.load could not read it: "
-                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
-
-
 def pretrained_vgg16(weights: str | Path, num_classes: int = 256, *, seed: int = 0):
     """``(net, params, state)``: ``nets.vgg16(num_classes)`` with the checkpoint's parameters and
     a fresh last layer (``classifier.6``, torchvision's ``N(0, 0.01)`` init from ``key(seed)``)
     when ``num_classes`` differs from the checkpoint's."""
-    loaded, state = read_weights(weights, num_classes=num_classes)
+    loaded, state = nets.load_torchvision_weights(weights, num_classes=num_classes)
     batch_norm = any(k.endswith("running_mean") for k in state)
     net = nets.vgg16(num_classes=num_classes, batch_norm=batch_norm)
     missing = [k for k in net.layer.param_shapes if k not in loaded]

@@ -25,13 +25,32 @@ from .vgg16 import vgg16
 _HEAD = ("classifier.6.weight", "classifier.6.bias")
 
 
+def _last_reason(err):
+    """The most specific line of torch.load's (long) unpickling message."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    specific = [line for line in lines if "error" in line.lower() or "unsupported" in line.lower()]
+    return (specific or lines or [type(err).__name__])[-1]
+
+
 def _read_state_dict(path, where):
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        refused = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
+        if not refused:   # not a pickle of allowed objects at all: garbage bytes, say
+            raise ValueError(f"{where}: expected {path} to be a torchvision VGG16 state dict "
+                             f"(.pth), but torch.load could not read it: {_last_reason(err)}"
+                             ) from err
         raise ValueError(f"{where}: expected {path} to hold a plain state dict of tensors; it "
                          f"carries other pickled objects, which are refused (torch.load with "
-                         f"weights_only=True said: {str(err).splitlines()[0]})") from err
+                         f"weights_only=True said: {refused[0]})") from err
+    except (RuntimeError, EOFError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        # Truncated zip archives and empty files surface as these.
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{where}: expected {path} to be a torchvision VGG16 state dict (.pth), "
+                         f"but torch.load could not read it: {reason}") from err
     if not isinstance(sd, dict):
         raise ValueError(f"{where}: expected {path} to hold a state dict (a dict of tensors), "
                          f"got {type(sd).__name__}")
@@ -63,8 +82,9 @@ def load_torchvision_weights(path, *, num_classes: Optional[int] = None,
       saved without ``num_batches_tracked`` gets zeros there.
 
     Raises:
-      ValueError: the file carries pickled non-tensor objects, or its keys or shapes are not those
-        of a VGG16 (the message lists missing, unexpected and mis-shaped keys).
+      ValueError: the file is damaged (truncated, not a torch file), carries pickled non-tensor
+        objects, or its keys or shapes are not those of a VGG16 (the message lists missing,
+        unexpected and mis-shaped keys).
     """
     where = "load_torchvision_weights"
     if batch_norm is not None and not isinstance(batch_norm, bool):

@@ -135,6 +135,18 @@ def test_loader_refuses_non_tensor_entries_and_non_dict_files(tmp_path):
         nets.load_torchvision_weights(tmp_path / "b.pth")
 
 
+@pytest.mark.parametrize("damage", ["empty", "garbage", "truncated"])
+def test_loader_reports_a_damaged_file_by_name(tmp_path, damage):
+    good = tmp_path / "good.pth"
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, good)
+    path = tmp_path / f"{damage}.pth"
+    data = {"empty": b"", "garbage": b"not a torch file at all" * 10,
+            "truncated": good.read_bytes()[: good.stat().st_size // 2]}[damage]
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=rf"{damage}\.pth to be a torchvision VGG16 state dict"):
+        nets.load_torchvision_weights(path)
+
+
 def test_loader_lists_missing_unexpected_and_misshaped_keys(tmp_path):
     shapes = nets.vgg16().layer.param_shapes
     sd = {k: torch.zeros(s) for k, s in shapes.items() if k not in ("classifier.0.weight",
