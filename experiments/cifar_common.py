@@ -198,8 +198,8 @@ def build_optimizer(cfg: dict, steps_per_epoch: int):
     if cfg["schedule"] == "onecycle" and total < 4:  # too short to warm up and anneal
         lr = cfg["lr"]
     elif cfg["schedule"] == "onecycle":
-        # The warm-up must span >= 2 steps: like torch's OneCycleLR, one_cycle_schedule divides
-        # by (pct_start * total - 1), zero for a 1-step warm-up (smoke runs with a few steps).
+        # The warm-up must span >= 2 steps (one_cycle_schedule refuses an empty phase, as
+        # torch's OneCycleLR cannot run one): smoke runs have only a few steps.
         pct = max(cfg["pct_start"], 2.0 / total)
         lr = optim.one_cycle_schedule(cfg["lr"], total, pct_start=pct,
                                       anneal_strategy="linear", div_factor=cfg["div_factor"],

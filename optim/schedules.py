@@ -159,6 +159,15 @@ def one_cycle_schedule(max_lr: float, total_steps: int, pct_start: float = 0.3,
         phases = [(float(pct_start * total_steps) - 1, initial, max_lr),
                   (total_steps - 1, max_lr, minimum)]
 
+    # torch's OneCycleLR divides by each phase's length and fails with ZeroDivisionError on an
+    # empty phase (e.g. pct_start * total_steps == 1); say which condition fails instead.
+    ends = [0.0] + [end for end, _, _ in phases]
+    if any(b == a for a, b in zip(ends, ends[1:])):
+        raise ValueError(f"{fn}: expected no phase of zero steps (torch's OneCycleLR divides by "
+                         f"each phase's length), got phase ends "
+                         f"{[round(e, 6) for e in ends[1:]]} from pct_start={pct_start}, "
+                         f"total_steps={total_steps}")
+
     def anneal(start: float, end: float, pct: float) -> float:
         if anneal_strategy == "cos":
             return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)

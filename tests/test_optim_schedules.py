@@ -134,3 +134,9 @@ def test_invalid_schedule_arguments_raise_value_error(make, match):
 def test_non_numeric_schedule_value_raises_type_error():
     with pytest.raises(TypeError, match=r"exponential_schedule: expected gamma to be a real number, got str"):
         optim.exponential_schedule(1.0, "0.9")
+
+
+@pytest.mark.parametrize("total,pct,three_phase", [(10, 0.1, False), (5, 0.2, True), (2, 0.5, False)])
+def test_one_cycle_with_an_empty_phase_is_a_clear_error_not_a_zero_division(total, pct, three_phase):
+    with pytest.raises(ValueError, match="expected no phase of zero steps"):
+        optim.one_cycle_schedule(1.0, total, pct_start=pct, three_phase=three_phase)
