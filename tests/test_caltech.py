@@ -33,13 +33,7 @@ SEEDS = st.integers(0, 2**31 - 1)
 COUNTS = {"001.ak47": 45, "002.american-flag": 41, "003.backpack": 40, "257.clutter": 50}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors on a shared 2-core CPU: one thread avoids OpenMP spin-waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from layers import random as lr
 SEEDS = st.integers(0, 2**31 - 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors on a shared 2-core CPU: one thread avoids OpenMP spin-waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_split_by_class_keeps_only_the_halfs_images_relabelled_in_order():

@@ -155,31 +155,6 @@ def test_donated_step_writes_only_its_own_temporaries_when_a_mask_passes_grads_t
     run_pure_and_donated(MIXED_OWNERSHIP[name](), params, seed=5)
 
 
-@pytest.mark.parametrize("make_ours, make_torch", [
-    (lambda: optim.sgd(0.05, momentum=0.9, nesterov=True),
-     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, foreach=True)),
-    (lambda: optim.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, maximize=True),
-     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                               maximize=True, foreach=True)),
-    (lambda: optim.adam(1e-2, weight_decay=1e-2, amsgrad=True, maximize=True),
-     lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2, amsgrad=True, maximize=True, foreach=True)),
-    (lambda: optim.adamw(1e-2, weight_decay=0.1, amsgrad=True),
-     lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, amsgrad=True, foreach=True)),
-])
-def test_donated_step_is_bit_identical_to_torch_foreach_step_in_float64(make_ours, make_torch):
-    g = torch.Generator().manual_seed(0)
-    params = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in SHAPES.items()}
-    tparams = [torch.nn.Parameter(p.clone()) for p in params.values()]
-    opt, topt = make_ours(), make_torch(tparams)
-    state = opt.init(params)
-    for _ in range(30):
-        grads = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in params.items()}
-        for tp, gr in zip(tparams, grads.values()):
-            tp.grad = gr.clone()
-        topt.step()
-        params, state = optim.step(opt, grads, state, params, donate=True)
-    for ours, theirs in zip(params.values(), tparams):
-        assert torch.equal(ours, theirs.detach())
 
 
 def test_donated_nesterov_step_never_writes_grads_although_torch_writes_its_grads():

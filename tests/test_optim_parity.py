@@ -185,13 +185,21 @@ def test_adam_trajectory_equals_torch_adam(name, data):
                lambda groups: theirs(groups, lr=lr, foreach=True, **kw), lr)
 
 
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
 @pytest.mark.parametrize("make_ours, make_torch", [
     (lambda: optim.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
      lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, foreach=True)),
     (lambda: optim.adamw(1e-2, weight_decay=0.1, amsgrad=True),
      lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, amsgrad=True, foreach=True)),
+    (lambda: optim.sgd(0.05, momentum=0.9, nesterov=True),
+     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, foreach=True)),
+    (lambda: optim.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, maximize=True),
+     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                               maximize=True, foreach=True)),
+    (lambda: optim.adam(1e-2, weight_decay=1e-2, amsgrad=True, maximize=True),
+     lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2, amsgrad=True, maximize=True, foreach=True)),
 ])
-def test_fused_step_is_bit_identical_to_torch_foreach_step_in_float64(make_ours, make_torch):
+def test_fused_step_is_bit_identical_to_torch_foreach_step_in_float64(make_ours, make_torch, donate):
     g = torch.Generator().manual_seed(0)
     params = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in SHAPES.items()}
     tparams = [torch.nn.Parameter(p.clone()) for p in params.values()]
@@ -202,6 +210,6 @@ def test_fused_step_is_bit_identical_to_torch_foreach_step_in_float64(make_ours,
         for tp, gr in zip(tparams, grads.values()):
             tp.grad = gr.clone()
         topt.step()
-        params, state = optim.step(opt, grads, state, params)
+        params, state = optim.step(opt, grads, state, params, donate=donate)
     for ours, theirs in zip(params.values(), tparams):
         assert torch.equal(ours, theirs.detach())
