@@ -1,7 +1,7 @@
 """Speed, measured side by side: the pure training step against the torch.nn + torch.optim loop.
 
     python -m experiments.bench [--quick] [--models a,b,c] [--reps N] [--device auto|cpu|cuda]
-                                [--out docs/performance.md | --no-write]
+                                [--allocator retain|default] [--out docs/performance.md | --no-write]
 
 In one process, for each of Models A, B and C at batch 128 on 32x32 inputs, it times a training
 step (forward, cross-entropy with label smoothing 0.1, backward, SGD with Nesterov momentum 0.9
@@ -24,6 +24,11 @@ weights) and a multiply-add is 2 FLOPs, so ``step FLOPs = 6 * nets.summary(...).
 It also measures each layer's forward + backward time (explicit against fast formulation,
 :mod:`experiments.bench_layers`) and the data pipeline's throughput against a torchvision
 DataLoader (:mod:`experiments.bench_pipeline`), then writes everything to docs/performance.md.
+
+Allocator: by default the process first calls :func:`experiments.cpu_allocator.retain_freed_memory`,
+as the CIFAR experiments do, so that no configuration page-faults its tensors in every step;
+``--allocator default`` keeps glibc's policy (the pure step, which allocates fresh parameters and
+optimizer state every step, loses the most there).
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ import nets
 import optim
 from layers import random as lr
 
-from . import engine
+from . import cpu_allocator, engine
 from .bench_layers import bench_layers
 from .bench_pipeline import bench_pipeline
 from .bench_reference import ReferenceLoop, reference_module
@@ -223,7 +228,7 @@ def targets(steps: dict[str, list[dict]], pipeline: dict[str, float]) -> list[tu
 
 
 def render(*, command: str, info: dict, peaks: dict, step_peaks: dict, steps: dict, layer_rows: list, pipeline: dict,
-           batch: int, rounds: int, seconds: float) -> str:
+           batch: int, rounds: int, seconds: float, retained: bool = False) -> str:
     """docs/performance.md: tables, targets, machine, command."""
     lines = ["# Performance", "",
              "Measured by `experiments/bench.py`; every number below comes from this command, run "
@@ -237,6 +242,13 @@ def render(*, command: str, info: dict, peaks: dict, step_peaks: dict, steps: di
              f"run interleaved, one step each per round, for {rounds} rounds, and each reports its "
              "median. Background load on shared cores hits all configurations alike, so the "
              "*ratios* are the robust numbers; absolute images/s move with the load.", "",
+             "Allocator: " + ("freed memory retained in the process, as the experiments run "
+                              "(`experiments/cpu_allocator.py`: glibc serves every block from the "
+                              "heap and never trims it, so no step page-faults its memory in)."
+                              if retained else
+                              "the C library's default policy (glibc `mmap`s each block above its "
+                              "threshold and unmaps it on free: every step page-faults its large "
+                              "tensors in again)."), "",
              "## Matmul peak", "",
              "Square matmuls (2 n^3 FLOPs each): the best of several at the start of the run, and "
              "the median of the ones run inside each model's interleaved rounds (the same load as "
@@ -323,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", default="",
                    help="comma list of parts to leave out: steps, layers, pipeline, compile")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    p.add_argument("--allocator", choices=("retain", "default"), default="retain",
+                   help="retain: keep freed memory in the process, as the experiments do "
+                        "(experiments/cpu_allocator.py; glibc only); default: glibc's own policy")
     p.add_argument("--out", default="docs/performance.md", help="where to write the report")
     p.add_argument("--no-write", action="store_true", help="only print the report")
     return p
@@ -332,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
+    retained = args.allocator == "retain" and cpu_allocator.retain_freed_memory()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     device = engine.resolve_device(args.device)
@@ -365,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m experiments.bench" + "".join(" " + shlex.quote(a) for a in argv)
     text = render(command=command, info=info, peaks=peaks, step_peaks=step_peaks, steps=steps, layer_rows=layer_rows,
                   pipeline=pipeline, batch=args.batch, rounds=rounds,
-                  seconds=time.perf_counter() - start)
+                  seconds=time.perf_counter() - start, retained=retained)
     print(text)
     if not args.no_write:
         out = Path(args.out)

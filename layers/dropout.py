@@ -10,7 +10,9 @@ def dropout(x, *, p, train, key=None, impl=None):
     """Zero each element with probability ``p`` and scale survivors by ``1 / (1 - p)``.
 
     ``y = x * m / (1 - p)`` with ``m ~ Bernoulli(1 - p)`` drawn elementwise from ``key``
-    (``layers.random.bernoulli(key, 1 - p, x.shape)``), so ``E[y] = x``. ``p = 1`` gives exact
+    (``layers.random.bernoulli(key, 1 - p, x.shape, resolution_bits=16)``: two draws per hashed
+    32-bit word, the keep probability rounded to a multiple of ``2**-16``), so ``E[y] = x`` up to
+    that rounding (at most ``7.7e-6``; the scale is the exact ``1 / (1 - p)``). ``p = 1`` gives exact
     zeros (no ``0 / 0``, even for infinite ``x``); ``train=False`` or ``p = 0`` returns ``x`` unchanged. The same key gives
     the same mask, in both formulations and on every device.
 
@@ -41,7 +43,7 @@ def dropout(x, *, p, train, key=None, impl=None):
         # Select, never multiply: inf * 0 would be NaN, and so would the gradient of x / 0.
         return torch.where(torch.zeros_like(x, dtype=torch.bool), x, zero)
     keep_prob = 1.0 - p
-    keep = _random.bernoulli(key, keep_prob, x.shape, device=x.device)
+    keep = _random.bernoulli(key, keep_prob, x.shape, device=x.device, resolution_bits=16)
 
     if impl == "fast":
         return x * (keep.to(x.dtype) * (1.0 / keep_prob))      # one fused multiply by the scaled mask

@@ -119,6 +119,26 @@ def fold_in(key: Key, data: Union[int, torch.Tensor]) -> Key:
     return _hash(k0, key[1] ^ _FOLD, counter)
 
 
+def _hashed(key: Key, n: int, device: torch.device, finish=None) -> torch.Tensor:
+    """Words ``_hash(key, 0 .. n-1)`` as a flat int64 tensor, or ``finish(words)`` of them.
+
+    ``finish`` maps a flat block of words to a flat block of outputs; it is applied chunk by
+    chunk on the CPU, while the words are still in cache.
+    """
+    key = key.to(device)
+    k0, k1 = key[0], key[1]
+    finish = finish or (lambda words: words)
+    if device.type != "cpu" or n <= _CHUNK or torch.compiler.is_compiling():
+        return finish(_hash(k0, k1, torch.arange(n, dtype=torch.int64, device=device)))
+    # On the CPU, hash in chunks of 2**17: each of the ~30 integer passes then stays in cache and
+    # still splits over the threads. On the 2-core machine the three dropout masks of a Model B
+    # step (3.7M words) took 19 ms this way against 44 ms whole-tensor and 46 ms in 2**14 chunks
+    # (too many small dispatches); F.dropout on the same tensors took 27 ms.
+    return torch.cat([finish(_hash(k0, k1, torch.arange(start, min(n, start + _CHUNK),
+                                                        dtype=torch.int64)))
+                      for start in range(0, n, _CHUNK)])
+
+
 def bits(key: Key, shape: Shape, *, device: Union[str, torch.device, None] = None) -> torch.Tensor:
     """Uniform 32-bit words, int64 tensor of ``shape`` with values in [0, 2**32)."""
     check_key(key, "random.bits")
@@ -127,18 +147,7 @@ def bits(key: Key, shape: Shape, *, device: Union[str, torch.device, None] = Non
     n = math.prod(shape)
     if n >= 2**32:
         raise ValueError(f"random.bits: at most 2**32 numbers per key, asked for {n}; split the key")
-    key = key.to(device)
-    k0, k1 = key[0], key[1]
-    if device.type != "cpu" or n <= _CHUNK or torch.compiler.is_compiling():
-        counter = torch.arange(n, dtype=torch.int64, device=device)
-        return _hash(k0, k1, counter).reshape(shape)
-    # On the CPU, hash in chunks of 2**17: each of the ~30 integer passes then stays in cache and
-    # still splits over the threads. On the 2-core machine the three dropout masks of a Model B
-    # step (3.7M words) took 19 ms this way against 44 ms whole-tensor and 46 ms in 2**14 chunks
-    # (too many small dispatches); F.dropout on the same tensors took 27 ms.
-    chunks = [_hash(k0, k1, torch.arange(start, min(n, start + _CHUNK), dtype=torch.int64))
-              for start in range(0, n, _CHUNK)]
-    return torch.cat(chunks).reshape(shape)
+    return _hashed(key, n, device).reshape(shape)
 
 
 def uniform(key: Key, shape: Shape = (), *, dtype: torch.dtype = torch.float32,
@@ -165,15 +174,44 @@ def uniform(key: Key, shape: Shape = (), *, dtype: torch.dtype = torch.float32,
 
 
 def bernoulli(key: Key, p: Union[float, torch.Tensor], shape: Shape,
-              *, device: Union[str, torch.device, None] = None) -> torch.Tensor:
-    """Bool tensor of ``shape``, each element True with probability ``p`` (compared at 32 bits)."""
+              *, device: Union[str, torch.device, None] = None,
+              resolution_bits: int = 32) -> torch.Tensor:
+    """Bool tensor of ``shape``, each element True with probability ``p``.
+
+    ``resolution_bits=32`` (the default): element ``i`` is ``bits[i] < round(p * 2**32)``.
+    ``resolution_bits=16``: each 32-bit word makes two draws, element ``2j`` from its low half
+    and ``2j + 1`` from its high half, ``half < round(p * 2**16)``: half the hashing, and the
+    probability is ``p`` rounded to a multiple of ``2**-16`` (off by at most ``7.7e-6``).
+    Both are exact for ``p = 0`` (never) and ``p = 1`` (always).
+    """
     if isinstance(p, (int, float)) and not 0.0 <= p <= 1.0:
         raise ValueError(f"random.bernoulli: expected p in [0, 1], got {p}")
-    words = bits(key, shape, device=device)
-    # True when word < p * 2**32: exact for p = 0 (never) and p = 1 (always).
+    if resolution_bits not in (16, 32):
+        raise ValueError(f"random.bernoulli: expected resolution_bits 16 or 32, got {resolution_bits!r}")
+    if resolution_bits == 32:
+        words = bits(key, shape, device=device)
+        if isinstance(p, (int, float)):
+            return words < round(p * 4294967296.0)
+        return words.to(torch.float64) < (p * 4294967296.0)
+    check_key(key, "random.bernoulli")
+    shape = _shape(shape)
+    device = key.device if device is None else torch.device(device)
+    n = math.prod(shape)
+    if n >= 2**33:
+        raise ValueError(f"random.bernoulli: at most 2**33 draws per key at 16 bits, asked for {n}; "
+                         "split the key")
     if isinstance(p, (int, float)):
-        return words < round(p * 4294967296.0)
-    return words.to(torch.float64) < (p * 4294967296.0)
+        threshold = round(p * 65536.0)
+    else:
+        if p.dim() != 0:
+            raise ValueError("random.bernoulli: resolution_bits=16 takes a scalar p, got a tensor "
+                             f"of shape {tuple(p.shape)}")
+        threshold = p.to(torch.float64) * 65536.0
+
+    def two_draws(words):   # (m,) words -> (2m,) draws: low half, high half, interleaved
+        return torch.stack([(words & 0xFFFF) < threshold, (words >> 16) < threshold], dim=-1).reshape(-1)
+
+    return _hashed(key, (n + 1) // 2, device, two_draws)[:n].reshape(shape)
 
 
 def normal(key: Key, shape: Shape = (), *, dtype: torch.dtype = torch.float32,

@@ -26,7 +26,7 @@ def test_dropout_output_is_mask_times_x_over_keep_prob_and_formulations_agree(p,
     if p == 0.0:
         assert torch.equal(y, x)
         return
-    keep = lr.bernoulli(key, 1.0 - p, x.shape)
+    keep = lr.bernoulli(key, 1.0 - p, x.shape, resolution_bits=16)
     expect = torch.where(keep, x / (1.0 - p), torch.zeros((), dtype=dtype)) if p < 1 else torch.zeros_like(x)
     torch.testing.assert_close(y, expect, rtol=2 * torch.finfo(dtype).eps, atol=0)
 
@@ -67,7 +67,7 @@ def test_dropout_gradient_equals_mask_over_keep_prob(impl, p):
     x = torch.randn(6, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     key = lr.key(11)
     g = grad(lambda x: layers.dropout(x, p=p, train=True, key=key, impl=impl).sum())(x)
-    mask = lr.bernoulli(key, 1 - p, x.shape).to(torch.float64)
+    mask = lr.bernoulli(key, 1 - p, x.shape, resolution_bits=16).to(torch.float64)
     torch.testing.assert_close(g, mask / (1 - p), rtol=1e-15, atol=0)
 
 

@@ -108,7 +108,7 @@ def _jac_cases(impl):
         ("batch_norm", lambda x: layers.batch_norm(p_bn, st, x, train=True, impl=impl)[0],
          lambda x: F.batch_norm(x, None, None, p_bn["weight"], p_bn["bias"], training=True), x4),
         ("dropout", lambda x: layers.dropout(x, p=0.5, train=True, key=key, impl=impl),
-         lambda x: x * lr.bernoulli(key, 0.5, x.shape).to(D) * 2, x4),
+         lambda x: x * lr.bernoulli(key, 0.5, x.shape, resolution_bits=16).to(D) * 2, x4),
         ("relu", lambda x: layers.relu(x, impl=impl), torch.relu, x4),
         ("flatten", lambda x: layers.flatten(x, impl=impl), lambda x: torch.flatten(x, 1), x4),
         ("log_softmax", lambda x: layers.log_softmax(x, 1, impl=impl), lambda x: F.log_softmax(x, 1), x4),

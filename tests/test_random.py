@@ -88,19 +88,45 @@ def test_truncated_normal_stays_in_bounds():
 
 
 @settings(deadline=None, max_examples=30)
-@given(seed=seeds, p=st.floats(0.0, 1.0))
-def test_bernoulli_rate_is_within_six_sigma(seed, p):
+@given(seed=seeds, p=st.floats(0.0, 1.0), resolution=st.sampled_from([16, 32]))
+def test_bernoulli_rate_is_within_six_sigma(seed, p, resolution):
     n = 20_000
-    m = jr.bernoulli(jr.key(seed), p, (n,))
+    m = jr.bernoulli(jr.key(seed), p, (n,), resolution_bits=resolution)
     assert m.dtype == torch.bool
     sigma = math.sqrt(n * p * (1 - p))
+    # 16-bit draws use p rounded to a multiple of 2**-16: at most n * 2**-17 = 0.15 off in mean
     assert abs(m.sum().item() - n * p) <= 6 * sigma + 1
 
 
-def test_bernoulli_extremes_are_exact():
+@pytest.mark.parametrize("resolution", [16, 32])
+def test_bernoulli_extremes_are_exact(resolution):
     k = jr.key(0)
-    assert not jr.bernoulli(k, 0.0, (10_000,)).any()
-    assert jr.bernoulli(k, 1.0, (10_000,)).all()
+    assert not jr.bernoulli(k, 0.0, (10_001,), resolution_bits=resolution).any()
+    assert jr.bernoulli(k, 1.0, (10_001,), resolution_bits=resolution).all()
+
+
+@settings(deadline=None, max_examples=15)
+@given(seed=seeds, p=st.floats(0.0, 1.0),
+       shape=st.sampled_from([(1,), (7,), (3, 5), (2, 3, 1 << 16), ((1 << 18) + 3,)]))
+def test_bernoulli_16_bit_draws_are_the_halves_of_the_hashed_words(seed, p, shape):
+    # The spec: draw 2j compares the low 16 bits of word j, draw 2j + 1 its high 16 bits, with
+    # threshold round(p * 2**16). Shapes past the CPU chunk (2**17 words) and odd counts included.
+    k = jr.key(seed)
+    n = math.prod(shape)
+    words = jr.bits(k, ((n + 1) // 2,))
+    halves = torch.stack([words & 0xFFFF, words >> 16], dim=-1).reshape(-1)[:n]
+    expected = (halves < round(p * 65536)).reshape(shape)
+    assert torch.equal(jr.bernoulli(k, p, shape, resolution_bits=16), expected)
+    # a 0-d tensor p gives the same draws as the float
+    got = jr.bernoulli(k, torch.tensor(p, dtype=torch.float64), shape, resolution_bits=16)
+    assert torch.equal(got, halves.to(torch.float64).reshape(shape) < p * 65536)
+
+
+def test_bernoulli_rejects_other_resolutions_and_vector_p_at_16_bits():
+    with pytest.raises(ValueError, match="resolution_bits 16 or 32, got 8"):
+        jr.bernoulli(jr.key(0), 0.5, (3,), resolution_bits=8)
+    with pytest.raises(ValueError, match="takes a scalar p"):
+        jr.bernoulli(jr.key(0), torch.full((3,), 0.5), (3,), resolution_bits=16)
 
 
 @settings(deadline=None, max_examples=30)
