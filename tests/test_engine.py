@@ -126,10 +126,10 @@ def test_evaluate_confusion_accuracy_and_loss_match_a_direct_computation():
 # Speed options agree with eager fp32
 
 
-def _run_steps(n, **opts):
+def _run_steps(n, lr_=0.05, **opts):
     net = tiny_net(p=0.0)
     params, state = net.init(lr.key(0))
-    opt = optim.sgd(0.05, momentum=0.9)
+    opt = optim.sgd(lr_, momentum=0.9)
     opt_state = opt.init(params)
     if opts.get("channels_last"):
         params, opt_state = engine.to_channels_last(params), engine.to_channels_last(opt_state)
@@ -162,10 +162,14 @@ def test_bf16_autocast_matches_eager_fp32_within_bf16_tolerance():
         torch.testing.assert_close(p1[k], p0[k], rtol=5e-2, atol=2e-2)
 
 
-def test_compiled_step_matches_eager_fp32():
+def test_compiled_step_matches_eager_fp32_and_compiles_once_under_a_schedule():
+    # A one-cycle schedule changes the learning rate every step; only the forward and backward
+    # are compiled, so the changing rate must never trigger a recompile (error_on_recompile).
     torch._dynamo.reset()
-    p0, l0 = _run_steps(2)
-    p1, l1 = _run_steps(2, compile=True)
+    schedule = optim.one_cycle_schedule(0.05, 3, pct_start=0.5)
+    p0, l0 = _run_steps(3, lr_=schedule)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        p1, l1 = _run_steps(3, lr_=schedule, compile=True)
     # inductor fuses and reorders float32 reductions: ~1e-6 relative per op
     torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-5)
     for k in p0:
