@@ -264,6 +264,8 @@ def main(model: str, description: str, argv: Sequence[str] | None = None) -> int
     args = build_parser(model, description).parse_args(argv)
     if args.benchmark:
         cfg = resolve_config(model, args)
+        if cfg["retain_freed_memory"]:
+            cpu_allocator.retain_freed_memory()
         print(json.dumps(benchmark(cfg, args.benchmark)))
         return 0
     if args.resume:
@@ -293,7 +295,7 @@ def main(model: str, description: str, argv: Sequence[str] | None = None) -> int
     except (DataNotFoundError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if cfg.get("retain_freed_memory"):
+    if cfg.get("retain_freed_memory", True):   # runs saved before the option existed: on
         cpu_allocator.retain_freed_memory()
     net = build_net(cfg, len(train.classes))
     steps_per_epoch = len(train.labels) // cfg["batch_size"]
