@@ -21,8 +21,6 @@ M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_MAX = -4
 
-_applied = False
-
 
 def _libc():
     if not sys.platform.startswith("linux"):
@@ -45,19 +43,11 @@ def retain_freed_memory(top_pad_mib: int = 64) -> bool:
     Returns True where applied (Linux with glibc), False elsewhere (macOS, Windows, musl), where
     it does nothing.
     """
-    global _applied
     if top_pad_mib < 0:
         raise ValueError(f"retain_freed_memory: expected top_pad_mib >= 0, got {top_pad_mib}")
     libc = _libc()
     if libc is None:
         return False
-    ok = (libc.mallopt(M_MMAP_MAX, 0) == 1
-          and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
-          and libc.mallopt(M_TOP_PAD, top_pad_mib << 20) == 1)
-    _applied = _applied or ok
-    return ok
-
-
-def is_retaining() -> bool:
-    """True once :func:`retain_freed_memory` has been applied in this process."""
-    return _applied
+    return (libc.mallopt(M_MMAP_MAX, 0) == 1
+            and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+            and libc.mallopt(M_TOP_PAD, top_pad_mib << 20) == 1)

@@ -139,14 +139,20 @@ def _hashed(key: Key, n: int, device: torch.device, finish=None) -> torch.Tensor
                       for start in range(0, n, _CHUNK)])
 
 
-def bits(key: Key, shape: Shape, *, device: Union[str, torch.device, None] = None) -> torch.Tensor:
-    """Uniform 32-bit words, int64 tensor of ``shape`` with values in [0, 2**32)."""
-    check_key(key, "random.bits")
+def _request(where: str, key: Key, shape: Shape, device, most: int, what: str):
+    """Check a sampling request: ``(shape tuple, device, element count)``, at most ``most``."""
+    check_key(key, where)
     shape = _shape(shape)
     device = key.device if device is None else torch.device(device)
     n = math.prod(shape)
-    if n >= 2**32:
-        raise ValueError(f"random.bits: at most 2**32 numbers per key, asked for {n}; split the key")
+    if n >= most:
+        raise ValueError(f"{where}: at most {what} per key, asked for {n}; split the key")
+    return shape, device, n
+
+
+def bits(key: Key, shape: Shape, *, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    """Uniform 32-bit words, int64 tensor of ``shape`` with values in [0, 2**32)."""
+    shape, device, n = _request("random.bits", key, shape, device, 2**32, "2**32 numbers")
     return _hashed(key, n, device).reshape(shape)
 
 
@@ -193,13 +199,8 @@ def bernoulli(key: Key, p: Union[float, torch.Tensor], shape: Shape,
         if isinstance(p, (int, float)):
             return words < round(p * 4294967296.0)
         return words.to(torch.float64) < (p * 4294967296.0)
-    check_key(key, "random.bernoulli")
-    shape = _shape(shape)
-    device = key.device if device is None else torch.device(device)
-    n = math.prod(shape)
-    if n >= 2**33:
-        raise ValueError(f"random.bernoulli: at most 2**33 draws per key at 16 bits, asked for {n}; "
-                         "split the key")
+    shape, device, n = _request("random.bernoulli", key, shape, device, 2**33,
+                                "2**33 draws at 16 bits")
     if isinstance(p, (int, float)):
         threshold = round(p * 65536.0)
     else:
