@@ -33,7 +33,7 @@ MODELS = ("cifar_model_a", "cifar_model_b", "cifar_model_c")
 # Settings every recipe shares unless it says otherwise.
 _COMMON = dict(seed=0, device="auto", val_split="5000", limit_per_class=None, eval_batch_size=1000,
                bf16=True, channels_last=True, compile=False, crop=4, flip=True,
-               retain_freed_memory=True)
+               retain_freed_memory=True, tta_shift=0)
 
 # "report": the report's conditions as far as its text states them; the rest is our default.
 _REPORT = dict(optimizer="adam", lr=1e-3, momentum=0.0, nesterov=False, weight_decay=0.0,
@@ -115,6 +115,8 @@ def build_parser(model: str, description: str) -> argparse.ArgumentParser:
     a("--channels-last", action=argparse.BooleanOptionalAction, help="channels-last memory format")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the step")
     a("--tta-flip", action=argparse.BooleanOptionalAction, help="average logits with the mirror image")
+    a("--tta-shift", type=int, metavar="PIXELS",
+      help="also average over the image moved by (s, s) and (-s, -s) pixels (0: off)")
     a("--retain-freed-memory", action=argparse.BooleanOptionalAction,
       help="keep freed memory in the process (glibc; no page faults per step, see "
            "experiments/cpu_allocator.py)")
@@ -181,7 +183,8 @@ def resolve_config(model: str, args: argparse.Namespace) -> dict:
                  "limit_per_class": args.limit_per_class, "label_smoothing": args.label_smoothing,
                  "weight_decay": args.weight_decay, "bf16": args.bf16,
                  "channels_last": args.channels_last, "compile": args.compile,
-                 "tta_flip": args.tta_flip, "retain_freed_memory": args.retain_freed_memory}
+                 "tta_flip": args.tta_flip, "tta_shift": args.tta_shift,
+                 "retain_freed_memory": args.retain_freed_memory}
     if args.batch_size is not None and args.lr is None and cfg["optimizer"] == "sgd":
         cfg["lr"] = cfg["lr"] * args.batch_size / cfg["batch_size"]  # linear scaling rule
     cfg.update({k: v for k, v in overrides.items() if v is not None})

@@ -36,7 +36,7 @@ from .data import Dataset
 __all__ = [
     "make_step", "make_eval", "evaluate", "EvalResult", "fit", "FitResult", "run_keys",
     "ProgressBar", "NonFiniteLossError", "resolve_device", "load_run", "CHECKPOINT",
-    "to_channels_last",
+    "to_channels_last", "translate", "tta_views",
 ]
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -146,21 +146,60 @@ def make_step(net, opt, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
     return step
 
 
-def make_eval(net, *, tta_flip: bool = False, bf16: bool = False,
+def translate(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``x (N, C, H, W)`` moved down by ``dy`` and right by ``dx`` pixels (negative: up / left).
+
+    ``out[..., i, j] = xr[..., i - dy, j - dx]`` where ``xr`` is ``x`` extended by reflection
+    (``torch.nn.functional.pad(mode="reflect")``), so no border value is invented and the
+    result does not depend on the normalisation. ``|dy|, |dx|`` must be below ``H``, ``W``.
+    """
+    s = max(abs(dy), abs(dx))
+    if s == 0:
+        return x
+    h, w = x.shape[-2:]
+    if abs(dy) >= h or abs(dx) >= w:
+        raise ValueError(f"translate: expected shifts smaller than the image ({h}x{w}), got ({dy}, {dx})")
+    padded = torch.nn.functional.pad(x, (s, s, s, s), mode="reflect")
+    return padded[..., s - dy:s - dy + h, s - dx:s - dx + w]
+
+
+def tta_views(tta_flip: bool = False, tta_shift: int = 0) -> list[tuple[bool, int, int]]:
+    """The ``(mirror, dy, dx)`` views test-time augmentation averages over.
+
+    ``{no mirror} (+ {mirror} with tta_flip) x {(0, 0)} (+ {(s, s), (-s, -s)} with tta_shift = s)``:
+    1, 2, 3 or 6 views; the diagonal pair is airbench's choice of translations.
+    """
+    if isinstance(tta_shift, bool) or not isinstance(tta_shift, int) or tta_shift < 0:
+        raise ValueError(f"make_eval: expected tta_shift to be a whole number of pixels >= 0, "
+                         f"got {tta_shift!r}")
+    shifts = [(0, 0)] + ([(tta_shift, tta_shift), (-tta_shift, -tta_shift)] if tta_shift else [])
+    return [(m, dy, dx) for m in ((False, True) if tta_flip else (False,)) for dy, dx in shifts]
+
+
+def make_eval(net, *, tta_flip: bool = False, tta_shift: int = 0, bf16: bool = False,
               channels_last: bool = False) -> Callable:
     """Build ``predict(params, state, x (N, C, H, W) float) -> logits (N, K)`` (eval mode; float32
     at least, bfloat16 logits are widened).
 
-    With ``tta_flip`` the logits are ``(f(x) + f(mirror(x))) / 2``, mirror = flip of the width axis.
+    Test-time augmentation averages the logits over the views of :func:`tta_views`:
+    ``logits = mean_v f(view_v(x))``; ``tta_flip`` adds the mirror (flip of the width axis),
+    ``tta_shift = s`` the translations by ``(s, s)`` and ``(-s, -s)`` (:func:`translate`) of
+    each. Without either, ``logits = f(x)``.
     """
+    views = tta_views(tta_flip, tta_shift)
+
     def predict(params, state, x):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), _autocast(x.device, bf16):
-            logits = _widen(net.apply(params, state, x, train=False)[0])
-            if tta_flip:
-                logits = (logits + _widen(net.apply(params, state, x.flip(-1), train=False)[0])) / 2
-        return logits
+            logits = None
+            for mirror, dy, dx in views:
+                v = translate(x.flip(-1) if mirror else x, dy, dx)
+                if channels_last:
+                    v = v.contiguous(memory_format=torch.channels_last)
+                out = _widen(net.apply(params, state, v, train=False)[0])
+                logits = out if logits is None else logits + out
+        return logits if len(views) == 1 else logits / len(views)
 
     return predict
 
@@ -335,8 +374,8 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train: Dataset, val: Da
     """Train ``net`` on ``train`` for ``config["epochs"]`` epochs, writing everything to ``run_dir``.
 
     ``config`` (JSON-able) must hold ``seed``, ``epochs``, ``batch_size`` and may hold ``device``
-    (``"auto"``), ``bf16``, ``channels_last``, ``compile``, ``tta_flip``, ``crop`` (4), ``flip``
-    (True), ``eval_batch_size`` (1000) and ``model``. Each epoch drops its last partial batch.
+    (``"auto"``), ``bf16``, ``channels_last``, ``compile``, ``tta_flip``, ``tta_shift`` (0),
+    ``crop`` (4), ``flip`` (True), ``eval_batch_size`` (1000) and ``model``. Each epoch drops its last partial batch.
 
     Writes ``config.json``, ``metrics.jsonl`` (one line per epoch), ``accuracy.png``,
     ``loss.png``, ``confusion.png`` and ``checkpoint.safetensors`` (after every epoch, and at the
@@ -390,7 +429,8 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train: Dataset, val: Da
         params, opt_state = to_channels_last(params), to_channels_last(opt_state)
     step = make_step(net, opt, loss_fn, bf16=bf16, channels_last=channels_last,
                      compile=bool(config.get("compile")))
-    predict = make_eval(net, tta_flip=bool(config.get("tta_flip")), bf16=bf16,
+    predict = make_eval(net, tta_flip=bool(config.get("tta_flip")),
+                        tta_shift=config.get("tta_shift", 0), bf16=bf16,
                         channels_last=channels_last)
     images, labels = train.images.to(device), train.labels.to(device)
     crop, flip = int(config.get("crop", 4)), bool(config.get("flip", True))

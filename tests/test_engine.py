@@ -102,6 +102,51 @@ def test_eval_with_flip_tta_averages_the_logits_of_image_and_mirror(seed):
     assert torch.equal(plain, ref)
 
 
+@settings(deadline=None, max_examples=20)
+@given(seed=SEEDS, dy=st.integers(-3, 3), dx=st.integers(-3, 3))
+def test_translate_moves_every_pixel_and_reflects_at_the_border(seed, dy, dx):
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    out = engine.translate(x, dy, dx)
+    assert out.shape == x.shape
+    for i in range(8):
+        for j in range(8):
+            # reflection about the edge pixel: index -1 -> 1, index 8 -> 6
+            si, sj = [abs(k) if k < 0 else (2 * 7 - k if k > 7 else k) for k in (i - dy, j - dx)]
+            assert torch.equal(out[..., i, j], x[..., si, sj]), (i, j)
+
+
+def test_translate_by_zero_is_the_input_and_too_far_is_refused():
+    x = torch.randn(1, 3, 4, 4)
+    assert engine.translate(x, 0, 0) is x
+    with pytest.raises(ValueError, match=r"translate: expected shifts smaller than the image \(4x4\), got \(4, 0\)"):
+        engine.translate(x, 4, 0)
+
+
+def test_tta_views_and_bad_shifts():
+    assert engine.tta_views() == [(False, 0, 0)]
+    assert engine.tta_views(tta_flip=True) == [(False, 0, 0), (True, 0, 0)]
+    assert engine.tta_views(tta_flip=True, tta_shift=2) == [
+        (False, 0, 0), (False, 2, 2), (False, -2, -2), (True, 0, 0), (True, 2, 2), (True, -2, -2)]
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="expected tta_shift to be a whole number of pixels >= 0, got"):
+            engine.make_eval(tiny_net(), tta_shift=bad)
+
+
+@settings(deadline=None, max_examples=10)
+@given(seed=SEEDS, flip=st.booleans(), shift=st.integers(1, 2))
+def test_eval_with_shift_tta_averages_the_logits_of_every_view(seed, flip, shift):
+    net = tiny_net()
+    params, state = net.init(lr.key(seed), dtype=torch.float64)
+    x, _ = _batch(seed)
+    plain = engine.make_eval(net)
+    views = [plain(params, state, engine.translate(x.flip(-1) if m else x, dy, dx))
+             for m, dy, dx in engine.tta_views(flip, shift)]
+    assert len(views) == (6 if flip else 3)
+    tta = engine.make_eval(net, tta_flip=flip, tta_shift=shift)(params, state, x)
+    # the same sum in the same order, then one division: exact
+    torch.testing.assert_close(tta, sum(views[1:], views[0]) / len(views), rtol=0, atol=0)
+
+
 def test_evaluate_confusion_accuracy_and_loss_match_a_direct_computation():
     net = tiny_net()
     params, state = net.init(lr.key(0))

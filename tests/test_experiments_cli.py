@@ -76,6 +76,30 @@ def test_run_stop_resume_and_evaluate_through_the_command_line(tiny_cifar, tmp_p
     assert res["accuracy"] == pytest.approx(rows[-1]["test_accuracy"])
 
 
+def test_evaluate_rebuilds_the_runs_validation_split_and_takes_tta_options(tiny_cifar, tmp_path, capsys):
+    argv = ["--data-dir", str(tiny_cifar), "--epochs", "1", "--batch-size", "20",
+            "--out", str(tmp_path / "runs"), "--no-bf16", "--seed", "3"]
+    assert cifar_common.main("cifar_model_a", "A", argv + ["--val-split", "20", "--name", "val"]) == 0
+    row = json.loads((tmp_path / "runs" / "val" / "metrics.jsonl").read_text().splitlines()[-1])
+    capsys.readouterr()
+    base = ["--checkpoint", str(tmp_path / "runs" / "val"), "--data-dir", str(tiny_cifar), "--json"]
+    assert evaluate.main(base + ["--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "on val of 20 images" in out
+    assert json.loads(out.strip().splitlines()[-1])["loss"] == pytest.approx(row["val_loss"])
+    assert evaluate.main(base + ["--split", "val", "--tta-shift", "1"]) == 0
+    assert "tta_shift=1" in capsys.readouterr().out
+    assert evaluate.main(base + ["--tta-shift", "-1"]) == 2
+    assert "expected tta_shift to be a whole number of pixels >= 0, got -1" in capsys.readouterr().err
+    # a run without a validation split has none to rebuild
+    assert cifar_common.main("cifar_model_a", "A", argv + ["--val-split", "0", "--name", "noval"]) == 0
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(tmp_path / "runs" / "noval"), "--data-dir",
+                          str(tiny_cifar), "--split", "val"]) == 2
+    assert "--split val: expected a run trained with a validation split, got val_split='0'" in \
+        capsys.readouterr().err
+
+
 def test_missing_data_stops_with_one_message_naming_the_place(tmp_path, monkeypatch, capsys):
     import torchvision
 
