@@ -1,8 +1,11 @@
 """Batch augmentation on the training device: random crop with zero padding, horizontal flip,
-normalisation. Every draw comes from an explicit key (``layers.random``); no loop over images.
+normalisation, optional cutout. Every draw comes from an explicit key (``layers.random``); no loop
+over images.
 
 The usual CIFAR pipeline (``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip()``,
-``ToTensor()``, ``Normalize(mean, std)``) applied to a whole ``(N, C, H, W)`` batch at once.
+``ToTensor()``, ``Normalize(mean, std)``) applied to a whole ``(N, C, H, W)`` batch at once, and
+cutout (DeVries & Taylor, 2017: one square per image set to 0 after normalisation, i.e. to the
+data set's mean colour).
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from layers import random as lr
 
 from .data import CIFAR10_MEAN, CIFAR10_STD
 
-__all__ = ["random_crop", "random_flip", "normalize", "augment_batch", "crop_offsets", "flip_mask"]
+__all__ = ["random_crop", "random_flip", "random_cutout", "normalize", "augment_batch", "crop_offsets",
+           "flip_mask", "cutout_mask"]
 
 
 def _check_batch(fn: str, x: torch.Tensor) -> None:
@@ -61,6 +65,36 @@ def random_flip(key: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
+def cutout_mask(key: torch.Tensor, n: int, h: int, w: int, size: int) -> torch.Tensor:
+    """``(n, 1, h, w)`` bool: a ``size x size`` square per image, clipped at the border.
+
+    The square covers rows ``cy - size // 2 <= i < cy - size // 2 + size`` (columns alike), with
+    its centre ``(cy, cx)`` uniform on ``{0..h-1} x {0..w-1}``, so near the border only part of it
+    lies in the image, as in the paper.
+    """
+    cy = lr.randint(lr.fold_in(key, 0), (n,), 0, h)
+    cx = lr.randint(lr.fold_in(key, 1), (n,), 0, w)
+    rows = torch.arange(h)[None, :] - (cy - size // 2)[:, None]  # (n, h): offset into the square
+    cols = torch.arange(w)[None, :] - (cx - size // 2)[:, None]
+    inside_r = (rows >= 0) & (rows < size)
+    inside_c = (cols >= 0) & (cols < size)
+    return (inside_r[:, :, None] & inside_c[:, None, :])[:, None]
+
+
+def random_cutout(key: torch.Tensor, x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` with the square :func:`cutout_mask` of each image set to 0 (every channel).
+
+    Shapes: ``(N, C, H, W) -> (N, C, H, W)``; ``size = 0`` returns ``x``.
+    """
+    _check_batch("random_cutout", x)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"random_cutout: expected size a non-negative int, got {size!r}")
+    if size == 0:
+        return x
+    n, _, h, w = x.shape
+    return x.masked_fill(cutout_mask(key, n, h, w, size).to(x.device), 0)
+
+
 def normalize(x: torch.Tensor, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``(x / 255 - mean[c]) / std[c]`` for a uint8 batch ``(N, C, H, W)``; a float batch is taken as in [0, 1]."""
@@ -75,14 +109,18 @@ def normalize(x: torch.Tensor, mean: Sequence[float] = CIFAR10_MEAN, std: Sequen
 
 
 def augment_batch(key: torch.Tensor, x: torch.Tensor, *, crop: int = 4, flip: bool = True,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Crop (``crop`` pixels of zero padding, 0 for none), flip, then :func:`normalize` a uint8 batch.
+                  cutout: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Crop (``crop`` pixels of zero padding, 0 for none), flip, :func:`normalize` a uint8 batch,
+    then cut out a ``cutout``-pixel square (0 for none).
 
-    The crop and flip keys are ``fold_in(key, 0)`` and ``fold_in(key, 1)``. Padding happens on the
-    raw pixels, so padded pixels normalise to ``-mean / std`` exactly as in the torchvision pipeline.
+    The crop, flip and cutout keys are ``fold_in(key, 0)``, ``fold_in(key, 1)`` and
+    ``fold_in(key, 2)``. Padding happens on the raw pixels, so padded pixels normalise to
+    ``-mean / std`` exactly as in the torchvision pipeline; cutout happens after normalisation, so
+    its pixels are 0, the mean colour.
     """
     if crop:
         x = random_crop(lr.fold_in(key, 0), x, crop)
     if flip:
         x = random_flip(lr.fold_in(key, 1), x)
-    return normalize(x, dtype=dtype)
+    x = normalize(x, dtype=dtype)
+    return random_cutout(lr.fold_in(key, 2), x, cutout) if cutout else x

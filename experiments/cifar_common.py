@@ -33,7 +33,7 @@ MODELS = ("cifar_model_a", "cifar_model_b", "cifar_model_c")
 # Settings every recipe shares unless it says otherwise.
 _COMMON = dict(seed=0, device="auto", val_split="5000", limit_per_class=None, eval_batch_size=1000,
                bf16=True, channels_last=True, compile=False, crop=4, flip=True,
-               retain_freed_memory=True, tta_shift=0)
+               retain_freed_memory=True, tta_shift=0, cutout=0)
 
 # "report": the report's conditions as far as its text states them; the rest is our default.
 _REPORT = dict(optimizer="adam", lr=1e-3, momentum=0.0, nesterov=False, weight_decay=0.0,
@@ -115,6 +115,9 @@ def build_parser(model: str, description: str) -> argparse.ArgumentParser:
     a("--channels-last", action=argparse.BooleanOptionalAction, help="channels-last memory format")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the step")
     a("--tta-flip", action=argparse.BooleanOptionalAction, help="average logits with the mirror image")
+    a("--cutout", type=int, metavar="PIXELS",
+      help="training augmentation: set a random PIXELS x PIXELS square of each image to the mean "
+           "colour (0: off)")
     a("--tta-shift", type=int, metavar="PIXELS",
       help="also average over the image moved by (s, s) and (-s, -s) pixels (0: off)")
     a("--retain-freed-memory", action=argparse.BooleanOptionalAction,
@@ -183,8 +186,11 @@ def resolve_config(model: str, args: argparse.Namespace) -> dict:
                  "limit_per_class": args.limit_per_class, "label_smoothing": args.label_smoothing,
                  "weight_decay": args.weight_decay, "bf16": args.bf16,
                  "channels_last": args.channels_last, "compile": args.compile,
-                 "tta_flip": args.tta_flip, "tta_shift": args.tta_shift,
+                 "tta_flip": args.tta_flip, "tta_shift": args.tta_shift, "cutout": args.cutout,
                  "retain_freed_memory": args.retain_freed_memory}
+    for flag, value in (("--cutout", args.cutout), ("--tta-shift", args.tta_shift)):
+        if value is not None and value < 0:
+            raise ValueError(f"{flag}: expected a whole number of pixels >= 0, got {value}")
     if args.batch_size is not None and args.lr is None and cfg["optimizer"] == "sgd":
         cfg["lr"] = cfg["lr"] * args.batch_size / cfg["batch_size"]  # linear scaling rule
     cfg.update({k: v for k, v in overrides.items() if v is not None})
@@ -267,8 +273,13 @@ def _sigterm_as_ctrl_c():
 def main(model: str, description: str, argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, train (or resume), print the final table; returns the exit status."""
     args = build_parser(model, description).parse_args(argv)
+    if args.benchmark or not args.resume:
+        try:
+            cfg = resolve_config(model, args)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if args.benchmark:
-        cfg = resolve_config(model, args)
         if cfg["retain_freed_memory"]:
             cpu_allocator.retain_freed_memory()
         print(json.dumps(benchmark(cfg, args.benchmark)))
@@ -289,7 +300,6 @@ def main(model: str, description: str, argv: Sequence[str] | None = None) -> int
         if args.device:
             cfg["device"] = args.device
     else:
-        cfg = resolve_config(model, args)
         run_dir = Path(args.out) / cfg["name"]
         if (run_dir / engine.CHECKPOINT).exists():
             print(f"error: {run_dir} already holds a run; continue it with --resume {run_dir} "

@@ -375,7 +375,8 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train: Dataset, val: Da
 
     ``config`` (JSON-able) must hold ``seed``, ``epochs``, ``batch_size`` and may hold ``device``
     (``"auto"``), ``bf16``, ``channels_last``, ``compile``, ``tta_flip``, ``tta_shift`` (0),
-    ``crop`` (4), ``flip`` (True), ``eval_batch_size`` (1000) and ``model``. Each epoch drops its last partial batch.
+    ``crop`` (4), ``flip`` (True), ``cutout`` (0), ``eval_batch_size`` (1000) and ``model``.
+    Each epoch drops its last partial batch.
 
     Writes ``config.json``, ``metrics.jsonl`` (one line per epoch), ``accuracy.png``,
     ``loss.png``, ``confusion.png`` and ``checkpoint.safetensors`` (after every epoch, and at the
@@ -434,6 +435,7 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train: Dataset, val: Da
                         channels_last=channels_last)
     images, labels = train.images.to(device), train.labels.to(device)
     crop, flip = int(config.get("crop", 4)), bool(config.get("flip", True))
+    cutout = config.get("cutout", 0)
     eval_bs = int(config.get("eval_batch_size", 1000))
 
     def save(p, s, o, prog):
@@ -457,7 +459,8 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train: Dataset, val: Da
                     on_step(epoch, s)
                 idx = order[s * batch_size:(s + 1) * batch_size]
                 sk = lr.fold_in(step_root, s)
-                x = augment_batch(lr.fold_in(sk, _AUGMENT).to(device), images[idx], crop=crop, flip=flip)
+                x = augment_batch(lr.fold_in(sk, _AUGMENT).to(device), images[idx], crop=crop, flip=flip,
+                                  cutout=cutout)
                 lr_now = _current_lr(opt_state)
                 new = step(params, state, opt_state, (x, labels[idx]), lr.fold_in(sk, _DROPOUT).to(device))
                 loss = new[3]["loss"].item()

@@ -107,3 +107,47 @@ def test_errors_name_the_function_and_what_came():
         A.random_crop(lr.key(0), torch.zeros(1, 3, 32, 32), -1)
     with pytest.raises(ValueError, match=r"normalize: expected 3 channels.*got \(1, 4, 2, 2\)"):
         A.normalize(torch.zeros(1, 4, 2, 2, dtype=torch.uint8))
+
+
+@settings(deadline=None, max_examples=30)
+@given(seed=SEEDS, size=st.integers(1, 12), n=st.integers(1, 9))
+def test_cutout_zeroes_one_clipped_square_per_image_and_nothing_else(seed, size, n):
+    x = _batch(seed, n=n, dtype=torch.float32) + 1.0  # no pixel is 0 before the cut
+    key = lr.key(seed)
+    y = A.random_cutout(key, x, size)
+    mask = A.cutout_mask(key, n, x.shape[2], x.shape[3], size)
+    assert y.shape == x.shape and mask.shape == (n, 1, x.shape[2], x.shape[3])
+    assert torch.equal(y == 0, mask.expand_as(x))
+    assert torch.equal(y[~mask.expand_as(x)], x[~mask.expand_as(x)])
+    for i in range(n):
+        rows = mask[i, 0].any(1).nonzero().flatten()
+        cols = mask[i, 0].any(0).nonzero().flatten()
+        # one rectangle: contiguous rows and columns, full inside, at most size x size
+        assert mask[i, 0].sum() == len(rows) * len(cols)
+        assert 1 <= len(rows) <= size and 1 <= len(cols) <= size
+        assert torch.equal(rows, torch.arange(rows[0], rows[-1] + 1))
+        assert torch.equal(cols, torch.arange(cols[0], cols[-1] + 1))
+        # clipped only where the square meets the border
+        assert len(rows) == size or rows[0] == 0 or rows[-1] == x.shape[2] - 1
+        assert len(cols) == size or cols[0] == 0 or cols[-1] == x.shape[3] - 1
+
+
+def test_cutout_centres_cover_the_image_and_bad_sizes_are_refused():
+    mask = A.cutout_mask(lr.key(0), 4000, 8, 10, 1)
+    assert mask.sum() == 4000 and mask.any(0).all()  # every pixel is a centre for some image
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="random_cutout: expected size a non-negative int, got"):
+            A.random_cutout(lr.key(0), _batch(0, dtype=torch.float32), bad)
+    x = _batch(0, dtype=torch.float32)
+    assert A.random_cutout(lr.key(0), x, 0) is x
+
+
+@settings(deadline=None, max_examples=10)
+@given(seed=SEEDS)
+def test_augment_batch_cuts_out_after_normalising_and_keeps_crop_and_flip_draws(seed):
+    x = _batch(seed, h=8, w=8)
+    key = lr.key(seed)
+    plain = A.augment_batch(key, x)
+    cut = A.augment_batch(key, x, cutout=4)
+    mask = A.cutout_mask(lr.fold_in(key, 2), x.shape[0], 8, 8, 4).expand_as(plain)
+    assert torch.equal(cut[~mask], plain[~mask]) and (cut[mask] == 0).all()

@@ -79,8 +79,10 @@ def test_run_stop_resume_and_evaluate_through_the_command_line(tiny_cifar, tmp_p
 def test_evaluate_rebuilds_the_runs_validation_split_and_takes_tta_options(tiny_cifar, tmp_path, capsys):
     argv = ["--data-dir", str(tiny_cifar), "--epochs", "1", "--batch-size", "20",
             "--out", str(tmp_path / "runs"), "--no-bf16", "--seed", "3"]
-    assert cifar_common.main("cifar_model_a", "A", argv + ["--val-split", "20", "--name", "val"]) == 0
+    assert cifar_common.main("cifar_model_a", "A", argv + ["--val-split", "20", "--name", "val",
+                                                           "--cutout", "8"]) == 0
     row = json.loads((tmp_path / "runs" / "val" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert json.loads((tmp_path / "runs" / "val" / "config.json").read_text())["cutout"] == 8
     capsys.readouterr()
     base = ["--checkpoint", str(tmp_path / "runs" / "val"), "--data-dir", str(tiny_cifar), "--json"]
     assert evaluate.main(base + ["--split", "val"]) == 0
@@ -98,6 +100,13 @@ def test_evaluate_rebuilds_the_runs_validation_split_and_takes_tta_options(tiny_
                           str(tiny_cifar), "--split", "val"]) == 2
     assert "--split val: expected a run trained with a validation split, got val_split='0'" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--cutout", "--tta-shift"])
+def test_negative_pixel_counts_are_refused_before_anything_runs(flag, tmp_path, capsys):
+    assert cifar_common.main("cifar_model_b", "B", [flag, "-2", "--out", str(tmp_path / "runs")]) == 2
+    assert f"{flag}: expected a whole number of pixels >= 0, got -2" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_missing_data_stops_with_one_message_naming_the_place(tmp_path, monkeypatch, capsys):
