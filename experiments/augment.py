@@ -65,17 +65,19 @@ def random_flip(key: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def cutout_mask(key: torch.Tensor, n: int, h: int, w: int, size: int) -> torch.Tensor:
+def cutout_mask(key: torch.Tensor, n: int, h: int, w: int, size: int,
+                device: torch.device | str | None = None) -> torch.Tensor:
     """``(n, 1, h, w)`` bool: a ``size x size`` square per image, clipped at the border.
 
     The square covers rows ``cy - size // 2 <= i < cy - size // 2 + size`` (columns alike), with
     its centre ``(cy, cx)`` uniform on ``{0..h-1} x {0..w-1}``, so near the border only part of it
     lies in the image, as in the paper.
     """
-    cy = lr.randint(lr.fold_in(key, 0), (n,), 0, h)
-    cx = lr.randint(lr.fold_in(key, 1), (n,), 0, w)
-    rows = torch.arange(h)[None, :] - (cy - size // 2)[:, None]  # (n, h): offset into the square
-    cols = torch.arange(w)[None, :] - (cx - size // 2)[:, None]
+    cy = lr.randint(lr.fold_in(key, 0), (n,), 0, h, device=device)
+    cx = lr.randint(lr.fold_in(key, 1), (n,), 0, w, device=device)
+    # (n, h) and (n, w): each pixel's offset into its image's square
+    rows = torch.arange(h, device=cy.device)[None, :] - (cy - size // 2)[:, None]
+    cols = torch.arange(w, device=cx.device)[None, :] - (cx - size // 2)[:, None]
     inside_r = (rows >= 0) & (rows < size)
     inside_c = (cols >= 0) & (cols < size)
     return (inside_r[:, :, None] & inside_c[:, None, :])[:, None]
@@ -92,7 +94,7 @@ def random_cutout(key: torch.Tensor, x: torch.Tensor, size: int) -> torch.Tensor
     if size == 0:
         return x
     n, _, h, w = x.shape
-    return x.masked_fill(cutout_mask(key, n, h, w, size).to(x.device), 0)
+    return x.masked_fill(cutout_mask(key, n, h, w, size, device=x.device), 0)
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD,

@@ -26,7 +26,7 @@ from . import cpu_allocator, engine
 from .data import DataNotFoundError, find_data_dir, load_cifar10, validation_split
 
 __all__ = ["RECIPES", "MODELS", "build_parser", "resolve_config", "build_net", "build_optimizer",
-           "build_loss", "load_data", "parse_val_split", "main"]
+           "build_loss", "load_data", "split_train", "parse_val_split", "main"]
 
 MODELS = ("cifar_model_a", "cifar_model_b", "cifar_model_c")
 
@@ -240,18 +240,26 @@ def build_loss(cfg: dict):
     return partial(layers.cross_entropy, label_smoothing=float(cfg["label_smoothing"]))
 
 
+def split_train(full, cfg: dict):
+    """``(train, val)`` of the train split ``full`` as the run ``cfg`` carves it (val None: no split).
+
+    The split depends only on ``cfg["val_split"]``, ``cfg["seed"]`` and ``full``'s labels, so
+    ``experiments.evaluate --split val`` rebuilds a run's validation images exactly.
+    """
+    val_size = parse_val_split(cfg.get("val_split"))
+    if not val_size:
+        return full, None
+    tr_idx, va_idx = validation_split(full.labels, val_size, engine.run_keys(cfg["seed"])["split"],
+                                      num_classes=len(full.classes))
+    return full.subset(tr_idx), full.subset(va_idx)
+
+
 def load_data(cfg: dict, *, progress: bool = True):
     """``(train, val, test)`` datasets for ``cfg`` (val / test may be None)."""
     root = find_data_dir(cfg.get("data_dir"))
     limit = cfg.get("limit_per_class")
     full = load_cifar10(root, "train", limit_per_class=limit, progress=progress)
-    val_size = parse_val_split(cfg["val_split"])
-    if val_size:
-        tr_idx, va_idx = validation_split(full.labels, val_size, engine.run_keys(cfg["seed"])["split"],
-                                          num_classes=len(full.classes))
-        train, val = full.subset(tr_idx), full.subset(va_idx)
-    else:
-        train, val = full, None
+    train, val = split_train(full, cfg)
     test = load_cifar10(root, "test", limit_per_class=limit, progress=progress) if cfg.get("test", True) else None
     print(f"data: {root.resolve()} train {len(train.labels)}, val {len(val.labels) if val else 0}, "
           f"test {len(test.labels) if test else 0}", file=sys.stderr)

@@ -189,8 +189,6 @@ def make_eval(net, *, tta_flip: bool = False, tta_shift: int = 0, bf16: bool = F
     views = tta_views(tta_flip, tta_shift)
 
     def predict(params, state, x):
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), _autocast(x.device, bf16):
             logits = None
             for mirror, dy, dx in views:

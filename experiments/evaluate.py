@@ -18,8 +18,8 @@ from typing import Sequence
 import nets
 
 from . import engine
-from .cifar_common import build_net, parse_val_split
-from .data import DataNotFoundError, find_data_dir, load_cifar10, validation_split
+from .cifar_common import build_net, split_train
+from .data import DataNotFoundError, find_data_dir, load_cifar10
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,15 +46,12 @@ def _load_split(args: argparse.Namespace, cfg: dict):
     root = find_data_dir(args.data_dir, download=False)
     if args.split != "val":
         return load_cifar10(root, args.split, limit_per_class=args.limit_per_class)
-    size = parse_val_split(cfg.get("val_split"))
-    if not size:
+    limit = cfg.get("limit_per_class") if args.limit_per_class is None else args.limit_per_class
+    _, val = split_train(load_cifar10(root, "train", limit_per_class=limit), cfg)
+    if val is None:
         raise ValueError(f"evaluate: --split val: expected a run trained with a validation split, "
                          f"got val_split={cfg.get('val_split')!r} in {cfg.get('name')}'s config")
-    limit = cfg.get("limit_per_class") if args.limit_per_class is None else args.limit_per_class
-    full = load_cifar10(root, "train", limit_per_class=limit)
-    _, val_index = validation_split(full.labels, size, engine.run_keys(cfg["seed"])["split"],
-                                    num_classes=len(full.classes))
-    return full.subset(val_index)
+    return val
 
 
 def main(argv: Sequence[str] | None = None) -> int:
