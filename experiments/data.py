@@ -12,7 +12,8 @@ Two on-disk formats are read:
 Every split is decoded once into ``images (N, 3, H, W) uint8`` and ``labels (N,) int64`` and kept
 in a safetensors cache file (``$PURENN_CACHE`` else ``$XDG_CACHE_HOME/purenn`` else
 ``~/.cache/purenn``), keyed by the data folder's absolute path and a hash of its file list, sizes
-and modification times, and written atomically. The data folder itself is only read.
+and modification times, and written atomically; writing it deletes the caches of the same
+folder and split that an older file list left behind. The data folder itself is only read.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 __all__ = [
@@ -370,13 +372,36 @@ def load_cifar10(root: str | os.PathLike, split: str = "train", *, limit_per_cla
         images = _decode_files(files, workers, progress, f"{where}/{split}")
         data = Dataset(images, torch.tensor(file_labels, dtype=torch.int64), classes)
     if cache:
+        source = json.dumps({"root": str(where.resolve()), "split": split, "limit": limit_per_class,
+                             "format": fmt}, sort_keys=True)
         try:
             _atomic_save({"images": data.images, "labels": data.labels},
-                         {"root": str(where.resolve()), "split": split,
+                         {"root": str(where.resolve()), "split": split, "source": source,
                           "classes": json.dumps(classes)}, cache_path)
         except OSError as err:  # an unwritable cache only costs speed
             print(f"load_cifar10: could not write cache {cache_path}: {err}", file=sys.stderr)
+        else:
+            _remove_superseded(cache_path, source)
     return data
+
+
+def _remove_superseded(kept: Path, source: str) -> None:
+    """Delete the other cache files of the same folder, split and subset as ``kept``.
+
+    They were keyed by an older file list (files changed, or the folder was copied in again
+    with new modification times) and can never be read again; left alone, every re-created data
+    folder would leave ~150 MB behind. Files written without a ``source`` entry are kept.
+    """
+    for other in kept.parent.glob("cifar10-*.safetensors"):
+        if other == kept:
+            continue
+        try:
+            with safe_open(str(other), framework="pt") as f:
+                if (f.metadata() or {}).get("source") != source:
+                    continue
+            other.unlink()
+        except Exception:  # unreadable, or removed by another process: not ours to judge
+            continue
 
 
 # --------------------------------------------------------------------------------------------

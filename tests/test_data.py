@@ -157,6 +157,31 @@ def test_cache_is_written_then_used_and_invalidated_by_a_changed_file(tmp_path):
         D.load_cifar10(tmp_path / "c10", "train", workers=1, progress=False)
 
 
+def test_a_rebuilt_cache_replaces_the_stale_one_of_the_same_folder_and_split_only(tmp_path):
+    write_folder(tmp_path / "c10", 2)
+    write_folder(tmp_path / "other", 1)
+    D.load_cifar10(tmp_path / "c10", "train", workers=1, progress=False)
+    (stale,) = (tmp_path / "cache").glob("*.safetensors")
+    D.load_cifar10(tmp_path / "c10", "test", workers=1, progress=False)
+    D.load_cifar10(tmp_path / "c10", "train", limit_per_class=1, workers=1, progress=False)
+    D.load_cifar10(tmp_path / "other", "train", workers=1, progress=False)
+    foreign = tmp_path / "cache" / "cifar10-train-written-by-someone-else.safetensors"
+    foreign.write_bytes(b"not a safetensors file")
+    before = set((tmp_path / "cache").glob("*.safetensors"))
+    assert len(before) == 5
+    # The folder is copied in again: same files, new modification times -> a new key.
+    for f in (tmp_path / "c10" / "train").rglob("*.png"):
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    D.load_cifar10(tmp_path / "c10", "train", workers=1, progress=False)
+    after = set((tmp_path / "cache").glob("*.safetensors"))
+    added, removed = after - before, before - after
+    assert len(added) == 1 and len(removed) == 1
+    # Only the full train cache of c10 went: its test split, its 1-per-class subset, the other
+    # folder and a file that is not ours stay.
+    assert removed == {stale} and foreign in after
+    assert len(after) == 5
+
+
 def test_loading_never_writes_into_the_data_folder_and_works_read_only(tmp_path):
     write_folder(tmp_path / "c10", 1)
     before = sorted(p for p in (tmp_path / "c10").rglob("*"))
