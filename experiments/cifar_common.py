@@ -36,8 +36,10 @@ _COMMON = dict(seed=0, device="auto", val_split="5000", limit_per_class=None, ev
                retain_freed_memory=True, tta_shift=0, cutout=0)
 
 # "report": the report's conditions as far as its text states them; the rest is our default.
+# Its data section names two dataloader transforms, "normalization of pixel values, random
+# flipping of images": so normalise + random horizontal flip, and no crop (not named).
 _REPORT = dict(optimizer="adam", lr=1e-3, momentum=0.0, nesterov=False, weight_decay=0.0,
-               decay_mask=False, schedule="constant", label_smoothing=0.0, crop=0, flip=False,
+               decay_mask=False, schedule="constant", label_smoothing=0.0, crop=0, flip=True,
                tta_flip=False, epochs=20)
 
 # "fast": SGD + Nesterov, one-cycle, label smoothing, crop + flip, decay mask, flip TTA. It trains
@@ -114,6 +116,10 @@ def build_parser(model: str, description: str) -> argparse.ArgumentParser:
     a("--bf16", action=argparse.BooleanOptionalAction, help="bfloat16 autocast")
     a("--channels-last", action=argparse.BooleanOptionalAction, help="channels-last memory format")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the step")
+    a("--crop", type=int, metavar="PIXELS",
+      help="training augmentation: zero-pad by PIXELS and crop back at a random offset (0: off)")
+    a("--flip", action=argparse.BooleanOptionalAction,
+      help="training augmentation: mirror each image with probability 1/2")
     a("--tta-flip", action=argparse.BooleanOptionalAction, help="average logits with the mirror image")
     a("--cutout", type=int, metavar="PIXELS",
       help="training augmentation: set a random PIXELS x PIXELS square of each image to the mean "
@@ -186,9 +192,10 @@ def resolve_config(model: str, args: argparse.Namespace) -> dict:
                  "limit_per_class": args.limit_per_class, "label_smoothing": args.label_smoothing,
                  "weight_decay": args.weight_decay, "bf16": args.bf16,
                  "channels_last": args.channels_last, "compile": args.compile,
+                 "crop": args.crop, "flip": args.flip,
                  "tta_flip": args.tta_flip, "tta_shift": args.tta_shift, "cutout": args.cutout,
                  "retain_freed_memory": args.retain_freed_memory}
-    for flag, value in (("--cutout", args.cutout), ("--tta-shift", args.tta_shift)):
+    for flag, value in (("--crop", args.crop), ("--cutout", args.cutout), ("--tta-shift", args.tta_shift)):
         if value is not None and value < 0:
             raise ValueError(f"{flag}: expected a whole number of pixels >= 0, got {value}")
     if args.batch_size is not None and args.lr is None and cfg["optimizer"] == "sgd":

@@ -102,11 +102,24 @@ def test_evaluate_rebuilds_the_runs_validation_split_and_takes_tta_options(tiny_
         capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--cutout", "--tta-shift"])
+@pytest.mark.parametrize("flag", ["--crop", "--cutout", "--tta-shift"])
 def test_negative_pixel_counts_are_refused_before_anything_runs(flag, tmp_path, capsys):
     assert cifar_common.main("cifar_model_b", "B", [flag, "-2", "--out", str(tmp_path / "runs")]) == 2
     assert f"{flag}: expected a whole number of pixels >= 0, got -2" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_augmentation_flags_override_the_recipe():
+    parser = cifar_common.build_parser("cifar_model_c", "C")
+    report = cifar_common.resolve_config("cifar_model_c", parser.parse_args(["--recipe", "report"]))
+    # the report names random flipping (and normalisation) as its only transforms
+    assert (report["flip"], report["crop"], report["tta_flip"]) == (True, 0, False)
+    plain = cifar_common.resolve_config("cifar_model_c", parser.parse_args(
+        ["--recipe", "report", "--no-flip"]))
+    assert (plain["flip"], plain["crop"]) == (False, 0)
+    fast = cifar_common.resolve_config("cifar_model_c", parser.parse_args(["--crop", "2", "--no-flip"]))
+    assert (fast["flip"], fast["crop"]) == (False, 2)
+    assert cifar_common.resolve_config("cifar_model_c", parser.parse_args([]))["crop"] == 4
 
 
 def test_missing_data_stops_with_one_message_naming_the_place(tmp_path, monkeypatch, capsys):
