@@ -372,11 +372,12 @@ def load_cifar10(root: str | os.PathLike, split: str = "train", *, limit_per_cla
         images = _decode_files(files, workers, progress, f"{where}/{split}")
         data = Dataset(images, torch.tensor(file_labels, dtype=torch.int64), classes)
     if cache:
-        source = json.dumps({"root": str(where.resolve()), "split": split, "limit": limit_per_class,
-                             "format": fmt}, sort_keys=True)
+        resolved = str(where.resolve())
+        source = json.dumps({"root": resolved, "split": split, "limit": limit_per_class, "format": fmt},
+                            sort_keys=True)
         try:
             _atomic_save({"images": data.images, "labels": data.labels},
-                         {"root": str(where.resolve()), "split": split, "source": source,
+                         {"root": resolved, "split": split, "source": source,
                           "classes": json.dumps(classes)}, cache_path)
         except OSError as err:  # an unwritable cache only costs speed
             print(f"load_cifar10: could not write cache {cache_path}: {err}", file=sys.stderr)

@@ -433,7 +433,7 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train: Dataset, val: Da
                         channels_last=channels_last)
     images, labels = train.images.to(device), train.labels.to(device)
     crop, flip = int(config.get("crop", 4)), bool(config.get("flip", True))
-    cutout = config.get("cutout", 0)
+    cutout = int(config.get("cutout", 0))
     eval_bs = int(config.get("eval_batch_size", 1000))
 
     def save(p, s, o, prog):
