@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from layers import random as lr
+from layers import random as jr
 
 from .data import CIFAR10_MEAN, CIFAR10_STD
 
@@ -29,12 +29,12 @@ def _check_batch(fn: str, x: torch.Tensor) -> None:
 
 def crop_offsets(key: torch.Tensor, n: int, padding: int) -> torch.Tensor:
     """``(n, 2)`` int64 crop corners ``(dy, dx)``, each uniform on ``{0, ..., 2 * padding}``."""
-    return lr.randint(key, (n, 2), 0, 2 * padding + 1)
+    return jr.randint(key, (n, 2), 0, 2 * padding + 1)
 
 
 def flip_mask(key: torch.Tensor, n: int) -> torch.Tensor:
     """``(n,)`` bool, each true with probability 1/2: which images get mirrored."""
-    return lr.bernoulli(key, 0.5, (n,))
+    return jr.bernoulli(key, 0.5, (n,))
 
 
 def random_crop(key: torch.Tensor, x: torch.Tensor, padding: int = 4) -> torch.Tensor:
@@ -73,8 +73,8 @@ def cutout_mask(key: torch.Tensor, n: int, h: int, w: int, size: int,
     its centre ``(cy, cx)`` uniform on ``{0..h-1} x {0..w-1}``, so near the border only part of it
     lies in the image, as in the paper.
     """
-    cy = lr.randint(lr.fold_in(key, 0), (n,), 0, h, device=device)
-    cx = lr.randint(lr.fold_in(key, 1), (n,), 0, w, device=device)
+    cy = jr.randint(jr.fold_in(key, 0), (n,), 0, h, device=device)
+    cx = jr.randint(jr.fold_in(key, 1), (n,), 0, w, device=device)
     # (n, h) and (n, w): each pixel's offset into its image's square
     rows = torch.arange(h, device=cy.device)[None, :] - (cy - size // 2)[:, None]
     cols = torch.arange(w, device=cx.device)[None, :] - (cx - size // 2)[:, None]
@@ -121,8 +121,8 @@ def augment_batch(key: torch.Tensor, x: torch.Tensor, *, crop: int = 4, flip: bo
     its pixels are 0, the mean colour.
     """
     if crop:
-        x = random_crop(lr.fold_in(key, 0), x, crop)
+        x = random_crop(jr.fold_in(key, 0), x, crop)
     if flip:
-        x = random_flip(lr.fold_in(key, 1), x)
+        x = random_flip(jr.fold_in(key, 1), x)
     x = normalize(x, dtype=dtype)
-    return random_cutout(lr.fold_in(key, 2), x, cutout) if cutout else x
+    return random_cutout(jr.fold_in(key, 2), x, cutout) if cutout else x

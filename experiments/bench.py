@@ -49,7 +49,7 @@ import torch
 import layers
 import nets
 import optim
-from layers import random as lr
+from layers import random as jr
 
 from . import cpu_allocator, engine
 from .bench_layers import bench_layers
@@ -128,7 +128,7 @@ def make_runner(config: Config, model: str, batch: int, device: torch.device | s
     device = torch.device(device)
     build, kwargs = MODELS[model]
     net = build(**kwargs)
-    params, state = net.init(lr.key(0), device=device)
+    params, state = net.init(jr.key(0), device=device)
     x, y = _batch(batch, device, side)
     if config.reference:
         loop = ReferenceLoop(reference_module(model, **kwargs), {**params, **state}, lr=LR,
@@ -142,7 +142,7 @@ def make_runner(config: Config, model: str, batch: int, device: torch.device | s
         params, opt_state = engine.to_channels_last(params), engine.to_channels_last(opt_state)
     step = engine.make_step(net, opt, partial(layers.cross_entropy, label_smoothing=LABEL_SMOOTHING),
                             **config.options)
-    key = lr.key(1, device=device)
+    key = jr.key(1, device=device)
     trees = [params, state, opt_state]
 
     def run():

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 import layers
-from layers import random as lr
+from layers import random as jr
 
 from .bench_timing import interleaved, median
 
@@ -33,7 +33,7 @@ class LayerCase:
 
 def layer_cases(batch: int) -> list[LayerCase]:
     """The benchmarked layer calls at batch ``batch`` (shapes as inside Models A and B)."""
-    key = lr.key(7)
+    key = jr.key(7)
     g = torch.Generator().manual_seed(1)
     labels = torch.randint(0, 10, (batch,), generator=g)
     conv_x = (batch, 128, 16, 16)

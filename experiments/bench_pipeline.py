@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from layers import random as lr
+from layers import random as jr
 
 from .augment import augment_batch
 from .bench_timing import interleaved, median
@@ -50,12 +50,12 @@ def random_images(n: int, seed: int = 0, side: int = 32) -> tuple[torch.Tensor, 
 def ours_epoch(images: torch.Tensor, labels: torch.Tensor, batch: int, key: torch.Tensor) -> int:
     """One epoch of our pipeline over ``images`` (on their device); returns the images produced."""
     n = len(labels)
-    order = lr.permutation(lr.fold_in(key, 0), n).to(images.device)
-    step_root = lr.fold_in(key, 1)
+    order = jr.permutation(jr.fold_in(key, 0), n).to(images.device)
+    step_root = jr.fold_in(key, 1)
     done = 0
     for s in range(n // batch):
         idx = order[s * batch:(s + 1) * batch]
-        x = augment_batch(lr.fold_in(step_root, s).to(images.device), images[idx])
+        x = augment_batch(jr.fold_in(step_root, s).to(images.device), images[idx])
         y = labels[idx]
         done += min(x.shape[0], y.shape[0])
     return done
@@ -92,7 +92,7 @@ def bench_pipeline(n: int, batch: int, rounds: int, device: torch.device | str =
     images, labels = random_images(n)
     per_epoch = (n // batch) * batch
     dev_images, dev_labels = images.to(device), labels.to(device)
-    key = lr.key(0)
+    key = jr.key(0)
     fns = {"ours (whole-batch tensors)": lambda: ours_epoch(dev_images, dev_labels, batch, key)}
     loaders = {w: torchvision_loader(images, labels, batch, w) for w in workers}
     for w, loader in loaders.items():

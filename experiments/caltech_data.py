@@ -26,7 +26,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
-from layers import random as lr
+from layers import random as jr
 
 from .augment import normalize
 
@@ -107,10 +107,10 @@ def split_per_class(classes: Sequence[CaltechClass], *, train_per_class: int = 3
     if short:
         raise ValueError(f"{where}: expected at least {need} images per class ({train_per_class} "
                          f"train + {test_per_class} test), got fewer in {', '.join(short)}")
-    root = lr.key(seed)
+    root = jr.key(seed)
     tr_f, tr_y, te_f, te_y = [], [], [], []
     for label, c in enumerate(classes):
-        perm = lr.permutation(lr.fold_in(root, c.number), len(c.files)).tolist()
+        perm = jr.permutation(jr.fold_in(root, c.number), len(c.files)).tolist()
         tr_f += [c.files[i] for i in perm[:train_per_class]]
         te_f += [c.files[i] for i in perm[train_per_class:need]]
         tr_y += [label] * train_per_class

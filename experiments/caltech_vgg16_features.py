@@ -33,7 +33,7 @@ import torch
 
 import nets
 import optim
-from layers import random as lr
+from layers import random as jr
 from nets.compose import Flatten, Linear, ReLU, as_net, serial
 
 from . import caltech_data as cd
@@ -86,12 +86,12 @@ def _extract(net, params, state, files, *, flat_blocks, flat_dtype, resize, crop
     return fc.cached(cache, "caltech-vgg16-blocks", key, compute, log=log)
 
 
-def _fit(head, x_tr, y_tr, x_te, y_te, *, epochs, batch_size, lr_, momentum, weight_decay, key,
+def _fit(head, x_tr, y_tr, x_te, y_te, *, epochs, batch_size, lr, momentum, weight_decay, key,
          num_classes, log):
-    params, _ = head.init(lr.fold_in(key, 0))
-    opt = optim.sgd(lr_, momentum=momentum, weight_decay=weight_decay)
+    params, _ = head.init(jr.fold_in(key, 0))
+    opt = optim.sgd(lr, momentum=momentum, weight_decay=weight_decay)
     params, _, _, hist = fc.train_epochs(head, params, {}, opt, x_tr, y_tr, epochs=epochs,
-                                         batch_size=batch_size, key=lr.fold_in(key, 1),
+                                         batch_size=batch_size, key=jr.fold_in(key, 1),
                                          augment=lambda k, xb: xb.float(), log=log)
     widen = lambda xb: xb.float()  # noqa: E731
     s_te = fc.scores(fc.predict(head, params, {}, x_te, prepare=widen), y_te, num_classes)
@@ -147,17 +147,17 @@ def run(args: argparse.Namespace, stream=None) -> dict:
         rows[f"head-block{b}"] = _fit(
             report_head(f_tr[f"block{b}"].shape[1], k, args.hidden), f_tr[f"block{b}"],
             split.train_labels, f_te[f"block{b}"], split.test_labels, epochs=args.epochs,
-            batch_size=args.batch_size, lr_=args.lr, momentum=args.momentum, weight_decay=0.0,
-            key=lr.fold_in(lr.key(args.seed), 100 + b), num_classes=k, log=log)
+            batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=0.0,
+            key=jr.fold_in(jr.key(args.seed), 100 + b), num_classes=k, log=log)
         rows[f"head-block{b}"]["seconds"] = time.perf_counter() - t1
     for b in range(1, 6) if args.probes else ():
         t1 = time.perf_counter()
         x_tr, x_te = fc.standardize(f_tr[f"pooled{b}"].float(), f_te[f"pooled{b}"].float())
         rows[f"probe-block{b}"] = _fit(
             linear_probe(x_tr.shape[1], k), x_tr, split.train_labels, x_te, split.test_labels,
-            epochs=args.probe_epochs, batch_size=args.batch_size, lr_=args.probe_lr,
+            epochs=args.probe_epochs, batch_size=args.batch_size, lr=args.probe_lr,
             momentum=args.momentum, weight_decay=args.probe_weight_decay,
-            key=lr.fold_in(lr.key(args.seed), 200 + b), num_classes=k, log=None)
+            key=jr.fold_in(jr.key(args.seed), 200 + b), num_classes=k, log=None)
         rows[f"probe-block{b}"]["seconds"] = time.perf_counter() - t1
     for name, r in rows.items():
         log(f"{name:>14}: train {100 * r['train_accuracy']:6.2f}%  test "

@@ -49,7 +49,7 @@ import torch
 import layers
 import nets
 import optim
-from layers import random as lr
+from layers import random as jr
 
 from . import caltech_data as cd
 from . import engine
@@ -123,7 +123,7 @@ def pretrained_vgg16(weights: str | Path, num_classes: int = 256, *, seed: int =
     missing = [k for k in net.layer.param_shapes if k not in loaded]
     if missing:
         head = net.layer.children[-1][1].children[-1][1]  # classifier.6
-        fresh, _ = head.init(lr.fold_in(lr.key(seed), 6), dtype=torch.float32, device="cpu")
+        fresh, _ = head.init(jr.fold_in(jr.key(seed), 6), dtype=torch.float32, device="cpu")
         loaded = {**loaded, **{f"classifier.6.{k}": v for k, v in fresh.items()}}
     return net, loaded, state
 
@@ -133,20 +133,20 @@ def frozen_mask(params: Mapping[str, torch.Tensor]) -> dict[str, bool]:
     return {k: k not in HEAD for k in params}
 
 
-def head_optimizer(lr_: float = 1e-3, momentum: float = 0.9):
+def head_optimizer(lr: float = 1e-3, momentum: float = 0.9):
     """The head's optimizer: ``optim.sgd(lr, momentum)`` (the report: SGD, lr 0.001)."""
-    return optim.sgd(lr_, momentum=momentum)
+    return optim.sgd(lr, momentum=momentum)
 
 
-def frozen_optimizer(lr_: float = 1e-3, momentum: float = 0.9):
+def frozen_optimizer(lr: float = 1e-3, momentum: float = 0.9):
     """The same optimizer over the whole net, frozen leaves masked out (:func:`frozen_mask`):
     used when training through the net; on the cache only the head's parameters exist."""
-    return optim.freeze(head_optimizer(lr_, momentum), frozen_mask)
+    return optim.freeze(head_optimizer(lr, momentum), frozen_mask)
 
 
 def train_head_on_features(net, params, feats: torch.Tensor, labels: torch.Tensor, *,
                            dropout: str = "eval", epochs: int = 10, batch_size: int = 32,
-                           lr_: float = 1e-3, momentum: float = 0.9, key: torch.Tensor,
+                           lr: float = 1e-3, momentum: float = 0.9, key: torch.Tensor,
                            log=None):
     """Train the head on cached features ``feats`` (the output of ``CUT[dropout]``).
 
@@ -158,7 +158,7 @@ def train_head_on_features(net, params, feats: torch.Tensor, labels: torch.Tenso
     frozen = {k: v for k, v in params.items() if k not in HEAD}
     head = fc.suffix_net(net, CUT[dropout], frozen)
     p0 = {k: params[k] for k in HEAD}
-    p, _, _, history = fc.train_epochs(head, p0, {}, head_optimizer(lr_, momentum), feats, labels,
+    p, _, _, history = fc.train_epochs(head, p0, {}, head_optimizer(lr, momentum), feats, labels,
                                        epochs=epochs, batch_size=batch_size, key=key, log=log)
     return head, p, history
 
@@ -201,8 +201,8 @@ def run(args: argparse.Namespace, stream=None) -> dict:
     t_feat = time.perf_counter() - t0
     head, p, history = train_head_on_features(
         net, params, f_train, split.train_labels, dropout=args.dropout, epochs=args.epochs,
-        batch_size=args.batch_size, lr_=args.lr, momentum=args.momentum,
-        key=lr.fold_in(lr.key(args.seed), 1), log=log)
+        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        key=jr.fold_in(jr.key(args.seed), 1), log=log)
     s_test = fc.scores(fc.predict(head, p, {}, f_test), split.test_labels, k)
     s_train = fc.scores(fc.predict(head, p, {}, f_train), split.train_labels, k)
     results = {"classes": k, "train_images": len(split.train_files),
@@ -249,13 +249,13 @@ def benchmark(steps: int = 5, *, crop: int = 64, batch_size: int = 8, dropout: s
 
     step_net = engine.make_step(through_net, frozen_optimizer(), layers.cross_entropy)
     opt_state = frozen_optimizer().init(params)
-    t_net = timed(lambda i: step_net(params, {}, opt_state, (x, y), lr.key(i))[3]["loss"].item())
+    t_net = timed(lambda i: step_net(params, {}, opt_state, (x, y), jr.key(i))[3]["loss"].item())
     t_feat = timed(lambda i: prefix(params, {}, x).sum().item()) / batch_size
     feats = prefix(params, {}, x)
     step_head = engine.make_step(head, head_optimizer(), layers.cross_entropy)
     p_head = {k: params[k] for k in HEAD}
     h_state = head_optimizer().init(p_head)
-    t_head = timed(lambda i: step_head(p_head, {}, h_state, (feats, y), lr.key(i))[3]["loss"].item())
+    t_head = timed(lambda i: step_head(p_head, {}, h_state, (feats, y), jr.key(i))[3]["loss"].item())
     out = {"crop": crop, "batch_size": batch_size, "dropout": dropout, "threads": torch.get_num_threads(),
            "through_net_s_per_step": t_net, "cached_s_per_step": t_head,
            "features_s_per_image": t_feat, "speedup_per_step": t_net / t_head}

@@ -146,7 +146,7 @@ def benchmark(cfg: dict, steps: int, rounds: int = 3, stream=None) -> dict[str, 
     """
     stream = sys.stderr if stream is None else stream
     device = engine.resolve_device(cfg["device"])
-    from layers import random as lr
+    from layers import random as jr
 
     from .augment import augment_batch
 
@@ -160,7 +160,7 @@ def benchmark(cfg: dict, steps: int, rounds: int = 3, stream=None) -> dict[str, 
     rates: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(rounds):
         for mode, opts in modes.items():
-            params, state = net.init(lr.key(0), device=device)
+            params, state = net.init(jr.key(0), device=device)
             opt = build_optimizer(cfg, steps + 1)
             opt_state = opt.init(params)
             if opts.get("channels_last"):
@@ -171,8 +171,8 @@ def benchmark(cfg: dict, steps: int, rounds: int = 3, stream=None) -> dict[str, 
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                x = augment_batch(lr.key(i), images)
-                params, state, opt_state, m = step(params, state, opt_state, (x, labels), lr.key(i))
+                x = augment_batch(jr.key(i), images)
+                params, state, opt_state, m = step(params, state, opt_state, (x, labels), jr.key(i))
                 m["loss"].item()
             rates[mode].append(steps * bs / (time.perf_counter() - t0))
             print(f"round {r + 1}/{rounds} {mode:>18}: {rates[mode][-1]:7.1f} img/s", file=stream)

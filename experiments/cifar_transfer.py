@@ -50,7 +50,7 @@ import torch
 import layers
 import nets
 import optim
-from layers import random as lr
+from layers import random as jr
 from nets.compose import Flatten, Linear, ReLU, as_net, serial
 
 from . import engine
@@ -125,7 +125,7 @@ def draw_per_class(labels: torch.Tensor, n: int, seed: int, num_classes: int) ->
         if idx.numel() < n:
             raise ValueError(f"draw_per_class: expected at least {n} images of class {c}, "
                              f"got {idx.numel()}")
-        out.append(idx[lr.permutation(lr.fold_in(lr.key(seed), c), idx.numel())[:n]])
+        out.append(idx[jr.permutation(jr.fold_in(jr.key(seed), c), idx.numel())[:n]])
     return torch.cat(out).sort().values
 
 
@@ -152,12 +152,12 @@ def _features(net, params, state, images, *, batch_size, progress) -> dict:
 
 
 def _sgd(cfg: dict, total_steps: int | None = None):
-    lr_ = cfg["lr"]
+    lr = cfg["lr"]
     if total_steps is not None and total_steps >= 4:
-        lr_ = optim.one_cycle_schedule(cfg["lr"], total_steps, pct_start=max(0.25, 2.0 / total_steps),
+        lr = optim.one_cycle_schedule(cfg["lr"], total_steps, pct_start=max(0.25, 2.0 / total_steps),
                                        anneal_strategy="linear", div_factor=10.0,
                                        final_div_factor=100.0)
-    return optim.sgd(lr_, momentum=cfg["momentum"], nesterov=True, weight_decay=cfg["weight_decay"],
+    return optim.sgd(lr, momentum=cfg["momentum"], nesterov=True, weight_decay=cfg["weight_decay"],
                      weight_decay_mask=optim.decay_mask_no_bias_or_norm)
 
 
@@ -173,7 +173,7 @@ def _train_on_features(method, n, feats_tr, y_tr, feats_te, y_te, net, pre_param
     if method == "frozen+new-head":
         cut = fc.leaf_names(net)[fc.leaf_names(net).index(block_ends(net)[-1]) + 1]  # block-5 dropout
         head = fc.suffix_net(net, cut)
-        p0 = {k: v for k, v in _fresh_head(net, pre_params, lr.fold_in(key, 0)).items()
+        p0 = {k: v for k, v in _fresh_head(net, pre_params, jr.fold_in(key, 0)).items()
               if k.startswith("classifier.")}
         xtr, xte = feats_tr["block5"], feats_te["block5"]
     else:
@@ -186,10 +186,10 @@ def _train_on_features(method, n, feats_tr, y_tr, feats_te, y_te, net, pre_param
             xtr, xte = fc.standardize(feats_tr[f"block{k}"], feats_te[f"block{k}"])
             head = as_net(serial(Flatten(), Linear(xtr.shape[1], cfg["hidden"]), ReLU(),
                                  Linear(cfg["hidden"], 5)), name=f"report head[block {k}]")
-        p0, _ = head.init(lr.fold_in(key, 0))
+        p0, _ = head.init(jr.fold_in(key, 0))
     steps = epochs * math.ceil(len(y_tr) / cfg["batch_size"])
     params, _, _, hist = fc.train_epochs(head, p0, {}, _sgd(cfg, steps), xtr, y_tr, epochs=epochs,
-                                         batch_size=cfg["batch_size"], key=lr.fold_in(key, 1))
+                                         batch_size=cfg["batch_size"], key=jr.fold_in(key, 1))
     s = fc.scores(fc.predict(head, params, {}, xte), y_te, 5)
     return s, hist[-1]["accuracy"]
 
@@ -198,13 +198,13 @@ def _train_whole(method, n, b_train, y_tr, b_test, net, pre_params, pre_state, k
     cfg = RECIPE["finetune" if method == "fine-tune" else "scratch"]
     epochs = cfg["epochs"][n] if n in cfg["epochs"] else cfg["epochs"][max(cfg["epochs"])]
     if method == "fine-tune":
-        params, state = _fresh_head(net, pre_params, lr.fold_in(key, 0)), pre_state
+        params, state = _fresh_head(net, pre_params, jr.fold_in(key, 0)), pre_state
     else:
-        params, state = net.init(lr.fold_in(key, 0))
+        params, state = net.init(jr.fold_in(key, 0))
     steps = epochs * math.ceil(len(y_tr) / cfg["batch_size"])
     params, state, _, hist = fc.train_epochs(
         net, params, state, _sgd(cfg, steps), b_train, y_tr, epochs=epochs,
-        batch_size=cfg["batch_size"], key=lr.fold_in(key, 1),
+        batch_size=cfg["batch_size"], key=jr.fold_in(key, 1),
         augment=lambda k, x: augment_batch(k, x, crop=4, flip=True), log=log)
     s = fc.scores(fc.predict(net, params, state, b_test.images, prepare=normalize), b_test.labels, 5)
     return s, hist[-1]["accuracy"]
@@ -290,7 +290,7 @@ def run_study(train: Dataset, test: Dataset, out: str | Path, *, shots: Sequence
                 if cell in results:
                     continue
                 t1 = time.perf_counter()
-                key = lr.fold_in(lr.fold_in(lr.key(d), n), METHODS.index(method))
+                key = jr.fold_in(jr.fold_in(jr.key(d), n), METHODS.index(method))
                 if method in ("fine-tune", "scratch"):
                     s, train_acc = _train_whole(method, n, sub.images, sub.labels, b_test, net,
                                                 params, state, key, None)

@@ -418,7 +418,7 @@ def validation_split(labels: torch.Tensor, val: float | int, key: torch.Tensor,
     to their sizes, largest remainder first), chosen by ``permutation(fold_in(key, c), n_c)``.
     Both index tensors are sorted int64.
     """
-    from layers import random as lr
+    from layers import random as jr
 
     labels = torch.as_tensor(labels)
     n = labels.numel()
@@ -441,7 +441,7 @@ def validation_split(labels: torch.Tensor, val: float | int, key: torch.Tensor,
     train_parts, val_parts = [], []
     for c in range(num_classes):
         idx = torch.nonzero(labels == c).flatten()
-        perm = lr.permutation(lr.fold_in(key, c), idx.numel()).to(idx.device)
+        perm = jr.permutation(jr.fold_in(key, c), idx.numel()).to(idx.device)
         val_parts.append(idx[perm[: take[c]]])
         train_parts.append(idx[perm[take[c]:]])
     return (torch.cat(train_parts).sort().values if train_parts else torch.zeros(0, dtype=torch.int64),

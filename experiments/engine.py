@@ -28,7 +28,7 @@ from torch.utils import _pytree as pytree
 
 import layers
 import optim
-from layers import random as lr
+from layers import random as jr
 
 from .augment import augment_batch, normalize
 from .data import Dataset
@@ -57,9 +57,9 @@ def run_keys(seed: int) -> dict[str, torch.Tensor]:
     of it uses ``k = fold_in(fold_in(fold_in(train, e), 1), s)``: ``fold_in(k, 0)`` for the
     augmentation, ``fold_in(k, 1)`` for dropout.
     """
-    root = lr.key(seed)
-    return {"init": lr.fold_in(root, _INIT), "split": lr.fold_in(root, _SPLIT),
-            "train": lr.fold_in(root, _TRAIN)}
+    root = jr.key(seed)
+    return {"init": jr.fold_in(root, _INIT), "split": jr.fold_in(root, _SPLIT),
+            "train": jr.fold_in(root, _TRAIN)}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -446,9 +446,9 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train: Dataset, val: Da
             if max_epochs is not None and epoch >= max_epochs:
                 status = "stopped"
                 break
-            ek = lr.fold_in(keys["train"], epoch)
-            order = lr.permutation(lr.fold_in(ek, _PERMUTE), len(labels)).to(device)
-            step_root = lr.fold_in(ek, _STEP)
+            ek = jr.fold_in(keys["train"], epoch)
+            order = jr.permutation(jr.fold_in(ek, _PERMUTE), len(labels)).to(device)
+            step_root = jr.fold_in(ek, _STEP)
             bar = ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", stream=stream)
             t0 = time.perf_counter() - progress["seconds"]
             s = first_step = progress["step"]
@@ -456,11 +456,11 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train: Dataset, val: Da
                 if on_step is not None:
                     on_step(epoch, s)
                 idx = order[s * batch_size:(s + 1) * batch_size]
-                sk = lr.fold_in(step_root, s)
-                x = augment_batch(lr.fold_in(sk, _AUGMENT).to(device), images[idx], crop=crop, flip=flip,
+                sk = jr.fold_in(step_root, s)
+                x = augment_batch(jr.fold_in(sk, _AUGMENT).to(device), images[idx], crop=crop, flip=flip,
                                   cutout=cutout)
                 lr_now = _current_lr(opt_state)
-                new = step(params, state, opt_state, (x, labels[idx]), lr.fold_in(sk, _DROPOUT).to(device))
+                new = step(params, state, opt_state, (x, labels[idx]), jr.fold_in(sk, _DROPOUT).to(device))
                 loss = new[3]["loss"].item()
                 if not math.isfinite(loss):
                     raise NonFiniteLossError(

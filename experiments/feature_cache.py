@@ -48,7 +48,7 @@ from safetensors.torch import load_file, save_file
 
 import layers
 import nets
-from layers import random as lr
+from layers import random as jr
 from nets.compose import Net
 
 from . import engine
@@ -78,7 +78,7 @@ def leaf_keys(layer, key: torch.Tensor | None, prefix: str = "") -> dict[str, to
     """
     if not layer.children:
         return {prefix: key}
-    keys = lr.split(key, len(layer.children)) if key is not None else None
+    keys = jr.split(key, len(layer.children)) if key is not None else None
     out = {}
     for i, (name, child) in enumerate(layer.children):
         out.update(leaf_keys(child, None if keys is None else keys[i],
@@ -283,16 +283,16 @@ def train_epochs(net: Net, params, state, opt, x: torch.Tensor, y: torch.Tensor,
     opt_state = opt.init(params)
     history = []
     for e in range(epochs):
-        ek = lr.fold_in(key, e)
-        order = lr.permutation(lr.fold_in(ek, 0), n).to(x.device)
-        step_root = lr.fold_in(ek, 1)
+        ek = jr.fold_in(key, e)
+        order = jr.permutation(jr.fold_in(ek, 0), n).to(x.device)
+        step_root = jr.fold_in(ek, 1)
         loss_sum, correct = 0.0, 0
         for s, i in enumerate(range(0, n, batch_size)):
             idx = order[i:i + batch_size]
-            sk = lr.fold_in(step_root, s)
-            xb = x[idx] if augment is None else augment(lr.fold_in(sk, 0), x[idx])
+            sk = jr.fold_in(step_root, s)
+            xb = x[idx] if augment is None else augment(jr.fold_in(sk, 0), x[idx])
             params, state, opt_state, m = step(params, state, opt_state, (xb, y[idx]),
-                                               lr.fold_in(sk, 1))
+                                               jr.fold_in(sk, 1))
             loss_sum += m["loss"].item() * len(idx)
             correct += int(m["correct"])
         history.append({"epoch": e + 1, "loss": loss_sum / n, "accuracy": correct / n})

@@ -2,7 +2,7 @@
 import torch
 
 from . import _checks as C
-from . import random as _random
+from . import random as jr
 from ._impl import resolve
 
 
@@ -37,13 +37,13 @@ def dropout(x, *, p, train, key=None, impl=None):
     if key is None:
         raise ValueError(f"{where}: expected a random key (layers.random.key) when train=True "
                          f"and p={p} > 0, got key=None")
-    _random.check_key(key, where)
+    jr.check_key(key, where)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     if p == 1.0:
         # Select, never multiply: inf * 0 would be NaN, and so would the gradient of x / 0.
         return torch.where(torch.zeros_like(x, dtype=torch.bool), x, zero)
     keep_prob = 1.0 - p
-    keep = _random.bernoulli(key, keep_prob, x.shape, device=x.device, resolution_bits=16)
+    keep = jr.bernoulli(key, keep_prob, x.shape, device=x.device, resolution_bits=16)
 
     if impl == "fast":
         return x * (keep.to(x.dtype) * (1.0 / keep_prob))      # one fused multiply by the scaled mask

@@ -13,7 +13,7 @@ from experiments.bench_layers import bench_layers, layer_cases
 from experiments.bench_pipeline import bench_pipeline, ours_epoch, random_images, torchvision_loader
 from experiments.bench_reference import ReferenceLoop, reference_module
 from experiments.bench_timing import interleaved, matmul_peak, median
-from layers import random as lr
+from layers import random as jr
 
 SEEDS = st.integers(0, 2**31 - 1)
 NETS = {"a": nets.model_a, "b": nets.model_b, "c": nets.model_c}
@@ -25,7 +25,7 @@ NETS = {"a": nets.model_a, "b": nets.model_b, "c": nets.model_c}
 
 @pytest.mark.parametrize("model", ["a", "b", "c"])
 def test_reference_module_state_dict_keys_and_shapes_equal_the_pure_nets(model):
-    params, state = NETS[model]().init(lr.key(0))
+    params, state = NETS[model]().init(jr.key(0))
     ref = reference_module(model).state_dict()
     assert set(ref) == set(params) | set(state)
     for k, v in {**params, **state}.items():
@@ -36,7 +36,7 @@ def test_reference_module_state_dict_keys_and_shapes_equal_the_pure_nets(model):
 @given(seed=SEEDS, model=st.sampled_from(["a", "b", "c"]))
 def test_reference_module_eval_output_equals_pure_apply(seed, model):
     net = NETS[model]()
-    params, state = net.init(lr.key(seed), dtype=torch.float64)
+    params, state = net.init(jr.key(seed), dtype=torch.float64)
     module = reference_module(model).double()
     module.load_state_dict({**params, **state})
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -51,7 +51,7 @@ def test_reference_module_eval_output_equals_pure_apply(seed, model):
 @given(seed=SEEDS)
 def test_reference_loop_and_pure_step_follow_the_same_trajectory(seed):
     net = nets.model_b(dropout=0.0, head_dropout=0.0)  # dropout draws differ between the two
-    params, state = net.init(lr.key(seed), dtype=torch.float64)
+    params, state = net.init(jr.key(seed), dtype=torch.float64)
     module = reference_module("b", dropout=0.0, head_dropout=0.0).double()
     loop = ReferenceLoop(module, {**params, **state}, lr=bench.LR, momentum=bench.MOMENTUM,
                          weight_decay=bench.WEIGHT_DECAY, label_smoothing=bench.LABEL_SMOOTHING)
@@ -64,7 +64,7 @@ def test_reference_loop_and_pure_step_follow_the_same_trajectory(seed):
         x = torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64)
         y = torch.randint(0, 10, (4,), generator=g)
         ref_loss = loop.step(x, y)
-        params, state, opt_state, metrics = step(params, state, opt_state, (x, y), lr.key(i))
+        params, state, opt_state, metrics = step(params, state, opt_state, (x, y), jr.key(i))
         # float64, 2 SGD steps through a 6-conv net: rounding-order differences only
         torch.testing.assert_close(metrics["loss"], ref_loss, rtol=1e-9, atol=1e-12)
     ref = module.state_dict()
@@ -137,7 +137,7 @@ def test_layer_cases_fast_and_explicit_agree_and_bench_reports_both():
 
 def test_both_pipelines_yield_normalised_32x32_batches():
     images, labels = random_images(64)
-    assert ours_epoch(images, labels, 32, lr.key(0)) == 64
+    assert ours_epoch(images, labels, 32, jr.key(0)) == 64
     x, y = next(iter(torchvision_loader(images, labels, 32, workers=0)))
     assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (32,)
     # (v / 255 - mean) / std lies in [-mean / std, (1 - mean) / std] within [-2.1, 2.2]

@@ -25,7 +25,7 @@ from experiments import caltech_data as cd
 from experiments import caltech_vgg16_features as cf
 from experiments import caltech_vgg16_transfer as ct
 from experiments import feature_cache as fc
-from layers import random as lr
+from layers import random as jr
 from nets.compose import (AdaptiveAvgPool2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU,
                           as_net, serial)
 
@@ -198,14 +198,14 @@ def test_head_trained_on_cached_features_equals_head_trained_through_the_frozen_
     # "eval": cache after classifier.4 (dropout off) == the same net with dropout p = 0.
     net = vgg_shaped(0.5)
     reference = net if dropout == "train" else vgg_shaped(0.0)
-    params, state = net.init(lr.key(seed), dtype=torch.float64)
+    params, state = net.init(jr.key(seed), dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(10, 3, 16, 16, generator=g, dtype=torch.float64)
     y = torch.randint(0, 5, (10,), generator=g)
-    key = lr.key(seed + 1)
+    key = jr.key(seed + 1)
     feats = fc.prefix_apply(net, ct.CUT[dropout])(params, state, x)
     _, head, _ = ct.train_head_on_features(net, params, feats, y, dropout=dropout, epochs=3,
-                                           batch_size=4, lr_=0.05, momentum=momentum, key=key)
+                                           batch_size=4, lr=0.05, momentum=momentum, key=key)
     through, _, opt_state, _ = fc.train_epochs(reference, params, state,
                                                ct.frozen_optimizer(0.05, momentum), x, y,
                                                epochs=3, batch_size=4, key=key)
@@ -224,7 +224,7 @@ def test_head_trained_on_cached_features_equals_head_trained_through_the_frozen_
 
 
 def test_frozen_mask_freezes_everything_but_the_new_last_layer():
-    params, _ = vgg_shaped(0.5).init(lr.key(0))
+    params, _ = vgg_shaped(0.5).init(jr.key(0))
     mask = ct.frozen_mask(params)
     assert [k for k, frozen in mask.items() if not frozen] == list(ct.HEAD)
 

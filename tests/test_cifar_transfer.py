@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import nets
 from experiments import cifar_transfer as ctr
 from experiments.data import CIFAR10_CLASSES, Dataset
-from layers import random as lr
+from layers import random as jr
 
 SEEDS = st.integers(0, 2**31 - 1)
 
@@ -50,7 +50,7 @@ def test_a_class_with_too_few_images_is_an_error():
 
 def test_small_vgg16_has_vgg16s_layout_at_a_quarter_width():
     net = ctr.small_vgg16(5)
-    params, state = net.init(lr.key(0))
+    params, state = net.init(jr.key(0))
     convs = [k for k, v in params.items() if v.dim() == 4]
     assert len(convs) == 13                                     # 2 + 2 + 3 + 3 + 3, as VGG16
     outs = ctr.block_features(net, params, state, torch.zeros(2, 3, 32, 32))

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from experiments import data as D
-from layers import random as lr
+from layers import random as jr
 
 
 def _images(seed, n):
@@ -239,7 +239,7 @@ def test_find_data_dir_reports_a_failed_download(tmp_path, monkeypatch):
 def test_validation_split_is_a_stratified_partition(seed, per_class, frac):
     labels = torch.cat([torch.full((n,), c) for c, n in enumerate(per_class)])
     labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]
-    key = lr.key(seed)
+    key = jr.key(seed)
     tr, va = D.validation_split(labels, frac, key)
     assert torch.equal(torch.cat([tr, va]).sort().values, torch.arange(len(labels)))
     for c, n in enumerate(per_class):
@@ -254,7 +254,7 @@ def test_validation_split_is_a_stratified_partition(seed, per_class, frac):
 def test_validation_split_count_is_exact_and_proportional(seed, per_class, data):
     labels = torch.cat([torch.full((n,), c) for c, n in enumerate(per_class)])
     count = data.draw(st.integers(0, len(labels) - 1))
-    tr, va = D.validation_split(labels, count, lr.key(seed))
+    tr, va = D.validation_split(labels, count, jr.key(seed))
     assert len(va) == count and len(tr) == len(labels) - count
     for c, n in enumerate(per_class):
         # each class gets floor or ceil of its proportional share
@@ -265,15 +265,15 @@ def test_validation_split_count_is_exact_and_proportional(seed, per_class, data)
 def test_validation_split_rejects_bad_sizes():
     labels = torch.arange(10) % 2
     with pytest.raises(ValueError, match="fraction in \\[0, 1\\), got 1.5"):
-        D.validation_split(labels, 1.5, lr.key(0))
+        D.validation_split(labels, 1.5, jr.key(0))
     with pytest.raises(ValueError, match="count in \\[0, 10\\), got 10"):
-        D.validation_split(labels, 10, lr.key(0))
+        D.validation_split(labels, 10, jr.key(0))
     with pytest.raises(TypeError, match="got str"):
-        D.validation_split(labels, "0.1", lr.key(0))
+        D.validation_split(labels, "0.1", jr.key(0))
 
 
 def test_different_keys_give_different_validation_sets():
     labels = torch.arange(1000) % 10
-    _, a = D.validation_split(labels, 0.2, lr.key(1))
-    _, b = D.validation_split(labels, 0.2, lr.key(2))
+    _, a = D.validation_split(labels, 0.2, jr.key(1))
+    _, b = D.validation_split(labels, 0.2, jr.key(2))
     assert not torch.equal(a, b)

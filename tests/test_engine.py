@@ -12,7 +12,7 @@ import layers
 import optim
 from experiments import engine
 from experiments.data import Dataset
-from layers import random as lr
+from layers import random as jr
 from nets.compose import BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, as_net, serial
 
 SEEDS = st.integers(0, 2**31 - 1)
@@ -48,15 +48,15 @@ def _equal_trees(a, b):
 
 
 @settings(deadline=None, max_examples=15)
-@given(seed=SEEDS, lr_=st.floats(1e-3, 0.5))
-def test_step_equals_autograd_sgd_update_and_new_bn_state(seed, lr_):
+@given(seed=SEEDS, lr=st.floats(1e-3, 0.5))
+def test_step_equals_autograd_sgd_update_and_new_bn_state(seed, lr):
     net = tiny_net()
-    params, state = net.init(lr.key(seed), dtype=torch.float64)
+    params, state = net.init(jr.key(seed), dtype=torch.float64)
     x, y = _batch(seed)
-    key = lr.key(seed + 1)
+    key = jr.key(seed + 1)
     loss_fn = layers.cross_entropy
-    step = engine.make_step(net, optim.sgd(lr_), loss_fn)
-    new_p, new_s, _, metrics = step(params, state, optim.sgd(lr_).init(params), (x, y), key)
+    step = engine.make_step(net, optim.sgd(lr), loss_fn)
+    new_p, new_s, _, metrics = step(params, state, optim.sgd(lr).init(params), (x, y), key)
     # reference: autograd through the same apply on leaf copies
     leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
     logits, ref_state = net.apply(leaves, state, x, train=True, key=key)
@@ -64,7 +64,7 @@ def test_step_equals_autograd_sgd_update_and_new_bn_state(seed, lr_):
     grads = torch.autograd.grad(loss, list(leaves.values()))
     # float64, a handful of ops of size <= 256: only rounding-order differences remain
     for (k, p), g in zip(params.items(), grads):
-        torch.testing.assert_close(new_p[k], p - lr_ * g, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(new_p[k], p - lr * g, rtol=1e-12, atol=1e-12)
     for k in ref_state:
         torch.testing.assert_close(new_s[k], ref_state[k], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(metrics["loss"], loss.detach(), rtol=1e-12, atol=0)
@@ -75,10 +75,10 @@ def test_step_equals_autograd_sgd_update_and_new_bn_state(seed, lr_):
 @given(seed=SEEDS)
 def test_step_is_pure_same_inputs_same_outputs_inputs_untouched(seed):
     net = tiny_net()
-    params, state = net.init(lr.key(seed), dtype=torch.float64)
+    params, state = net.init(jr.key(seed), dtype=torch.float64)
     opt = optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
     opt_state = opt.init(params)
-    batch, key = _batch(seed), lr.key(seed)
+    batch, key = _batch(seed), jr.key(seed)
     before = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
                              (params, state, opt_state, batch, key))
     step = engine.make_step(net, opt, layers.cross_entropy)
@@ -92,7 +92,7 @@ def test_step_is_pure_same_inputs_same_outputs_inputs_untouched(seed):
 @given(seed=SEEDS)
 def test_eval_with_flip_tta_averages_the_logits_of_image_and_mirror(seed):
     net = tiny_net()
-    params, state = net.init(lr.key(seed), dtype=torch.float64)
+    params, state = net.init(jr.key(seed), dtype=torch.float64)
     x, _ = _batch(seed)
     plain = engine.make_eval(net)(params, state, x)
     mirror = engine.make_eval(net)(params, state, x.flip(-1))
@@ -136,7 +136,7 @@ def test_tta_views_and_bad_shifts():
 @given(seed=SEEDS, flip=st.booleans(), shift=st.integers(1, 2))
 def test_eval_with_shift_tta_averages_the_logits_of_every_view(seed, flip, shift):
     net = tiny_net()
-    params, state = net.init(lr.key(seed), dtype=torch.float64)
+    params, state = net.init(jr.key(seed), dtype=torch.float64)
     x, _ = _batch(seed)
     plain = engine.make_eval(net)
     views = [plain(params, state, engine.translate(x.flip(-1) if m else x, dy, dx))
@@ -149,7 +149,7 @@ def test_eval_with_shift_tta_averages_the_logits_of_every_view(seed, flip, shift
 
 def test_evaluate_confusion_accuracy_and_loss_match_a_direct_computation():
     net = tiny_net()
-    params, state = net.init(lr.key(0))
+    params, state = net.init(jr.key(0))
     data = tiny_data(1, n=37)
     predict = engine.make_eval(net)
     res = engine.evaluate(predict, params, state, data, device=torch.device("cpu"), batch_size=10)
@@ -171,10 +171,10 @@ def test_evaluate_confusion_accuracy_and_loss_match_a_direct_computation():
 # Speed options agree with eager fp32
 
 
-def _run_steps(n, lr_=0.05, **opts):
+def _run_steps(n, lr=0.05, **opts):
     net = tiny_net(p=0.0)
-    params, state = net.init(lr.key(0))
-    opt = optim.sgd(lr_, momentum=0.9)
+    params, state = net.init(jr.key(0))
+    opt = optim.sgd(lr, momentum=0.9)
     opt_state = opt.init(params)
     if opts.get("channels_last"):
         params, opt_state = engine.to_channels_last(params), engine.to_channels_last(opt_state)
@@ -182,7 +182,7 @@ def _run_steps(n, lr_=0.05, **opts):
     losses = []
     for i in range(n):
         x, y = _batch(i, n=16, dtype=torch.float32)
-        params, state, opt_state, m = step(params, state, opt_state, (x, y), lr.key(i))
+        params, state, opt_state, m = step(params, state, opt_state, (x, y), jr.key(i))
         losses.append(m["loss"])
     return params, torch.stack(losses)
 
@@ -212,9 +212,9 @@ def test_compiled_step_matches_eager_fp32_and_compiles_once_under_a_schedule():
     # are compiled, so the changing rate must never trigger a recompile (error_on_recompile).
     torch._dynamo.reset()
     schedule = optim.one_cycle_schedule(0.05, 3, pct_start=0.5)
-    p0, l0 = _run_steps(3, lr_=schedule)
+    p0, l0 = _run_steps(3, lr=schedule)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        p1, l1 = _run_steps(3, lr_=schedule, compile=True)
+        p1, l1 = _run_steps(3, lr=schedule, compile=True)
     # inductor fuses and reorders float32 reductions: ~1e-6 relative per op
     torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-5)
     for k in p0:
@@ -229,10 +229,10 @@ CFG = dict(seed=3, epochs=2, batch_size=12, device="cpu", bf16=False, channels_l
            crop=2, flip=True, tta_flip=True, eval_batch_size=16, model="cifar_model_b", name="t")
 
 
-def _fit(run_dir, cfg=CFG, lr_=0.05, loss_fn=layers.cross_entropy, **kw):
+def _fit(run_dir, cfg=CFG, lr=0.05, loss_fn=layers.cross_entropy, **kw):
     train, test = tiny_data(0), tiny_data(1, n=20)
     steps = len(train.labels) // cfg["batch_size"]
-    opt = optim.sgd(optim.one_cycle_schedule(lr_, cfg["epochs"] * steps), momentum=0.9,
+    opt = optim.sgd(optim.one_cycle_schedule(lr, cfg["epochs"] * steps), momentum=0.9,
                     nesterov=True, weight_decay=5e-4,
                     weight_decay_mask=optim.decay_mask_no_bias_or_norm)
     stream = io.StringIO()
@@ -305,7 +305,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_huge_learning_rate_trips_the_guard_and_leaves_the_initial_checkpoint(tmp_path):
     with pytest.raises(engine.NonFiniteLossError, match="last good checkpoint"):
-        _fit(tmp_path / "run", lr_=1e30)
+        _fit(tmp_path / "run", lr=1e30)
     tree, progress, _ = engine.load_run(tmp_path / "run")
     params, _ = tiny_net().init(engine.run_keys(CFG["seed"])["init"])
     assert progress["epoch"] == 0 and _equal_trees(tree["params"], params)

@@ -16,7 +16,7 @@ import layers
 import nets
 import optim
 from experiments import feature_cache as fc
-from layers import random as lr
+from layers import random as jr
 from nets.compose import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear,
                           MaxPool2d, ReLU, as_net, serial)
 
@@ -44,7 +44,7 @@ def tiny_net(dropout=0.5):
 
 
 def _init(net, seed):
-    params, state = net.init(lr.key(seed), dtype=torch.float64)
+    params, state = net.init(jr.key(seed), dtype=torch.float64)
     # running statistics away from (0, 1), so that eval mode visibly uses them
     state = {k: (v + 0.3 if k.endswith("running_mean") else v * 1.7 if k.endswith("running_var") else v)
              for k, v in state.items()}
@@ -61,7 +61,7 @@ def _images(seed, n=4, side=8):
 def test_running_all_leaves_equals_net_apply_values_and_state(seed, train):
     net = tiny_net()
     params, state = _init(net, seed)
-    x, key = _images(seed), lr.key(seed + 1)
+    x, key = _images(seed), jr.key(seed + 1)
     y_ref, s_ref = net.apply(params, state, x, train=train, key=key)
     y, s = fc.run_leaves(net, params, state, x, start=0, stop=len(fc.leaf_names(net)),
                          train=train, key=key)
@@ -83,8 +83,8 @@ def plain_net():
 def test_suffix_on_cached_prefix_equals_train_mode_net_when_the_prefix_is_train_eval_invariant(seed, cut):
     # The cached path must reproduce net.apply(train=True) exactly, suffix dropout mask included.
     net = plain_net()
-    params, state = net.init(lr.key(seed), dtype=torch.float64)
-    x, key = _images(seed), lr.key(seed + 1)
+    params, state = net.init(jr.key(seed), dtype=torch.float64)
+    x, key = _images(seed), jr.key(seed + 1)
     h = fc.prefix_apply(net, cut)(params, state, x)
     trained = {k: v for k, v in params.items() if k.startswith("classifier.3")}
     frozen = {k: v for k, v in params.items() if k not in trained}
@@ -100,7 +100,7 @@ def test_prefix_runs_in_eval_mode_and_suffix_with_the_whole_nets_keys(seed):
     # in eval mode and whose suffix is in train mode with the whole net's keys.
     net = tiny_net()
     params, state = _init(net, seed)
-    x, key = _images(seed), lr.key(seed + 1)
+    x, key = _images(seed), jr.key(seed + 1)
     h = fc.prefix_apply(net, "flatten")(params, state, x)
     head = fc.suffix_net(net, "flatten")
     y, _ = head.apply({k: v for k, v in params.items() if k.startswith("classifier")}, {}, h,
@@ -119,7 +119,7 @@ def test_prefix_runs_in_eval_mode_and_suffix_with_the_whole_nets_keys(seed):
 
 def test_leaf_keys_are_distinct_and_none_in_eval():
     net = tiny_net()
-    keys = fc.leaf_keys(net.layer, lr.key(0))
+    keys = fc.leaf_keys(net.layer, jr.key(0))
     assert list(keys) == fc.leaf_names(net)
     stacked = torch.stack(list(keys.values()))
     assert len({tuple(k.tolist()) for k in stacked}) == len(keys)
@@ -208,9 +208,9 @@ def test_train_epochs_is_a_function_of_its_key_and_learns_a_separable_problem(se
     x = torch.randn(40, 5, generator=g, dtype=torch.float64)
     y = (x[:, 0] > 0).long()
     net = as_net(serial(Linear(5, 2)), name="probe")
-    p0, _ = net.init(lr.key(seed), dtype=torch.float64)
+    p0, _ = net.init(jr.key(seed), dtype=torch.float64)
     run = lambda: fc.train_epochs(net, p0, {}, optim.sgd(0.5), x, y, epochs=15,  # noqa: E731
-                                  batch_size=8, key=lr.key(seed))
+                                  batch_size=8, key=jr.key(seed))
     p1, _, _, hist = run()
     p2, _, _, _ = run()
     assert all(torch.equal(p1[k], p2[k]) for k in p1)
@@ -219,10 +219,10 @@ def test_train_epochs_is_a_function_of_its_key_and_learns_a_separable_problem(se
 
 def test_train_epochs_rejects_mismatched_data():
     net = as_net(serial(Linear(2, 2)), name="probe")
-    p, _ = net.init(lr.key(0))
+    p, _ = net.init(jr.key(0))
     with pytest.raises(ValueError, match="train_epochs: expected as many inputs as labels"):
         fc.train_epochs(net, p, {}, optim.sgd(0.1), torch.zeros(3, 2), torch.zeros(2).long(),
-                        epochs=1, batch_size=2, key=lr.key(0))
+                        epochs=1, batch_size=2, key=jr.key(0))
 
 
 def test_scores_give_accuracy_and_mean_per_class_recall():

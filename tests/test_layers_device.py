@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import layers
-from layers import random as lr
+from layers import random as jr
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # float32 (and TF32-free float64) against a float64 CPU reference: reductions of <= 2*3*3 = 18
@@ -22,7 +22,7 @@ def suite(device, dtype):
     bn_s = {"running_mean": mk(2), "running_var": mk(2).abs() + 0.5,
             "num_batches_tracked": torch.tensor(2, device=device)}
     target = torch.tensor([1, 0, 4], device=device)
-    key = lr.key(1, device=device)
+    key = jr.key(1, device=device)
     return {
         "linear": lambda i: layers.linear(lin_p, layers.flatten(x, impl=i), impl=i),
         "conv2d": lambda i: layers.conv2d(conv_p, x, stride=2, padding=1, impl=i),

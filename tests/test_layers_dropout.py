@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch.func import grad
 
 import layers
-from layers import random as lr
+from layers import random as jr
 
 IMPLS = ["fast", "explicit"]
 
@@ -18,7 +18,7 @@ IMPLS = ["fast", "explicit"]
        dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_dropout_output_is_mask_times_x_over_keep_prob_and_formulations_agree(p, seed, impl, dtype):
     x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-    key = lr.key(seed)
+    key = jr.key(seed)
     y = layers.dropout(x, p=p, train=True, key=key, impl=impl)
     other = layers.dropout(x, p=p, train=True, key=key, impl="explicit" if impl == "fast" else "fast")
     # x * (1 / keep) versus x / keep: one rounding apart at most (dtype eps relative).
@@ -26,7 +26,7 @@ def test_dropout_output_is_mask_times_x_over_keep_prob_and_formulations_agree(p,
     if p == 0.0:
         assert torch.equal(y, x)
         return
-    keep = lr.bernoulli(key, 1.0 - p, x.shape, resolution_bits=16)
+    keep = jr.bernoulli(key, 1.0 - p, x.shape, resolution_bits=16)
     expect = torch.where(keep, x / (1.0 - p), torch.zeros((), dtype=dtype)) if p < 1 else torch.zeros_like(x)
     torch.testing.assert_close(y, expect, rtol=2 * torch.finfo(dtype).eps, atol=0)
 
@@ -34,15 +34,15 @@ def test_dropout_output_is_mask_times_x_over_keep_prob_and_formulations_agree(p,
 @pytest.mark.parametrize("impl", IMPLS)
 def test_dropout_same_key_gives_same_mask(impl):
     x = torch.ones(1000, dtype=torch.float64)
-    a = layers.dropout(x, p=0.3, train=True, key=lr.key(5), impl=impl)
-    b = layers.dropout(x, p=0.3, train=True, key=lr.key(5), impl=impl)
+    a = layers.dropout(x, p=0.3, train=True, key=jr.key(5), impl=impl)
+    b = layers.dropout(x, p=0.3, train=True, key=jr.key(5), impl=impl)
     assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_dropout_different_keys_give_different_masks(impl):
     x = torch.ones(1000, dtype=torch.float64)
-    k1, k2 = lr.split(lr.key(5))
+    k1, k2 = jr.split(jr.key(5))
     a = layers.dropout(x, p=0.3, train=True, key=k1, impl=impl)
     b = layers.dropout(x, p=0.3, train=True, key=k2, impl=impl)
     assert not torch.equal(a == 0, b == 0)
@@ -52,7 +52,7 @@ def test_dropout_different_keys_give_different_masks(impl):
 @given(p=st.floats(0.05, 0.95), seed=st.integers(0, 2**31 - 1), impl=st.sampled_from(IMPLS))
 def test_dropout_keep_rate_within_six_sigma_of_one_minus_p(p, seed, impl):
     n = 100_000
-    y = layers.dropout(torch.ones(n, dtype=torch.float64), p=p, train=True, key=lr.key(seed), impl=impl)
+    y = layers.dropout(torch.ones(n, dtype=torch.float64), p=p, train=True, key=jr.key(seed), impl=impl)
     kept = int((y != 0).sum())
     # kept ~ Binomial(n, 1 - p): a 6-sigma band fails by chance with probability ~2e-9.
     sigma = math.sqrt(n * p * (1 - p))
@@ -65,18 +65,18 @@ def test_dropout_keep_rate_within_six_sigma_of_one_minus_p(p, seed, impl):
 @pytest.mark.parametrize("p", [0.25, 0.5, 0.9])
 def test_dropout_gradient_equals_mask_over_keep_prob(impl, p):
     x = torch.randn(6, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    key = lr.key(11)
+    key = jr.key(11)
     g = grad(lambda x: layers.dropout(x, p=p, train=True, key=key, impl=impl).sum())(x)
-    mask = lr.bernoulli(key, 1 - p, x.shape, resolution_bits=16).to(torch.float64)
+    mask = jr.bernoulli(key, 1 - p, x.shape, resolution_bits=16).to(torch.float64)
     torch.testing.assert_close(g, mask / (1 - p), rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_dropout_p_one_gives_zeros_and_zero_gradient_without_nan(impl):
     x = torch.tensor([1.0, -2.0, 0.0, 1e308, float("inf"), float("nan")], dtype=torch.float64)
-    y = layers.dropout(x, p=1.0, train=True, key=lr.key(0), impl=impl)
+    y = layers.dropout(x, p=1.0, train=True, key=jr.key(0), impl=impl)
     assert torch.equal(y, torch.zeros_like(x))
-    g = grad(lambda x: layers.dropout(x, p=1.0, train=True, key=lr.key(0), impl=impl).sum())(x)
+    g = grad(lambda x: layers.dropout(x, p=1.0, train=True, key=jr.key(0), impl=impl).sum())(x)
     assert torch.equal(g, torch.zeros_like(x))
 
 
@@ -91,7 +91,7 @@ def test_dropout_eval_and_p_zero_are_the_identity(impl):
 
 def test_dropout_rejects_p_outside_unit_interval():
     with pytest.raises(ValueError, match=r"dropout: expected p in \[0, 1\], got 1.5"):
-        layers.dropout(torch.ones(3), p=1.5, train=True, key=lr.key(0))
+        layers.dropout(torch.ones(3), p=1.5, train=True, key=jr.key(0))
     with pytest.raises(ValueError, match=r"dropout: expected p in \[0, 1\], got -0.1"):
         layers.dropout(torch.ones(3), p=-0.1, train=False)
     with pytest.raises(TypeError, match=r"dropout: expected p to be a float in \[0, 1\], got '0.5'"):

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.func import grad, jacrev, vmap
 
 import layers
-from layers import random as lr
+from layers import random as jr
 
 IMPLS = ["fast", "explicit"]
 D = torch.float64
@@ -86,7 +86,7 @@ def test_vmap_of_batch_norm_eval_and_dropout_over_keys(impl):
     x = randn(5, 2, 4, 3, 3, seed=14)        # 5 independent batches of (2, 4, 3, 3)
     f = lambda x: layers.batch_norm({}, BN_STATE, x, train=False, impl=impl)[0]   # noqa: E731
     torch.testing.assert_close(vmap(f)(x), torch.stack([f(xi) for xi in x]), **TOL)
-    keys = lr.split(lr.key(0), 5)
+    keys = jr.split(jr.key(0), 5)
     drop = lambda x, k: layers.dropout(x, p=0.5, train=True, key=k, impl=impl)    # noqa: E731
     torch.testing.assert_close(vmap(drop)(x, keys), torch.stack([drop(xi, k) for xi, k in zip(x, keys)]), **TOL)
 
@@ -98,7 +98,7 @@ def _jac_cases(impl):
     st = {"running_mean": torch.zeros(2, dtype=D), "running_var": torch.ones(2, dtype=D),
           "num_batches_tracked": torch.tensor(0)}
     x4 = randn(2, 2, 3, 4, seed=26)
-    key = lr.key(3)
+    key = jr.key(3)
     target = torch.randint(0, 2, (2, 3, 4), generator=torch.Generator().manual_seed(28))
     return [
         ("linear", lambda x: layers.linear(p_lin, x, impl=impl), lambda x: F.linear(x, p_lin["weight"], p_lin["bias"]), randn(2, 4, seed=27)),
@@ -108,7 +108,7 @@ def _jac_cases(impl):
         ("batch_norm", lambda x: layers.batch_norm(p_bn, st, x, train=True, impl=impl)[0],
          lambda x: F.batch_norm(x, None, None, p_bn["weight"], p_bn["bias"], training=True), x4),
         ("dropout", lambda x: layers.dropout(x, p=0.5, train=True, key=key, impl=impl),
-         lambda x: x * lr.bernoulli(key, 0.5, x.shape, resolution_bits=16).to(D) * 2, x4),
+         lambda x: x * jr.bernoulli(key, 0.5, x.shape, resolution_bits=16).to(D) * 2, x4),
         ("relu", lambda x: layers.relu(x, impl=impl), torch.relu, x4),
         ("flatten", lambda x: layers.flatten(x, impl=impl), lambda x: torch.flatten(x, 1), x4),
         ("log_softmax", lambda x: layers.log_softmax(x, 1, impl=impl), lambda x: F.log_softmax(x, 1), x4),

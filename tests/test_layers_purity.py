@@ -4,7 +4,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 import layers
-from layers import random as lr
+from layers import random as jr
 
 
 def randn(*shape, seed=0):
@@ -30,7 +30,7 @@ def calls():
         ("batch_norm train momentum None", (bn_params, bn_state, x4),
          lambda a, i: layers.batch_norm(*a, train=True, momentum=None, impl=i)),
         ("batch_norm eval", (bn_params, bn_state, x4), lambda a, i: layers.batch_norm(*a, train=False, impl=i)),
-        ("dropout", (x4, lr.key(0)), lambda a, i: layers.dropout(a[0], p=0.3, train=True, key=a[1], impl=i)),
+        ("dropout", (x4, jr.key(0)), lambda a, i: layers.dropout(a[0], p=0.3, train=True, key=a[1], impl=i)),
         ("relu", (x4,), lambda a, i: layers.relu(*a, impl=i)),
         ("flatten", (x4,), lambda a, i: layers.flatten(*a, impl=i)),
         ("log_softmax", (x4,), lambda a, i: layers.log_softmax(*a, 1, impl=i)),

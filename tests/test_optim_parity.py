@@ -164,7 +164,7 @@ def test_sgd_trajectory_equals_torch_sgd(data):
     kw = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay,
               nesterov=nesterov, maximize=maximize)
     run_parity(data,
-               lambda lr_, mask: optim.sgd(lr_, weight_decay_mask=mask, **kw),
+               lambda lr, mask: optim.sgd(lr, weight_decay_mask=mask, **kw),
                lambda groups: torch.optim.SGD(groups, lr=lr, foreach=True, **kw), lr)
 
 
@@ -181,7 +181,7 @@ def test_adam_trajectory_equals_torch_adam(name, data):
     ours = optim.adam if name == "adam" else optim.adamw
     theirs = torch.optim.Adam if name == "adam" else torch.optim.AdamW
     run_parity(data,
-               lambda lr_, mask: ours(lr_, weight_decay_mask=mask, **kw),
+               lambda lr, mask: ours(lr, weight_decay_mask=mask, **kw),
                lambda groups: theirs(groups, lr=lr, foreach=True, **kw), lr)
 
 

@@ -17,7 +17,7 @@ import layers
 import nets
 import optim
 from experiments import bench, engine
-from layers import random as lr
+from layers import random as jr
 
 SEEDS = st.integers(0, 2**31 - 1)
 
@@ -29,7 +29,7 @@ def small_net():
 
 def run_steps(seed, n=4, **options):
     net = small_net()
-    params, state = net.init(lr.key(seed))
+    params, state = net.init(jr.key(seed))
     opt = optim.sgd(0.05, momentum=bench.MOMENTUM, nesterov=True, weight_decay=bench.WEIGHT_DECAY)
     opt_state = opt.init(params)
     if options.get("channels_last"):
@@ -41,7 +41,7 @@ def run_steps(seed, n=4, **options):
     for i in range(n):
         x = torch.randn(16, 3, 8, 8, generator=g)
         y = torch.randint(0, 3, (16,), generator=g)
-        params, state, opt_state, m = step(params, state, opt_state, (x, y), lr.key(seed + i))
+        params, state, opt_state, m = step(params, state, opt_state, (x, y), jr.key(seed + i))
         losses.append(m["loss"])
     return params, state, torch.stack(losses)
 
@@ -62,7 +62,7 @@ def test_channels_last_with_dropout_matches_eager_fp32(seed):
 @settings(deadline=None, max_examples=4)
 @given(seed=SEEDS)
 def test_bf16_autocast_alone_matches_eager_fp32_within_bf16_tolerance(seed):
-    initial, _ = small_net().init(lr.key(seed))
+    initial, _ = small_net().init(jr.key(seed))
     p0, s0, l0 = run_steps(seed)
     p1, s1, l1 = run_steps(seed, bf16=True)
     # bfloat16 keeps 8 mantissa bits (relative step 2**-8 = 0.4%): losses of ~1.1 agree to ~0.6%
@@ -82,11 +82,11 @@ def test_bf16_autocast_alone_matches_eager_fp32_within_bf16_tolerance(seed):
 @given(seed=SEEDS, bf16=st.booleans(), channels_last=st.booleans())
 def test_eval_under_speed_options_matches_eager_fp32_eval(seed, bf16, channels_last):
     net = small_net()
-    params, state = net.init(lr.key(seed))
+    params, state = net.init(jr.key(seed))
     g = torch.Generator().manual_seed(seed)
     # one training call moves the running statistics away from their initial 0 / 1
     _, state = net.apply(params, state, torch.randn(8, 3, 8, 8, generator=g), train=True,
-                         key=lr.key(seed))
+                         key=jr.key(seed))
     x = torch.randn(8, 3, 8, 8, generator=g)
     ref = engine.make_eval(net, tta_flip=True)(params, state, x)
     p = engine.to_channels_last(params) if channels_last else params

@@ -15,7 +15,7 @@ from PIL import Image
 import nets
 from experiments import feature_cache as fc
 from experiments import visualize as vz
-from layers import random as lr
+from layers import random as jr
 
 SEEDS = st.integers(0, 2**31 - 1)
 
@@ -71,7 +71,7 @@ def test_feature_map_grid_has_the_grid_size(tmp_path):
 
 def test_weight_histograms_png_is_figsize_times_dpi(tmp_path):
     net = nets.model_b(5)
-    params, _ = net.init(lr.key(0))
+    params, _ = net.init(jr.key(0))
     size = vz.weight_histograms(params, tmp_path / "h.png", cols=3, panel=(2.0, 1.5), dpi=50)
     n = sum(1 for k, v in params.items() if k.endswith("weight") and v.dim() in (2, 4))
     assert n == 7 and size == (3 * 75, 3 * 100)
@@ -80,7 +80,7 @@ def test_weight_histograms_png_is_figsize_times_dpi(tmp_path):
 
 def test_feature_maps_are_the_nets_intermediate_outputs_and_the_last_layer_gives_the_logits():
     net = nets.model_b(5)
-    params, state = net.init(lr.key(0))
+    params, state = net.init(jr.key(0))
     x = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(1))
     names = fc.leaf_names(net)
     maps = vz.feature_maps(net, params, state, x, [names[-1], "features.2"])
@@ -101,7 +101,7 @@ def test_bad_shapes_are_errors_naming_the_function():
 
 def test_command_line_writes_every_png_for_our_checkpoint(tmp_path, capsys):
     net = nets.model_b(10)
-    params, state = net.init(lr.key(0))
+    params, state = net.init(jr.key(0))
     ckpt = tmp_path / "checkpoint.safetensors"
     nets.save(ckpt, {"params": params, "state": state}, {"config": json.dumps({"model": "cifar_model_b"})})
     image = tmp_path / "cat.png"
@@ -121,7 +121,7 @@ def test_command_line_writes_every_png_for_our_checkpoint(tmp_path, capsys):
 
 
 def test_command_line_needs_a_model_for_a_bare_tree_and_checks_its_names(tmp_path, capsys):
-    params, state = nets.model_b(10).init(lr.key(0))
+    params, state = nets.model_b(10).init(jr.key(0))
     ckpt = tmp_path / "bare.safetensors"
     nets.save(ckpt, {"params": params, "state": state})
     assert vz.main(["--checkpoint", str(ckpt), "--out", str(tmp_path)]) == 2
