@@ -85,9 +85,21 @@ def check_bool(v, where, name):
         raise TypeError(f"{where}: expected {name} to be a bool, got {v!r}")
 
 
-def check_probability(p, where, name="p"):
+def check_positive_int(v, where, name):
+    """``v`` is an int ``>= 1`` (not a bool); anything else is a ValueError naming ``name``."""
+    if not is_int(v) or v < 1:
+        raise ValueError(f"{where}: expected {name} to be a positive int, got {v!r}")
+    return int(v)
+
+
+def check_probability(p, where, name="p", *, below_one=False):
+    """``p`` as a float in ``[0, 1]``, or in ``[0, 1)`` with ``below_one=True``.
+
+    ``name`` may carry what the probability is, e.g. ``"dropout (a drop probability)"``.
+    """
+    interval = "[0, 1)" if below_one else "[0, 1]"
     if not is_real(p):
-        raise TypeError(f"{where}: expected {name} to be a float in [0, 1], got {p!r}")
-    if not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"{where}: expected {name} in [0, 1], got {p!r}")
+        raise TypeError(f"{where}: expected {name} to be a float in {interval}, got {p!r}")
+    if not (0.0 <= float(p) < 1.0 if below_one else 0.0 <= float(p) <= 1.0):
+        raise ValueError(f"{where}: expected {name} in {interval}, got {p!r}")
     return float(p)

@@ -73,8 +73,7 @@ def conv2d(params, x, *, stride=1, padding=0, dilation=1, groups=1, impl=None):
         raise ValueError(f"{where}: expected 4-D weight (O, C/groups, kh, kw), got {C.shape_str(weight)}")
     C.check_tensor(x, where)
     C.check_rank(x, (3, 4), where, layout="(N, C, H, W) or (C, H, W)")
-    if not C.is_int(groups) or groups < 1:
-        raise ValueError(f"{where}: expected groups to be a positive int, got {groups!r}")
+    C.check_positive_int(groups, where, "groups")
     stride = C.pair(stride, where, "stride", 1)
     dilation = C.pair(dilation, where, "dilation", 1)
     out_ch, in_per_group, kh, kw = weight.shape

@@ -12,13 +12,15 @@ See docs/nets.md.
 """
 from . import compose
 from .checkpoint import load, save
-from .cifar import model_b, model_c, vgg_like
 from .compose import Layer, Net, as_net, leaves, serial
 from .jax_interop import from_jax, to_jax
 from .model_a import model_a
+from .model_b import model_b
+from .model_c import model_c
 from .summary import Row, Summary, summary
 from .torchvision_weights import load_torchvision_weights
 from .vgg16 import vgg16
+from .vgg_like import vgg_like
 
 __all__ = [
     "Layer", "Net", "Row", "Summary", "as_net", "compose", "from_jax", "leaves", "load",

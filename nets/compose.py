@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple, Un
 import torch
 
 import layers
+from layers import _checks as C
 from layers import random as jr
 
 Shape = Tuple[int, ...]
@@ -73,21 +74,6 @@ class Net(NamedTuple):
 
 
 # --------------------------------------------------------------------------- shape helpers
-
-def _pair(v, where: str, what: str) -> Tuple[int, int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if (isinstance(v, (tuple, list)) and len(v) == 2
-            and all(isinstance(e, int) and not isinstance(e, bool) for e in v)):
-        return (int(v[0]), int(v[1]))
-    raise TypeError(f"{where}: expected {what} to be an int or a pair of ints, got {v!r}")
-
-
-def _positive(v, where: str, what: str) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{where}: expected {what} to be a positive int, got {v!r}")
-    return v
-
 
 def _image_shape(shape: Shape, where: str, channels: Optional[int] = None) -> Shape:
     """Check an ``(N, C, H, W)`` shape (with ``C == channels`` when given) and return it."""
@@ -138,13 +124,13 @@ def Conv2d(in_channels: int, out_channels: int, kernel_size, *, stride=1, paddin
     name or ``f(key, *, dtype, device) -> {"weight", "bias"}``.
     """
     where = f"Conv2d({in_channels}, {out_channels})"
-    _positive(in_channels, where, "in_channels")
-    _positive(out_channels, where, "out_channels")
-    _positive(groups, where, "groups")
-    kh, kw = _pair(kernel_size, where, "kernel_size")
-    sh, sw = _pair(stride, where, "stride")
-    ph, pw = _pair(padding, where, "padding")
-    dh, dw = _pair(dilation, where, "dilation")
+    C.check_positive_int(in_channels, where, "in_channels")
+    C.check_positive_int(out_channels, where, "out_channels")
+    C.check_positive_int(groups, where, "groups")
+    kh, kw = C.pair(kernel_size, where, "kernel_size", 1)
+    sh, sw = C.pair(stride, where, "stride", 1)
+    ph, pw = C.pair(padding, where, "padding", 0)
+    dh, dw = C.pair(dilation, where, "dilation", 1)
     if in_channels % groups or out_channels % groups:
         raise ValueError(f"{where}: expected groups to divide in_channels and out_channels, "
                          f"got groups={groups}")
@@ -184,8 +170,8 @@ def Linear(in_features: int, out_features: int, *, bias: bool = True,
            init: Init = "torch_default") -> Layer:
     """``torch.nn.Linear`` as a record: ``(N, in) -> (N, out)``, ``N * in * out`` multiply-adds."""
     where = f"Linear({in_features}, {out_features})"
-    _positive(in_features, where, "in_features")
-    _positive(out_features, where, "out_features")
+    C.check_positive_int(in_features, where, "in_features")
+    C.check_positive_int(out_features, where, "out_features")
 
     _check_init(init, where)
 
@@ -223,7 +209,7 @@ def BatchNorm2d(num_features: int, *, momentum: Optional[float] = 0.1, eps: floa
     folded into ``y = a x + b`` per channel).
     """
     where = f"BatchNorm2d({num_features})"
-    _positive(num_features, where, "num_features")
+    C.check_positive_int(num_features, where, "num_features")
 
     def init(key, *, dtype=torch.float32, device=None):
         return (layers.init.batch_norm_params(num_features, dtype=dtype, device=device),
@@ -250,8 +236,8 @@ def ReLU() -> Layer:
 def MaxPool2d(kernel_size, stride=None) -> Layer:
     """``torch.nn.MaxPool2d(kernel_size, stride)``: ``Ho = floor((H - kh) / sh) + 1``."""
     where = f"MaxPool2d({kernel_size})"
-    kh, kw = _pair(kernel_size, where, "kernel_size")
-    sh, sw = (kh, kw) if stride is None else _pair(stride, where, "stride")
+    kh, kw = C.pair(kernel_size, where, "kernel_size", 1)
+    sh, sw = (kh, kw) if stride is None else C.pair(stride, where, "stride", 1)
 
     def output_shape(shape):
         n, c, h, w = _image_shape(shape, where)
@@ -265,7 +251,7 @@ def MaxPool2d(kernel_size, stride=None) -> Layer:
 def AdaptiveAvgPool2d(output_size) -> Layer:
     """``torch.nn.AdaptiveAvgPool2d(output_size)``: ``(N, C, H, W) -> (N, C, Ho, Wo)``."""
     where = f"AdaptiveAvgPool2d({output_size})"
-    ho, wo = _pair(output_size, where, "output_size")
+    ho, wo = C.pair(output_size, where, "output_size", 1)
 
     def output_shape(shape):
         n, c, _, _ = _image_shape(shape, where)
@@ -292,9 +278,7 @@ def Dropout(p: float) -> Layer:
 
     The layer is *stochastic* (needs a key when ``train=True``) exactly when ``p > 0``.
     """
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"Dropout: expected p (the drop probability) in [0, 1], got {p!r}")
-    p = float(p)
+    p = C.check_probability(p, "Dropout", "p (the drop probability)")
 
     def init(key, *, dtype=torch.float32, device=None):
         return {}, {}
@@ -434,8 +418,7 @@ def as_net(layer: Layer, *, name: str) -> Net:
     def apply(params, state, x, *, train, key=None):
         """``(logits, new_state)``; ``key`` is needed when ``train`` and the net has dropout."""
         where = f"{name}.apply"
-        if not isinstance(train, bool):
-            raise TypeError(f"{where}: expected train to be a bool, got {train!r}")
+        C.check_bool(train, where, "train")
         _check_names(params, param_names, where, "params")
         _check_names(state, state_names, where, "state")
         if not train:

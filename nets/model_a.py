@@ -20,6 +20,8 @@ convolution, no Xavier initialisation. What it leaves open we choose:
 
 Input ``(N, 3, 32, 32)`` -> logits ``(N, num_classes)``; no dropout, so training needs no key.
 """
+from layers import _checks as C
+
 from .compose import BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, Net, ReLU, as_net, serial
 
 
@@ -28,8 +30,7 @@ def model_a(num_classes: int = 10, *, in_channels: int = 3, image_size: int = 32
 
     ``image_size`` (divisible by 4) sets the classifier's input, ``128 * (image_size / 4)**2``.
     """
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"model_a: expected num_classes to be a positive int, got {num_classes!r}")
+    C.check_positive_int(num_classes, "model_a", "num_classes")
     if not isinstance(image_size, int) or image_size < 4 or image_size % 4:
         raise ValueError(f"model_a: expected image_size to be a positive multiple of 4 (two 2x2 "
                          f"pools), got {image_size!r}")

@@ -23,6 +23,7 @@ gone. A 224x224 input gives 64x112x112 (k=1), 128x56x56, 256x28x28 (k=3, the rep
 from typing import Optional
 
 import layers
+from layers import _checks as C
 
 from .compose import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d,
                       Net, ReLU, as_net, serial)
@@ -80,16 +81,14 @@ def vgg16(num_classes: int = 1000, batch_norm: bool = False,
     Shapes: ``(N, 3, H, W) -> (N, num_classes)``, or the feature map when truncated.
     """
     where = "vgg16"
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"{where}: expected num_classes to be a positive int, got {num_classes!r}")
+    C.check_positive_int(num_classes, where, "num_classes")
     if not isinstance(batch_norm, bool):
         raise TypeError(f"{where}: expected batch_norm to be a bool, got {batch_norm!r}")
     if truncate_after_block is not None and (
             isinstance(truncate_after_block, bool) or truncate_after_block not in (1, 2, 3, 4, 5)):
         raise ValueError(f"{where}: expected truncate_after_block to be None or an int in 1..5, "
                          f"got {truncate_after_block!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"{where}: expected dropout (a drop probability) in [0, 1), got {dropout!r}")
+    dropout = C.check_probability(dropout, where, "dropout (a drop probability)", below_one=True)
     name = "vgg16_bn" if batch_norm else "vgg16"
     if truncate_after_block is not None:
         features = feature_layers(batch_norm=batch_norm, blocks=truncate_after_block,
