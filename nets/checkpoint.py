@@ -43,7 +43,7 @@ from typing import Any, Optional, Union
 import safetensors.torch
 import torch
 
-from nets import _tree
+from trees import paths as _tree
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from nets import _tree
+from trees import paths as _tree
 
 _EXTRA = "pip install 'purenn[jax]'"
 _WIDE_DTYPES = (torch.float64, torch.int64, torch.complex128, torch.uint64)

@@ -29,6 +29,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch.utils import _pytree as pytree
 
+from trees import is_within, leaf_paths, path_of, show
+
 Tree = Any
 InitFn = Callable[[Tree], Tree]
 UpdateFn = Callable[..., "tuple[Tree, Tree]"]
@@ -67,47 +69,29 @@ class EmptyState(NamedTuple):
     """State of a stateless transformation (no leaves)."""
 
 
-def path_str(path: tuple) -> str:
-    """``(MappingKey('features'), SequenceKey(0), MappingKey('bias'))`` -> ``'features.0.bias'``."""
-    parts = []
-    for entry in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return ".".join(parts) if parts else "<root>"
-
-
-def leaf_paths(tree: Tree) -> list[str]:
-    """Path strings of ``tree``'s leaves, in flatten order."""
-    with_path, _ = pytree.tree_flatten_with_path(tree)
-    return [path_str(p) for p, _ in with_path]
-
-
 def _first_difference(a_name: str, a: Tree, b_name: str, b: Tree) -> str:
     a_paths, b_paths = leaf_paths(a), leaf_paths(b)
     a_set, b_set = set(a_paths), set(b_paths)
     for p in b_paths:
         if p not in a_set:
-            if any(q.startswith(p + ".") for q in a_paths):
-                return f"'{p}': a leaf in {b_name} but a subtree in {a_name}"
-            return f"'{p}': missing in {a_name}"
+            if any(is_within(q, p) for q in a_paths):
+                return f"{show(p)}: a leaf in {b_name} but a subtree in {a_name}"
+            return f"{show(p)}: missing in {a_name}"
     for p in a_paths:
         if p not in b_set:
-            return f"'{p}': unexpected in {a_name} (not in {b_name})"
+            return f"{show(p)}: unexpected in {a_name} (not in {b_name})"
     # Same leaf paths, different containers (e.g. a list against a tuple) or key order.
     _, a_spec = pytree.tree_flatten(a)
     _, b_spec = pytree.tree_flatten(b)
-    return f"<root>: containers differ ({a_name} {a_spec}, {b_name} {b_spec})"
+    return f"{show('')}: containers differ ({a_name} {a_spec}, {b_name} {b_spec})"
 
 
 def flatten_like(fn: str, a_name: str, a: Tree, b_name: str, b: Tree):
     """Flatten ``a`` and ``b`` once, checking they have the same structure, shapes and dtypes.
 
     Returns ``(a_leaves, b_leaves, spec)``. Raises ValueError naming the first differing path,
-    e.g. ``update: grads and params differ at 'features.0.bias': missing in grads``.
+    e.g. ``update: grads and params differ at 'features.0.bias': missing in grads`` (paths as
+    :mod:`trees.paths` writes them: ``'features/0/bias'`` for nested dicts).
     """
     a_leaves, a_spec = pytree.tree_flatten(a)
     b_leaves, b_spec = pytree.tree_flatten(b)
@@ -118,10 +102,10 @@ def flatten_like(fn: str, a_name: str, a: Tree, b_name: str, b: Tree):
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             bad, name = (x, a_name) if not isinstance(x, torch.Tensor) else (y, b_name)
             raise TypeError(f"{fn}: expected tensor leaves, got {type(bad).__name__} in {name} "
-                            f"at '{leaf_paths(a)[i]}'")
+                            f"at {show(leaf_paths(a)[i])}")
         if x.shape != y.shape or x.dtype != y.dtype:
             raise ValueError(
-                f"{fn}: {a_name} and {b_name} differ at '{leaf_paths(a)[i]}': expected "
+                f"{fn}: {a_name} and {b_name} differ at {show(leaf_paths(a)[i])}: expected "
                 f"{tuple(y.shape)} {y.dtype} as in {b_name}, got {tuple(x.shape)} {x.dtype}")
     return a_leaves, b_leaves, a_spec
 
@@ -132,7 +116,7 @@ def tensor_leaves(fn: str, name: str, tree: Tree):
     for i, x in enumerate(leaves):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{fn}: expected tensor leaves, got {type(x).__name__} in {name} "
-                            f"at '{leaf_paths(tree)[i]}'")
+                            f"at {show(leaf_paths(tree)[i])}")
     return leaves, spec
 
 
@@ -203,7 +187,7 @@ def check_donation(grads: Tree, state: Tree, params: Tree) -> None:
         for path, x in with_path:
             if not isinstance(x, torch.Tensor):
                 continue
-            where = f"{name} at '{path_str(path)}'"
+            where = f"{name} at {show(path_of(path))}"
             if torch._C._functorch.is_functorch_wrapped_tensor(x):
                 raise ValueError(
                     "step: donate=True expected plain tensors, got a torch.func-wrapped tensor in "

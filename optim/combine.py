@@ -18,6 +18,8 @@ from typing import Mapping, NamedTuple
 
 from torch.utils import _pytree as pytree
 
+from trees import show
+
 from .base import GradientTransformation, Tree, flatten_like, fused_or_applied, update_donated
 from .masks import keyed_leaves, resolve_labels, select
 from .scale import set_to_zero
@@ -97,7 +99,7 @@ def multi_transform(transforms: Mapping[str, GradientTransformation], labels) ->
         lab = resolve_labels(fn, labels, params, kind="labels")
         for path, label in zip(paths, lab):
             if label not in transforms:
-                raise ValueError(f"{fn}: expected a label in {sorted(transforms)} at '{path}', "
+                raise ValueError(f"{fn}: expected a label in {sorted(transforms)} at {show(path)}, "
                                  f"got {label!r}")
         parts = {name: select(paths, leaves, [label == name for label in lab]) for name in transforms}
         return paths, leaves, spec, lab, parts

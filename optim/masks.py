@@ -2,9 +2,10 @@
 
 A mask is a tree of bools with the structure of params, or a callable ``params -> mask``. A
 combinator that runs an inner transformation on part of the tree gives it a *flat dict keyed by
-leaf path* (``{'features.0.weight': w, ...}``) holding only the selected leaves, so the inner
-state has no entry at all for the others. For the flat ``state_dict``-keyed dicts the nets use,
-the keys are unchanged.
+leaf path* (:mod:`trees.paths`: keys joined by ``"/"``, so ``{"features": [w]}`` gives
+``{'features/0': w}``) holding only the selected leaves, so the inner state has no entry at all for
+the others. For the flat ``state_dict``-keyed dicts the nets use (``{'features.0.weight': w,
+...}``), the keys are unchanged.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from .base import Tree, leaf_paths, path_str
+from trees import SEP, key_name, leaf_paths, path_of, show
+
+from .base import Tree
 
 
 def resolve_labels(fn: str, labels, params: Tree, kind: str = "mask") -> list:
@@ -29,7 +32,7 @@ def resolve_labels(fn: str, labels, params: Tree, kind: str = "mask") -> list:
         by_path = dict(zip(m_paths, leaves))
         missing = [p for p in p_paths if p not in by_path]
         if missing:
-            raise ValueError(f"{fn}: {kind} and params differ at '{missing[0]}': missing in {kind}")
+            raise ValueError(f"{fn}: {kind} and params differ at {show(missing[0])}: missing in {kind}")
         leaves = [by_path[p] for p in p_paths]
     if kind == "mask":
         for path, x in zip(leaf_paths(params), leaves):
@@ -37,7 +40,7 @@ def resolve_labels(fn: str, labels, params: Tree, kind: str = "mask") -> list:
                 continue
             if not isinstance(x, bool):
                 raise TypeError(f"{fn}: expected mask leaves to be bools, got "
-                                f"{type(x).__name__} at '{path}'")
+                                f"{type(x).__name__} at {show(path)}")
         return [bool(x) for x in leaves]
     return leaves
 
@@ -45,11 +48,11 @@ def resolve_labels(fn: str, labels, params: Tree, kind: str = "mask") -> list:
 def keyed_leaves(tree: Tree) -> tuple[list[str], list[Any], Any]:
     """``(paths, leaves, spec)`` of a tree, checking the path strings are unique."""
     with_path, spec = pytree.tree_flatten_with_path(tree)
-    paths = [path_str(p) for p, _ in with_path]
+    paths = [path_of(p) for p, _ in with_path]
     if len(set(paths)) != len(paths):
         dup = next(p for p in paths if paths.count(p) > 1)
-        raise ValueError(f"masks: expected unique leaf paths, got '{dup}' twice "
-                         "(keys containing '.' collide with nesting)")
+        raise ValueError(f"masks: expected unique leaf paths, got {show(dup)} twice "
+                         f"(keys containing {SEP!r} collide with nesting)")
     return paths, [x for _, x in with_path], spec
 
 
@@ -65,7 +68,8 @@ def decay_mask_no_bias_or_norm(params: Tree) -> Tree:
     torch equivalent: two param groups, the False leaves with ``weight_decay=0``.
     """
     def decide(path, x):
-        last = path_str(path).split(".")[-1]
+        # The leaf's own key, and of a state_dict key ("features.0.bias") its last dotted part.
+        last = key_name(path[-1]).split(".")[-1] if path else ""
         return not (last == "bias" or last.endswith("_bias") or x.ndim <= 1)
     return pytree.tree_map_with_path(decide, params)
 

@@ -90,7 +90,7 @@ def test_grads_with_an_extra_leaf_names_its_path():
 def test_nested_tree_mismatch_names_the_nested_path():
     p = {"features": [torch.zeros(2), {"bias": torch.zeros(2)}]}
     g = {"features": [torch.zeros(2), {"weight": torch.zeros(2)}]}
-    with pytest.raises(ValueError, match=r"step: grads and params differ at 'features.1.bias': missing in grads"):
+    with pytest.raises(ValueError, match=r"step: grads and params differ at 'features/1/bias': missing in grads"):
         optim.step(optim.adam(), g, optim.adam().init(p), p)
 
 

@@ -1,8 +1,10 @@
-"""Tree paths: the names that checkpoints and the JAX bridge give to the leaves of a pytree.
+"""Tree paths: the one name every package gives to a leaf of a pytree.
 
-The trees of docs/architecture.md (params, state, optimizer state, keys, step counters) are built
-from four containers: ``dict`` (and its subclasses, e.g. ``OrderedDict``), ``list``, ``tuple`` and
-``NamedTuple``. Everything else, ``None`` included, is a *leaf*.
+Checkpoints (``nets.save`` / ``nets.load``), the JAX bridge and optim's error messages, masks and
+path-keyed sub-trees all name leaves the same way. The trees of docs/architecture.md (params,
+state, optimizer state, keys, step counters) are built from four containers: ``dict`` (and its
+subclasses, e.g. ``OrderedDict``), ``list``, ``tuple`` and ``NamedTuple``. Everything else,
+``None`` included, is a *leaf*.
 
 A leaf's *path* is the keys from the root down to it joined by ``"/"``:
 
@@ -10,15 +12,24 @@ A leaf's *path* is the keys from the root down to it joined by ``"/"``:
 * list and tuple entries by position (``"0"``, ``"1"``, ...),
 * NamedTuple entries by field name (``"mu"``, ``"count"``),
 
-so ``(params, state, opt_state)`` with ``opt_state = (ScaleByAdamState(count, mu, nu),)`` names
-a leaf ``"2/0/mu/features.0.weight"``; the root itself, when it is a leaf, has path ``""``.
-Dict keys must be strings without ``"/"``, which makes the path of every leaf unique.
+so ``(params, state, opt_state)`` with ``opt_state = (ScaleByAdamState(count, lr, mu, nu,
+nu_max),)`` names a leaf ``"2/0/mu/features.0.weight"``; the root itself, when it is a leaf, has
+path ``""``. Dict keys must be strings without ``"/"``, which makes the path of every leaf unique.
+
+Two walks produce these names: :func:`leaves_with_paths` / :func:`map_with_path` walk the four
+containers themselves (checkpoints and the JAX bridge, which check the keys), and
+:func:`path_of` / :func:`leaf_paths` name the key paths of ``torch.utils._pytree`` (optim, which
+flattens with pytree as ``torch.func`` does). Both join with :func:`join`.
+
+Imports: torch and the standard library only (``optim`` and ``nets`` both use this package).
 """
 
 from __future__ import annotations
 
 import copy
 from typing import Any, Callable, Iterator
+
+from torch.utils import _pytree as pytree
 
 SEP = "/"
 
@@ -95,3 +106,37 @@ def map_with_path(fn: Callable[[str, Any], Any], tree: Any, where: str,
         return fn(prefix, tree)
     return rebuild(tree, [map_with_path(fn, child, where, path)
                           for path, child in children(tree, prefix, where)])
+
+
+def key_name(entry: Any) -> str:
+    """The path part of one ``torch.utils._pytree`` key entry: a dict key (``MappingKey``), a
+    position (``SequenceKey``) or a NamedTuple field (``GetAttrKey``), as a string."""
+    for attr in ("key", "idx", "name"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def path_of(key_path: tuple) -> str:
+    """``(MappingKey('features'), SequenceKey(0), MappingKey('bias'))`` -> ``'features/0/bias'``;
+    the empty key path (the root) -> ``''``. No key is checked: optim's path-keyed sub-dicts
+    hold keys that are themselves paths."""
+    path = ""
+    for entry in key_path:
+        path = join(path, key_name(entry))
+    return path
+
+
+def leaf_paths(tree: Any) -> list[str]:
+    """The paths of ``tree``'s leaves in ``torch.utils._pytree`` flatten order."""
+    return [path_of(p) for p, _ in pytree.tree_flatten_with_path(tree)[0]]
+
+
+def is_within(path: str, prefix: str) -> bool:
+    """True when ``path`` lies strictly below ``prefix`` (every path lies below the root ``''``)."""
+    return prefix == "" or path.startswith(prefix + SEP)
+
+
+def show(path: str) -> str:
+    """A path for an error message: ``'features.0.weight'`` quoted, or ``the root``."""
+    return repr(path) if path else "the root"
