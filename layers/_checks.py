@@ -25,6 +25,35 @@ def check_floating(x, where, name="input"):
         raise TypeError(f"{where}: expected {name} with a floating dtype, got {x.dtype}")
 
 
+#: The floating dtypes an active ``torch.autocast`` casts to its own dtype (never float64, never
+#: an integer dtype), so under autocast any mix of them reaches an op such as ``F.conv2d`` legitimately.
+AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _autocasting(t):
+    try:
+        return torch.is_autocast_enabled(t.device.type)
+    except RuntimeError:            # a device type autocast does not know (meta): never autocast
+        return False
+
+
+def check_dtype(t, like, where, name, whose, *, autocast=False):
+    """``t.dtype == like.dtype``, as torch's kernels require; ``whose`` names ``like`` in the
+    error, which reads
+    ``conv2d: expected input of dtype torch.float32 (the weight's), got torch.float64``.
+
+    With ``autocast=True``, a mix of :data:`AUTOCAST_DTYPES` is accepted while ``torch.autocast``
+    is active on ``t``'s device: the op casts both itself (a bfloat16 activation meets a float32
+    weight on every bf16 training step). Autocast is only asked about on a mismatch.
+    """
+    if t.dtype == like.dtype:
+        return
+    if (autocast and t.dtype in AUTOCAST_DTYPES and like.dtype in AUTOCAST_DTYPES
+            and _autocasting(t)):
+        return
+    raise TypeError(f"{where}: expected {name} of dtype {like.dtype} (the {whose}), got {t.dtype}")
+
+
 def check_rank(x, ranks, where, name="input", layout=""):
     """Raise unless ``x.dim()`` is one of ``ranks``; ``layout`` names the axes, e.g. "(N, C, H, W)"."""
     if x.dim() not in ranks:

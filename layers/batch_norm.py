@@ -7,6 +7,9 @@ from ._impl import resolve
 
 STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
 PARAM_KEYS = ("weight", "bias")
+#: Input dtypes torch's batch norm takes against float32 parameters and statistics (mixed
+#: precision: computed in float32, returned in the input's dtype).
+MIXED_INPUT_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _check(params, state, x, train, momentum, eps, where):
@@ -30,12 +33,31 @@ def _check(params, state, x, train, momentum, eps, where):
         if not (C.is_int(n) or (isinstance(n, torch.Tensor) and n.dim() == 0)):
             raise TypeError(f"{where}: expected num_batches_tracked to be an int or a 0-d tensor, "
                             f"got {n!r}")
+    dtype = _check_dtypes(params, state, x, where)
     values_per_channel = x.numel() // channels if channels else 0
     uses_batch_stats = train or not state
     if uses_batch_stats and values_per_channel <= 1:
         raise ValueError(f"{where}: expected more than 1 value per channel when using batch "
                          f"statistics (train={train}, running stats {'kept' if state else 'absent'}), "
                          f"got input {C.shape_str(x)}")
+    return dtype
+
+
+def _check_dtypes(params, state, x, where):
+    """The dtype the layer computes in: that of the parameters and running statistics, which
+    must share one; the input must have it too, or be float16 / bfloat16 against float32 ones."""
+    tensors = ([(k, params[k]) for k in PARAM_KEYS if params]
+               + [(k, state[k]) for k in STATE_KEYS[:2] if state])
+    if not tensors:
+        C.check_floating(x, where)
+        return x.dtype
+    like_name, like = tensors[0]
+    C.check_floating(like, where, like_name)
+    for name, t in tensors[1:]:
+        C.check_dtype(t, like, where, name, f"{like_name}'s")
+    if not (x.dtype in MIXED_INPUT_DTYPES and like.dtype == torch.float32):
+        C.check_dtype(x, like, where, "input", f"{like_name}'s")
+    return like.dtype
 
 
 def _updated_state(state, batch_mean, batch_var_unbiased, momentum):
@@ -77,7 +99,9 @@ def batch_norm(params, state, x, *, train, momentum=0.1, eps=1e-5, impl=None):
     Args:
       params: ``{"weight": (C,), "bias": (C,)}``, or ``{}`` for no affine transform.
       state: ``{"running_mean": (C,), "running_var": (C,), "num_batches_tracked": ()}``, or ``{}``.
-      x: ``(N, C)``, ``(N, C, L)`` or ``(N, C, H, W)``.
+      x: ``(N, C)``, ``(N, C, L)`` or ``(N, C, H, W)``, in the dtype of ``params`` and ``state``
+        (which share one), or float16 / bfloat16 against float32 ones: then the layer computes
+        in float32 and returns ``y`` in the input's dtype, as ``F.batch_norm``.
       train: use (and update) batch statistics.
       impl: ``"fast"`` (``F.batch_norm``), ``"explicit"`` (the formula) or None (the default).
 
@@ -86,12 +110,13 @@ def batch_norm(params, state, x, *, train, momentum=0.1, eps=1e-5, impl=None):
     """
     where = "batch_norm"
     impl = resolve(impl, where)
-    _check(params, state, x, train, momentum, eps, where)
+    dtype = _check(params, state, x, train, momentum, eps, where)
     weight, bias = params.get("weight"), params.get("bias")
     update = train and bool(state)
     if impl == "fast":
         return _fast(weight, bias, state, x, train, update, momentum, eps)
-    return _explicit(weight, bias, state, x, train, update, momentum, eps)
+    y, new_state = _explicit(weight, bias, state, x.to(dtype), train, update, momentum, eps)
+    return y.to(x.dtype), new_state
 
 
 def _fast(weight, bias, state, x, train, update, momentum, eps):

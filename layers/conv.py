@@ -53,7 +53,8 @@ def conv2d(params, x, *, stride=1, padding=0, dilation=1, groups=1, impl=None):
 
     Args:
       params: ``{"weight": (O, C / groups, kh, kw), "bias": (O,)}``; ``"bias"`` may be left out.
-      x: ``(N, C, H, W)`` or unbatched ``(C, H, W)``.
+      x: ``(N, C, H, W)`` or unbatched ``(C, H, W)``, in the weight's dtype (under
+        ``torch.autocast`` any float16 / bfloat16 / float32 mix, which autocast casts).
       stride, dilation: int or pair, >= 1.
       padding: int or pair (zeros on both sides), ``"valid"`` (none) or ``"same"`` (output size
         equals input size; stride must be 1; an odd total pads one more on the bottom/right).
@@ -68,11 +69,12 @@ def conv2d(params, x, *, stride=1, padding=0, dilation=1, groups=1, impl=None):
     C.check_keys(params, ("weight",), ("bias",), where, "params")
     weight = params["weight"]
     bias = params.get("bias")
-    C.check_tensor(weight, where, "weight")
+    C.check_floating(weight, where, "weight")
     if weight.dim() != 4:
         raise ValueError(f"{where}: expected 4-D weight (O, C/groups, kh, kw), got {C.shape_str(weight)}")
     C.check_tensor(x, where)
     C.check_rank(x, (3, 4), where, layout="(N, C, H, W) or (C, H, W)")
+    C.check_dtype(x, weight, where, "input", "weight's", autocast=True)
     C.check_positive_int(groups, where, "groups")
     stride = C.pair(stride, where, "stride", 1)
     dilation = C.pair(dilation, where, "dilation", 1)
@@ -89,6 +91,7 @@ def conv2d(params, x, *, stride=1, padding=0, dilation=1, groups=1, impl=None):
                          f"(weight is {C.shape_str(weight)}, groups={groups}), got {C.shape_str(x)}")
     if bias is not None:
         C.check_vector(bias, out_ch, where, "bias", "weight is", weight)
+        C.check_dtype(bias, weight, where, "bias", "weight's", autocast=True)
     pads = _padding(padding, (kh, kw), dilation, stride, where)
     for axis, size, k, d, (p0, p1) in (("height", x.shape[-2], kh, dilation[0], pads[0]),
                                        ("width", x.shape[-1], kw, dilation[1], pads[1])):

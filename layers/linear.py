@@ -12,7 +12,8 @@ def linear(params, x, *, impl=None):
 
     Args:
       params: ``{"weight": (out, in), "bias": (out,)}``; ``"bias"`` may be left out.
-      x: ``(..., in)``.
+      x: ``(..., in)``, in the weight's dtype (under ``torch.autocast`` any float16 / bfloat16 /
+        float32 mix, which autocast casts).
       impl: ``"fast"`` (``F.linear``), ``"explicit"`` (``x @ W.T + b``) or None (the default).
 
     Returns:
@@ -23,15 +24,17 @@ def linear(params, x, *, impl=None):
     C.check_keys(params, ("weight",), ("bias",), where, "params")
     weight = params["weight"]
     bias = params.get("bias")
-    C.check_tensor(weight, where, "weight")
+    C.check_floating(weight, where, "weight")
     if weight.dim() != 2:
         raise ValueError(f"{where}: expected 2-D weight (out, in), got {C.shape_str(weight)}")
     C.check_tensor(x, where)
+    C.check_dtype(x, weight, where, "input", "weight's", autocast=True)
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"{where}: expected input with last dimension {weight.shape[1]} "
                          f"(weight is {C.shape_str(weight)}), got {C.shape_str(x)}")
     if bias is not None:
         C.check_vector(bias, weight.shape[0], where, "bias", "weight is", weight)
+        C.check_dtype(bias, weight, where, "bias", "weight's", autocast=True)
 
     if impl == "fast":
         return F.linear(x, weight, bias)

@@ -7,6 +7,8 @@ from ._impl import resolve
 from .activations import log_softmax
 
 REDUCTIONS = ("mean", "sum", "none")
+#: Class-index target dtypes, those ``F.cross_entropy`` takes (it refuses int32, int16, int8).
+INDEX_DTYPES = (torch.int64, torch.uint8)
 
 
 def _check(logits, target, weight, ignore_index, reduction, label_smoothing, where):
@@ -23,6 +25,7 @@ def _check(logits, target, weight, ignore_index, reduction, label_smoothing, whe
     classes = logits.shape[class_dim]
     if weight is not None:
         C.check_vector(weight, classes, where, "weight", "one per class of logits", logits)
+        C.check_dtype(weight, logits, where, "weight", "logits'", autocast=True)
     if target.is_floating_point():
         if target.shape != logits.shape:
             raise ValueError(f"{where}: expected class-probability target shaped like logits "
@@ -31,9 +34,10 @@ def _check(logits, target, weight, ignore_index, reduction, label_smoothing, whe
             raise ValueError(f"{where}: expected the default ignore_index=-100 with class-probability "
                              f"targets, got ignore_index={ignore_index}")
         return class_dim, classes, True
-    if target.dtype in (torch.bool,) or target.is_complex():
-        raise TypeError(f"{where}: expected target of class indices (integer dtype) or class "
-                        f"probabilities (floating dtype), got {target.dtype}")
+    if target.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{where}: expected target of class indices (torch.int64 or torch.uint8, "
+                        f"as F.cross_entropy; convert others with .long()) or class probabilities "
+                        f"(floating dtype), got {target.dtype}")
     expected = tuple(logits.shape[:class_dim]) + tuple(logits.shape[class_dim + 1:])
     if tuple(target.shape) != expected:
         raise ValueError(f"{where}: expected class-index target of shape {expected} (logits are "
@@ -57,8 +61,10 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
 
     Args:
       logits: ``(N, C, d1, ...)``, ``(N, C)`` or unbatched ``(C,)``.
-      target: integer ``(N, d1, ...)`` / ``(N,)`` / ``()`` indices, or floating probabilities
-        shaped like ``logits``. Index values are not range-checked here (that would read values).
+      target: ``(N, d1, ...)`` / ``(N,)`` / ``()`` indices of dtype int64 or uint8 (the two
+        ``F.cross_entropy`` takes; int32 is refused, in both formulations), or floating
+        probabilities shaped like ``logits``. Index values are not range-checked here (that
+        would read values).
       weight: ``(C,)`` or None. reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-element
         ``(N, d1, ...)``). label_smoothing: in ``[0, 1]``.
       impl: ``"fast"`` (``F.cross_entropy``), ``"explicit"`` (log_softmax, gather, weights and
@@ -88,6 +94,7 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
         total = per_element.sum()
         return total / (logp.numel() // classes) if reduction == "mean" else total
 
+    target = target.long()     # uint8 indices would index w[...] as a boolean mask
     valid = target != ignore_index
     safe = torch.where(valid, target, torch.zeros((), dtype=target.dtype, device=target.device))
     picked = logp.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)   # logp[i, t_i]
