@@ -25,32 +25,42 @@ from .vgg16 import vgg16
 _HEAD = ("classifier.6.weight", "classifier.6.bias")
 
 
-def _last_reason(err):
-    """The most specific line of torch.load's (long) unpickling message."""
+def _reason(err):
+    """``KeyError: 101``: the error's type and the most specific line of its (long) message."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     specific = [line for line in lines if "error" in line.lower() or "unsupported" in line.lower()]
-    return (specific or lines or [type(err).__name__])[-1]
+    line = (specific or lines or [""])[-1]
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+def _first_bytes(path, n=16):
+    """The file's first ``n`` bytes, or None: an HTML error page saved as .pth shows itself."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except (OSError, TypeError):
+        return None
 
 
 def _read_state_dict(path, where):
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        # Bytes that are no torch file fail in many ways: UnpicklingError, EOFError (empty or cut
+        # short), RuntimeError (a damaged zip), and, for a stray pickle opcode, KeyError,
+        # IndexError, struct.error or UnicodeDecodeError (text starting with "h" reads as BINGET
+        # of memo 101: a bare "KeyError: 101"). Each is one ValueError naming the file.
         refused = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
-        if not refused:   # not a pickle of allowed objects at all: garbage bytes, say
-            raise ValueError(f"{where}: expected {path} to be a torchvision VGG16 state dict "
-                             f"(.pth), but torch.load could not read it: {_last_reason(err)}"
-                             ) from err
-        raise ValueError(f"{where}: expected {path} to hold a plain state dict of tensors; it "
-                         f"carries other pickled objects, which are refused (torch.load with "
-                         f"weights_only=True said: {refused[0]})") from err
-    except (RuntimeError, EOFError, OSError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise
-        # Truncated zip archives and empty files surface as these.
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if isinstance(err, pickle.UnpicklingError) and refused:
+            raise ValueError(f"{where}: expected {path} to hold a plain state dict of tensors; it "
+                             f"carries other pickled objects, which are refused (torch.load with "
+                             f"weights_only=True said: {refused[0]})") from err
+        head = _first_bytes(path)
         raise ValueError(f"{where}: expected {path} to be a torchvision VGG16 state dict (.pth), "
-                         f"but torch.load could not read it: {reason}") from err
+                         f"but torch.load could not read it: {_reason(err)}"
+                         + ("" if head is None else f" (the file begins with {head!r})")) from err
     if not isinstance(sd, dict):
         raise ValueError(f"{where}: expected {path} to hold a state dict (a dict of tensors), "
                          f"got {type(sd).__name__}")
@@ -82,9 +92,11 @@ def load_torchvision_weights(path, *, num_classes: Optional[int] = None,
       saved without ``num_batches_tracked`` gets zeros there.
 
     Raises:
-      ValueError: the file is damaged (truncated, not a torch file), carries pickled non-tensor
-        objects, or its keys or shapes are not those of a VGG16 (the message lists missing,
+      ValueError: the file is damaged (truncated, not a torch file: whatever torch.load raised
+        on it, with the file's first bytes), carries pickled non-tensor objects, is not a dict
+        of tensors, or its keys or shapes are not those of a VGG16 (the message lists missing,
         unexpected and mis-shaped keys).
+      FileNotFoundError: there is no file at ``path``.
     """
     where = "load_torchvision_weights"
     if batch_norm is not None and not isinstance(batch_norm, bool):

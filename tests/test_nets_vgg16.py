@@ -6,11 +6,14 @@ The full VGG16 has 138 M parameters, so these tests run 32x32 inputs (valid than
 adaptive 7x7 pool) at batch 2, in float32, with weights drawn by torchvision (fast) rather than
 by ``vgg16().init`` (a hash-based generator: ~1 min for 138 M numbers on a 2-core CPU).
 """
+import io
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 import layers
@@ -144,6 +147,54 @@ def test_loader_reports_a_damaged_file_by_name(tmp_path, damage):
             "truncated": good.read_bytes()[: good.stat().st_size // 2]}[damage]
     path.write_bytes(data)
     with pytest.raises(ValueError, match=rf"{damage}\.pth to be a torchvision VGG16 state dict"):
+        nets.load_torchvision_weights(path)
+
+
+def test_loader_reports_a_text_file_starting_with_h_as_the_documented_value_error(tmp_path):
+    # An error page saved as .pth: its first byte "h" is pickle's BINGET, whose memo lookup of
+    # "t" (116) used to escape torch.load as a bare KeyError.
+    path = tmp_path / "page.pth"
+    path.write_bytes(b"http/1.1 404 not found\n<html><body>gone</body></html>\n")
+    with pytest.raises(ValueError, match=r"load_torchvision_weights: expected .*page\.pth to be a "
+                                         r"torchvision VGG16 state dict \(\.pth\), but torch\.load "
+                                         r"could not read it: KeyError: 116 \(the file begins with "
+                                         r"b'http/1.1 404 not'\)"):
+        nets.load_torchvision_weights(path)
+
+
+def _saved(obj, *, zip_format=True):
+    buf = io.BytesIO()
+    torch.save(obj, buf, _use_new_zipfile_serialization=zip_format)
+    return buf.getvalue()
+
+
+_SMALL_SD = {"features.0.weight": torch.arange(6.0).reshape(2, 3), "features.0.bias": torch.ones(2)}
+_SAVED = {fmt: _saved(_SMALL_SD, zip_format=fmt == "zip") for fmt in ("zip", "legacy")}
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")   # torch.load on random bytes
+@settings(max_examples=150)
+@given(data=st.one_of(st.binary(max_size=48), st.binary(max_size=48).map(lambda b: b"h" + b),
+                      st.sampled_from(sorted(_SAVED)).flatmap(
+                          lambda fmt: st.integers(0, len(_SAVED[fmt]) - 1).map(
+                              lambda cut: _SAVED[fmt][:cut]))))
+def test_loader_refuses_any_bytes_that_are_no_whole_torch_file_with_one_value_error(tmp_path_factory, data):
+    """Random bytes, bytes after an "h", and torch files (zip and legacy) cut anywhere: always
+    the documented ValueError naming the file, never torch.load's KeyError, IndexError, ..."""
+    path = tmp_path_factory.mktemp("bytes") / "damaged.pth"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=r"load_torchvision_weights: expected .*damaged\.pth to "):
+        nets.load_torchvision_weights(path)
+
+
+@pytest.mark.parametrize("obj, kind", [([torch.zeros(2)], "list"), ((torch.zeros(2),), "tuple"),
+                                       (torch.zeros(2), "Tensor"), (3, "int"), ("vgg16", "str"),
+                                       (None, "NoneType")])
+def test_loader_refuses_a_pickle_that_is_not_a_dict_naming_what_it_holds(tmp_path, obj, kind):
+    path = tmp_path / "not_a_dict.pth"
+    path.write_bytes(_saved(obj))
+    with pytest.raises(ValueError, match=rf"expected .*not_a_dict\.pth to hold a state dict \(a dict "
+                                         rf"of tensors\), got {kind}$"):
         nets.load_torchvision_weights(path)
 
 
