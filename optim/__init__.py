@@ -11,6 +11,10 @@ torch.optim's algorithms with the same foreach operations (see docs/optim.md).
     # or, fused and writing into the storage of params and state, which are handed over
     # (the old trees must not be used afterwards):
     params, state = optim.step(opt, grads, state, params, donate=True)
+
+Training runs ``optim.step`` (the last stage's ``fused_step``, after the other stages' ``update``
+or, donating, ``donated_update``); ``update`` is the same math, because each stage writes its
+arithmetic once, in one kernel that all three entry points wrap (``optim.base.transformation``).
 """
 from .adam import ScaleByAdamState, scale_by_adam
 from .alias import adam, adamw, sgd

@@ -12,8 +12,14 @@ gradient, all leaves of shape and dtype of their parameter:
 
 The learning rate lives here (not in a separate scale stage) because torch folds it into
 ``step_size = lr / (1 - beta1^t)`` and into the decoupled decay factor; keeping it lets the fused
-step reproduce torch's floating-point operations one for one. ``update`` returns
-``new_p - p`` computed as ``(-lr_t lambda) p + step_size * m / denom``.
+step reproduce torch's floating-point operations one for one.
+
+One kernel computes all of it; ``update``, ``donated_update`` and ``fused_step`` are the wrappers
+of :func:`optim.base.transformation`. The kernel's first half, :class:`AdamMoments`, is common to
+all three; its second half either returns the updates ``new_p - p``, computed as
+``(-lr_t lambda) p + step_size * m / denom`` (``update``, ``donated_update``), or writes the new
+parameters with torch's two operations, ``p * (1 - lr_t lambda)`` then ``addcdiv`` (the fused step
+training runs).
 
 With the state donated, m, v and vmax are written into their old storage (``_foreach_lerp_``,
 ``_foreach_mul_`` + ``_foreach_addcmul_``, ``_foreach_maximum_``) and, in the donated fused step,
@@ -27,7 +33,8 @@ from typing import NamedTuple
 import torch
 from torch.utils import _pytree as pytree
 
-from .base import GradientTransformation, Tree, count_tensor, flatten_like, tensor_leaves
+from .base import (GradientTransformation, Tree, count_tensor, flatten_like, foreach, rate_tensor,
+                   tensor_leaves, transformation, unflatten)
 from .masks import resolve_labels
 from .schedules import as_schedule
 
@@ -40,6 +47,16 @@ class ScaleByAdamState(NamedTuple):
     mu: Tree
     nu: Tree
     nu_max: Tree
+
+
+class AdamMoments(NamedTuple):
+    """The first half of an Adam step, before the parameters are touched; lists align with the
+    leaves. mu: m_t; denom: ``sqrt(v_t or vmax_t) / sqrt(1 - beta2^t) + eps``; step_sizes:
+    ``-(lr_t / (1 - beta1^t))`` per leaf (torch's scalar list); state: the new state."""
+    mu: list
+    denom: list
+    step_sizes: list
+    state: ScaleByAdamState
 
 
 def scale_by_adam(lr=1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
@@ -55,12 +72,63 @@ def scale_by_adam(lr=1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
     def init(params):
         leaves, spec = tensor_leaves("scale_by_adam.init", "params", params)
         zeros = lambda: pytree.tree_unflatten([torch.zeros_like(x) for x in leaves], spec)
-        return ScaleByAdamState(count_tensor(0), torch.tensor(float(schedule(0)), dtype=torch.float64),
+        return ScaleByAdamState(count_tensor(0), rate_tensor(schedule(0)),
                                 zeros(), zeros(), zeros() if amsgrad else ())
 
-    def moments(fn, updates, state, params, donate):
-        """New state (written into ``state``'s moments when ``donate``) and the pieces of the
-        parameter step; returns (g, p, spec, rate, step_sizes, mu, denom, decay_leaves, new_state)."""
+    def moments(g, spec, state, mu_old, nu_old, nu_max_old, t, rate, donate) -> AdamMoments:
+        """m_t, v_t (vmax_t), denom and the step sizes of step ``t``; written into the storage
+        of ``state``'s moments (``mu_old``, ... are its leaves) when ``donate``."""
+        mu = foreach("lerp", mu_old, g, 1 - b1, in_place=donate)
+        nu = foreach("mul", nu_old, b2, in_place=donate)
+        torch._foreach_addcmul_(nu, g, g, 1 - b2)
+        bias_correction1 = [1 - b1 ** t for _ in g]
+        bias_correction2 = [1 - b2 ** t for _ in g]
+        step_sizes = [(rate / bc) * -1 for bc in bias_correction1]
+        bias_correction2_sqrt = [bc ** 0.5 for bc in bias_correction2]
+        if amsgrad:
+            nu_max = foreach("maximum", nu_max_old, nu, in_place=donate)
+            denom = torch._foreach_sqrt(nu_max)
+            nu_max_tree = unflatten(nu_max, spec, state.nu_max, donate)
+        else:
+            denom = torch._foreach_sqrt(nu)
+            nu_max_tree = ()
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        new_state = ScaleByAdamState(count_tensor(t), rate_tensor(schedule(t)),
+                                     unflatten(mu, spec, state.mu, donate),
+                                     unflatten(nu, spec, state.nu, donate), nu_max_tree)
+        return AdamMoments(mu=mu, denom=denom, step_sizes=step_sizes, state=new_state)
+
+    def updates_from(p, m: AdamMoments, rate, decayed):
+        """``(-lr_t lambda) p + step_size * m / denom`` (``step_size * m / denom`` is the term
+        addcdiv adds, so ``p + u`` equals torch's addcdiv): always new tensors."""
+        out = torch._foreach_mul(m.mu, m.step_sizes)
+        torch._foreach_div_(out, m.denom)
+        if decayed:
+            torch._foreach_add_([out[i] for i in decayed],
+                                torch._foreach_mul([p[i] for i in decayed], -rate * weight_decay))
+        return out
+
+    def params_from(p, m: AdamMoments, rate, decayed, donate):
+        """torch: ``p *= 1 - lr_t lambda`` on the decayed leaves, then ``p += step_size * m /
+        denom`` (addcdiv). Donated, both in place; pure, the product is a fresh tensor that the
+        addcdiv then writes into, and the other leaves get a fresh addcdiv."""
+        new_p, writable = list(p), [donate] * len(p)
+        for i, x in zip(decayed, foreach("mul", [p[i] for i in decayed], 1 - rate * weight_decay,
+                                         in_place=donate)):
+            new_p[i], writable[i] = x, True
+        for in_place in (True, False):
+            idx = [i for i, w in enumerate(writable) if w == in_place]
+            pick = lambda xs: [xs[i] for i in idx]
+            for i, x in zip(idx, foreach("addcdiv", pick(new_p), pick(m.mu), pick(m.denom),
+                                         pick(m.step_sizes), in_place=in_place)):
+                new_p[i] = x
+        return new_p
+
+    def kernel(updates, state, params, mode):
+        fn = mode.name("scale_by_adam")
+        if params is None:
+            raise ValueError(f"{fn}: expected params, got None")
         g, p, spec = flatten_like(fn, "updates", updates, "params", params)
         mu_old, _ = tensor_leaves(fn, "state.mu", state.mu)
         nu_old, _ = tensor_leaves(fn, "state.nu", state.nu)
@@ -68,91 +136,19 @@ def scale_by_adam(lr=1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
             raise ValueError(f"{fn}: expected moments for {len(g)} leaves, got {len(mu_old)}: was "
                              "the state made by init on these params?")
         count = int(state.count)
-        rate, t = float(schedule(count)), count + 1
-        decay = [False] * len(p)
+        rate = float(schedule(count))
+        decayed = []
         if weight_decay != 0:
             decay = (resolve_labels(fn, weight_decay_mask, params) if weight_decay_mask is not None
                      else [True] * len(p))
+            decayed = [i for i, d in enumerate(decay) if d]
         if not g:
-            return g, p, spec, rate, [], [], [], decay, state._replace(
-                count=count_tensor(t), lr=torch.tensor(float(schedule(t)), dtype=torch.float64))
-        if donate:
-            mu, nu = mu_old, nu_old
-            torch._foreach_lerp_(mu, g, 1 - b1)
-            torch._foreach_mul_(nu, b2)
-        else:
-            mu = torch._foreach_lerp(mu_old, g, 1 - b1)
-            nu = torch._foreach_mul(nu_old, b2)
-        torch._foreach_addcmul_(nu, g, g, 1 - b2)
-        bias_correction1 = [1 - b1 ** t for _ in g]
-        bias_correction2 = [1 - b2 ** t for _ in g]
-        step_sizes = [(rate / bc) * -1 for bc in bias_correction1]
-        bias_correction2_sqrt = [bc ** 0.5 for bc in bias_correction2]
-        if amsgrad:
-            nu_max_old, _ = tensor_leaves(fn, "state.nu_max", state.nu_max)
-            if donate:
-                nu_max = nu_max_old
-                torch._foreach_maximum_(nu_max, nu)
-            else:
-                nu_max = torch._foreach_maximum(nu_max_old, nu)
-            denom = torch._foreach_sqrt(nu_max)
-            nu_max_tree = pytree.tree_unflatten(nu_max, spec)
-        else:
-            denom = torch._foreach_sqrt(nu)
-            nu_max_tree = ()
-        torch._foreach_div_(denom, bias_correction2_sqrt)
-        torch._foreach_add_(denom, eps)
-        new_state = ScaleByAdamState(count_tensor(t), torch.tensor(float(schedule(t)), dtype=torch.float64),
-                                     pytree.tree_unflatten(mu, spec), pytree.tree_unflatten(nu, spec),
-                                     nu_max_tree)
-        return g, p, spec, rate, step_sizes, mu, denom, decay, new_state
-
-    def updates_from(fn, updates, state, params, donate):
-        if params is None:
-            raise ValueError(f"{fn}: expected params, got None")
-        g, p, spec, rate, step_sizes, mu, denom, decay, new_state = moments(
-            fn, updates, state, params, donate)
-        if not g:
-            return updates, new_state
-        # (step_size * m) / denom is the term addcdiv adds, so p + u equals torch's addcdiv.
-        out = torch._foreach_mul(mu, step_sizes)
-        torch._foreach_div_(out, denom)
-        idx = [i for i, d in enumerate(decay) if d]
-        if idx:
-            decayed = torch._foreach_mul([p[i] for i in idx], -rate * weight_decay)
-            torch._foreach_add_([out[i] for i in idx], decayed)
-        return pytree.tree_unflatten(out, spec), new_state
-
-    def update(updates, state, params=None):
-        return updates_from("scale_by_adam.update", updates, state, params, False)
-
-    def donated_update(updates, state, params, updates_owned):
-        return *updates_from("scale_by_adam.update", updates, state, params, True), True
-
-    def fused_step(updates, state, params, donate=False):
-        g, p, spec, rate, step_sizes, mu, denom, decay, new_state = moments(
-            "scale_by_adam.step", updates, state, params, donate)
-        if not g:
-            return params, new_state
-        decayed = [i for i, d in enumerate(decay) if d]
-        pick = lambda xs, idx: [xs[i] for i in idx]
-        if donate:
-            # torch: p *= 1 - lr * lambda (decayed leaves), then p += step_size * m / denom.
-            if decayed:
-                torch._foreach_mul_(pick(p, decayed), 1 - rate * weight_decay)
-            torch._foreach_addcdiv_(p, mu, denom, step_sizes)
-            return params, new_state
-        new_p = list(p)
-        if decayed:
-            # The same two operations, the first out of place (a fresh decayed copy).
-            for i, x in zip(decayed, torch._foreach_mul(pick(p, decayed), 1 - rate * weight_decay)):
-                new_p[i] = x
-            torch._foreach_addcdiv_(pick(new_p, decayed), pick(mu, decayed), pick(denom, decayed),
-                                    pick(step_sizes, decayed))
-        kept = [i for i, d in enumerate(decay) if not d]
-        if kept:
-            for i, x in zip(kept, torch._foreach_addcdiv(pick(p, kept), pick(mu, kept),
-                                                         pick(denom, kept), pick(step_sizes, kept))):
-                new_p[i] = x
-        return pytree.tree_unflatten(new_p, spec), new_state
-    return GradientTransformation(init, update, fused_step, donated_update)
+            return (params if mode.new_params else updates), state._replace(
+                count=count_tensor(count + 1), lr=rate_tensor(schedule(count + 1))), True
+        nu_max_old = tensor_leaves(fn, "state.nu_max", state.nu_max)[0] if amsgrad else None
+        m = moments(g, spec, state, mu_old, nu_old, nu_max_old, count + 1, rate, mode.donate)
+        if mode.new_params:
+            new_p = params_from(p, m, rate, decayed, mode.donate)
+            return unflatten(new_p, spec, params, mode.donate), m.state, False
+        return pytree.tree_unflatten(updates_from(p, m, rate, decayed), spec), m.state, True
+    return transformation(init, kernel, fused=True)

@@ -21,6 +21,14 @@ floating-point operations as torch.
 ``jax.jit(..., donate_argnums=...)``: the caller hands ``params`` and ``state`` over, and the new
 values are written into their storage with torch.optim's in-place foreach operations. Results are
 bit-identical to ``donate=False``; the donated trees must not be used afterwards.
+
+**Which path training runs.** The trainer calls ``step(opt, grads, state, params, donate=...)``:
+for a chain that is ``donated_update`` (donating) or ``update`` (pure) of every stage but the
+last, then the last stage's ``fused_step``. ``update`` is what a reader studies, and it is the
+same math: each stage writes its arithmetic once, in one *kernel* ``kernel(updates, state,
+params, mode) -> (out, new_state, out_owned)``, and its ``update``, ``donated_update`` and
+``fused_step`` are the thin wrappers :func:`transformation` makes, differing only in the
+:class:`Mode` they pass (write in place or not; return updates or new parameters).
 """
 from __future__ import annotations
 
@@ -67,6 +75,11 @@ class GradientTransformation(NamedTuple):
 
 class EmptyState(NamedTuple):
     """State of a stateless transformation (no leaves)."""
+
+
+def no_state(params: Tree) -> EmptyState:
+    """``init`` of a stateless transformation."""
+    return EmptyState()
 
 
 def _first_difference(a_name: str, a: Tree, b_name: str, b: Tree) -> str:
@@ -125,46 +138,108 @@ def count_tensor(n: int = 0) -> torch.Tensor:
     return torch.tensor(n, dtype=torch.int64)
 
 
+def rate_tensor(rate: float) -> torch.Tensor:
+    """A learning rate as a 0-d float64 tensor (the ``lr`` field of a state, as torch's
+    ``param_groups[0]["lr"]`` holds it)."""
+    return torch.tensor(float(rate), dtype=torch.float64)
+
+
+class Mode(NamedTuple):
+    """How a stage's kernel runs: which entry point called it, so what it may write and return.
+
+    donate: ``state`` (and, with ``new_params``, ``params``) is donated: write the new values into
+        its storage with torch.optim's in-place foreach ops.
+    updates_owned: the incoming updates are temporaries of this step: they may be overwritten.
+    new_params: return the new parameters (the fused step) instead of the updates.
+
+    ``update`` runs ``Mode()``, ``donated_update`` ``Mode(donate=True, updates_owned=...)`` and
+    ``fused_step`` ``Mode(donate=..., new_params=True)``.
+    """
+    donate: bool = False
+    updates_owned: bool = False
+    new_params: bool = False
+
+    def name(self, stage: str) -> str:
+        """``'<stage>.step'`` or ``'<stage>.update'``, for error messages."""
+        return f"{stage}.step" if self.new_params else f"{stage}.update"
+
+
+def foreach(op: str, tensors: list, *args, in_place: bool, **kwargs) -> list:
+    """``torch._foreach_<op>(tensors, *args, **kwargs)``: new tensors, or, when ``in_place``,
+    written into ``tensors`` by ``torch._foreach_<op>_`` (and ``tensors`` returned). The same
+    arithmetic either way, which keeps the pure and the donated step bit-identical. ``[]`` for
+    an empty list (torch's foreach ops refuse one)."""
+    if not tensors:
+        return []
+    if in_place:
+        getattr(torch, f"_foreach_{op}_")(tensors, *args, **kwargs)
+        return tensors
+    return getattr(torch, f"_foreach_{op}")(tensors, *args, **kwargs)
+
+
+def unflatten(leaves: list, spec, original: Tree, in_place: bool) -> Tree:
+    """``leaves`` as a tree of ``spec``; ``original`` itself when ``in_place`` says the leaves are
+    its own, written into (no new containers, as the donated step returns the donated trees)."""
+    return original if in_place else pytree.tree_unflatten(leaves, spec)
+
+
+Kernel = Callable[[Tree, Tree, Tree, Mode], "tuple[Tree, Tree, bool]"]
+
+
+def transformation(init: InitFn, kernel: Kernel, *, fused: bool = False) -> GradientTransformation:
+    """A stage whose ``update``, ``donated_update`` and (when ``fused``) ``fused_step`` all run
+    the one ``kernel(updates, state, params, mode) -> (out, new_state, out_owned)``.
+
+    ``out`` is the new updates, or the new parameters under ``mode.new_params``; ``out_owned``
+    says the updates are temporaries of this step (see ``GradientTransformation``), and is
+    ignored by the pure entry points.
+    """
+    def update(updates, state, params=None):
+        out, new_state, _ = kernel(updates, state, params, Mode())
+        return out, new_state
+
+    def donated_update(updates, state, params, updates_owned):
+        return kernel(updates, state, params, Mode(donate=True, updates_owned=updates_owned))
+
+    def fused_step(updates, state, params, donate=False):
+        new_params, new_state, _ = kernel(updates, state, params, Mode(donate=donate, new_params=True))
+        return new_params, new_state
+    return GradientTransformation(init, update, fused_step if fused else None, donated_update)
+
+
+def _applied(params: Tree, updates: Tree, donate: bool) -> Tree:
+    u, p, spec = flatten_like("apply_updates", "updates", updates, "params", params)
+    return unflatten(foreach("add", p, u, in_place=donate), spec, params, donate)
+
+
 def apply_updates(params: Tree, updates: Tree) -> Tree:
     """New parameters ``params + updates``, leaf by leaf (one ``torch._foreach_add``); pure.
 
     params, updates: trees of the same structure, shapes and dtypes. Returns a new tree.
     """
-    u, p, spec = flatten_like("apply_updates", "updates", updates, "params", params)
-    return pytree.tree_unflatten(torch._foreach_add(p, u) if p else [], spec)
+    return _applied(params, updates, donate=False)
 
 
-def apply_updates_donated(params: Tree, updates: Tree) -> Tree:
-    """``params += updates`` in place (``torch._foreach_add_``), for a donated ``params``;
-    returns ``params``. Same bits as :func:`apply_updates`."""
-    u, p, _ = flatten_like("apply_updates", "updates", updates, "params", params)
-    if p:
-        torch._foreach_add_(p, u)
-    return params
+def run(t: GradientTransformation, updates: Tree, state: Tree, params: Tree, mode: Mode):
+    """Run any stage ``t`` (a user's with only ``init`` and ``update`` too) as ``mode`` says,
+    through the entry point it has: ``(out, new_state, out_owned)`` like a kernel.
 
-
-def update_donated(t: GradientTransformation, updates: Tree, state: Tree, params: Tree,
-                   updates_owned: bool):
-    """``t.donated_update`` where the stage has one, else its pure ``update`` (whose outputs are
-    then not known to be temporaries). Returns ``(new_updates, new_state, new_updates_owned)``."""
-    if t.donated_update is not None:
-        return t.donated_update(updates, state, params, updates_owned)
+    For new parameters: ``t.fused_step``, else its update followed by ``params + updates`` (in
+    place when donated). For updates: ``t.donated_update`` when donating and ``t`` has one, else
+    the pure ``t.update`` (whose outputs are then not known to be temporaries).
+    """
+    if mode.new_params:
+        if t.fused_step is not None:
+            # (pure calls keep the three-argument form, so a fused step written before donation works)
+            new_params, state = (t.fused_step(updates, state, params, donate=True) if mode.donate
+                                 else t.fused_step(updates, state, params))
+            return new_params, state, False
+        updates, state, _ = run(t, updates, state, params, mode._replace(new_params=False))
+        return _applied(params, updates, mode.donate), state, False
+    if mode.donate and t.donated_update is not None:
+        return t.donated_update(updates, state, params, mode.updates_owned)
     updates, state = t.update(updates, state, params)
     return updates, state, False
-
-
-def fused_or_applied(t: GradientTransformation, updates: Tree, state: Tree, params: Tree,
-                     donate: bool, updates_owned: bool = False):
-    """``(new_params, new_state)`` from the last stage ``t``: its fused step where it has one,
-    else its update followed by ``apply_updates`` (in place when ``donate``)."""
-    if t.fused_step is not None:
-        # (pure calls keep the three-argument form, so a fused step written before donation works)
-        return t.fused_step(updates, state, params, donate=True) if donate else t.fused_step(updates, state, params)
-    if donate:
-        updates, state, _ = update_donated(t, updates, state, params, updates_owned)
-        return apply_updates_donated(params, updates), state
-    updates, state = t.update(updates, state, params)
-    return apply_updates(params, updates), state
 
 
 def _memory_span(x: torch.Tensor) -> tuple[int, int]:
@@ -222,7 +297,8 @@ def step(opt: GradientTransformation, grads: Tree, state: Tree, params: Tree, *,
     """One optimizer step: ``(new_params, new_state)``.
 
     Equal to ``update`` then ``apply_updates``; when ``opt.fused_step`` exists it is used so that
-    the new parameters come out of the same foreach call that applies the learning rate.
+    the new parameters come out of the same foreach call that applies the learning rate. This is
+    the path training runs (see the module docstring).
 
     donate: False (default) mutates nothing. True donates ``params`` and ``state`` (not grads),
     as ``jax.jit(..., donate_argnums=...)`` does: the step writes the new values into their
@@ -242,7 +318,8 @@ def step(opt: GradientTransformation, grads: Tree, state: Tree, params: Tree, *,
     flatten_like("step", "grads", grads, "params", params)
     if donate:
         check_donation(grads, state, params)
-    return fused_or_applied(opt, grads, state, params, donate)
+    new_params, new_state, _ = run(opt, grads, state, params, Mode(donate=donate, new_params=True))
+    return new_params, new_state
 
 
 def _find_field(tree: Tree, field: str):

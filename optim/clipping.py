@@ -9,10 +9,9 @@ from __future__ import annotations
 from numbers import Real
 
 import torch
-from torch.utils import _pytree as pytree
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from .base import EmptyState, GradientTransformation, tensor_leaves
+from .base import GradientTransformation, no_state, tensor_leaves, transformation, unflatten
 
 
 def _groups(leaves):
@@ -32,7 +31,9 @@ def global_norm(leaves: list[torch.Tensor]) -> torch.Tensor:
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
-    """Scale all updates by ``min(max_norm / (global_norm + 1e-6), 1)``; stateless.
+    """Scale all updates by ``min(max_norm / (global_norm + 1e-6), 1)``; stateless. One kernel
+    (the wrappers of :func:`optim.base.transformation`); in place on updates that are temporaries
+    of a donated step.
 
     Departure from torch: torch accepts a negative max_norm (and flips the gradients); here it is
     a ValueError.
@@ -44,28 +45,20 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         raise ValueError(f"clip_by_global_norm: expected max_norm >= 0, got {max_norm}")
     max_norm = float(max_norm)
 
-    def init(params):
-        return EmptyState()
-
-    def clipped(updates, state, in_place):
-        leaves, spec = tensor_leaves("clip_by_global_norm.update", "updates", updates)
+    def kernel(updates, state, params, mode):
+        leaves, spec = tensor_leaves(mode.name("clip_by_global_norm"), "updates", updates)
         if not leaves:
-            return updates, state
+            return updates, state, mode.updates_owned
         clip_coef = max_norm / (global_norm(leaves) + 1e-6)
         clip_coef_clamped = torch.clamp(clip_coef, max=1.0)
-        out = list(leaves) if in_place else [None] * len(leaves)
+        out = list(leaves)
         for (device, _), idx in _groups(leaves):
             # torch multiplies in place by the float64 factor; the result's rounding depends on
-            # the leaf (0-d float32 leaves are computed in float64), so copy and do exactly that.
-            group = [leaves[i] if in_place else leaves[i].clone() for i in idx]
+            # the leaf (0-d float32 leaves are computed in float64), so copy (unless the updates
+            # are temporaries of a donated step) and do exactly that.
+            group = [leaves[i] if mode.updates_owned else leaves[i].clone() for i in idx]
             torch._foreach_mul_(group, clip_coef_clamped.to(device))
             for i, y in zip(idx, group):
                 out[i] = y
-        return pytree.tree_unflatten(out, spec), state
-
-    def update(updates, state, params=None):
-        return clipped(updates, state, False)
-
-    def donated_update(updates, state, params, updates_owned):
-        return *clipped(updates, state, updates_owned), True
-    return GradientTransformation(init, update, donated_update=donated_update)
+        return unflatten(out, spec, updates, mode.updates_owned), state, True
+    return transformation(no_state, kernel)

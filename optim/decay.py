@@ -4,10 +4,7 @@
 """
 from __future__ import annotations
 
-import torch
-from torch.utils import _pytree as pytree
-
-from .base import EmptyState, GradientTransformation, flatten_like
+from .base import GradientTransformation, flatten_like, foreach, no_state, transformation, unflatten
 
 
 def add_decayed_weights(weight_decay: float, mask=None) -> GradientTransformation:
@@ -22,27 +19,13 @@ def add_decayed_weights(weight_decay: float, mask=None) -> GradientTransformatio
         from .combine import masked
         return masked(add_decayed_weights(weight_decay), mask)
 
-    def init(params):
-        return EmptyState()
-
-    def update(updates, state, params=None):
+    def kernel(updates, state, params, mode):
+        fn = mode.name("add_decayed_weights")
         if params is None:
-            raise ValueError("add_decayed_weights.update: expected params (weight decay needs "
-                             "them), got None")
-        g, p, spec = flatten_like("add_decayed_weights.update", "updates", updates, "params", params)
+            raise ValueError(f"{fn}: expected params (weight decay needs them), got None")
+        g, p, spec = flatten_like(fn, "updates", updates, "params", params)
         if weight_decay == 0 or not g:
-            return updates, state
-        return pytree.tree_unflatten(torch._foreach_add(g, p, alpha=weight_decay), spec), state
-
-    def donated_update(updates, state, params, updates_owned):
-        if weight_decay == 0 or not updates_owned:
-            # (with weight_decay == 0 the updates pass through: as owned as they came)
-            new, state = update(updates, state, params)
-            return new, state, updates_owned or weight_decay != 0
-        if params is None:
-            update(updates, state, params)   # raises its error
-        g, p, _ = flatten_like("add_decayed_weights.update", "updates", updates, "params", params)
-        if g:
-            torch._foreach_add_(g, p, alpha=weight_decay)
-        return updates, state, True
-    return GradientTransformation(init, update, donated_update=donated_update)
+            return updates, state, mode.updates_owned   # passed through: as owned as they came
+        out = foreach("add", g, p, alpha=weight_decay, in_place=mode.updates_owned)
+        return unflatten(out, spec, updates, mode.updates_owned), state, True
+    return transformation(no_state, kernel)

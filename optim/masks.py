@@ -9,7 +9,7 @@ the others. For the flat ``state_dict``-keyed dicts the nets use (``{'features.0
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils import _pytree as pytree
@@ -45,20 +45,36 @@ def resolve_labels(fn: str, labels, params: Tree, kind: str = "mask") -> list:
     return leaves
 
 
-def keyed_leaves(tree: Tree) -> tuple[list[str], list[Any], Any]:
-    """``(paths, leaves, spec)`` of a tree, checking the path strings are unique."""
+class Split(NamedTuple):
+    """A tree cut by labels: its leaves' paths (unique), leaves and spec, and each leaf's label."""
+    paths: list[str]
+    leaves: list[Any]
+    spec: Any
+    labels: list
+
+    def part(self, label) -> dict:
+        """``{path: leaf}`` of the leaves carrying ``label``, in tree order: what an inner
+        transformation of ``masked`` / ``multi_transform`` sees."""
+        return {p: x for p, x, lab in zip(self.paths, self.leaves, self.labels) if lab == label}
+
+    def merge(self, new_parts: dict) -> Tree:
+        """The tree with each leaf taken from ``new_parts[label][path]``; leaves whose label has
+        no entry in ``new_parts`` pass through unchanged."""
+        return pytree.tree_unflatten(
+            [new_parts[lab][p] if lab in new_parts else x
+             for p, x, lab in zip(self.paths, self.leaves, self.labels)], self.spec)
+
+
+def split(fn: str, tree: Tree, labels, params: Tree, kind: str = "mask") -> Split:
+    """Cut ``tree`` (params' structure) by ``labels`` resolved on ``params``
+    (:func:`resolve_labels`), checking its leaf paths are unique."""
     with_path, spec = pytree.tree_flatten_with_path(tree)
     paths = [path_of(p) for p, _ in with_path]
     if len(set(paths)) != len(paths):
         dup = next(p for p in paths if paths.count(p) > 1)
         raise ValueError(f"masks: expected unique leaf paths, got {show(dup)} twice "
                          f"(keys containing {SEP!r} collide with nesting)")
-    return paths, [x for _, x in with_path], spec
-
-
-def select(paths: list[str], leaves: list, keep: list[bool]) -> dict:
-    """``{path: leaf}`` for the kept leaves, in tree order."""
-    return {p: x for p, x, k in zip(paths, leaves, keep) if k}
+    return Split(paths, [x for _, x in with_path], spec, resolve_labels(fn, labels, params, kind))
 
 
 def decay_mask_no_bias_or_norm(params: Tree) -> Tree:

@@ -3,6 +3,9 @@
     negate:                  u = -g                       (torch ``maximize=True``)
     scale_by_learning_rate:  u = -lr_t * d,  lr_t = schedule(t), t = updates done so far
     set_to_zero:             u = 0                        (frozen parameters)
+
+Each stage's math is written once, in its kernel; ``update``, ``donated_update`` and
+``fused_step`` are the thin wrappers of :func:`optim.base.transformation`.
 """
 from __future__ import annotations
 
@@ -11,27 +14,19 @@ from typing import NamedTuple
 import torch
 from torch.utils import _pytree as pytree
 
-from .base import EmptyState, GradientTransformation, count_tensor, flatten_like, tensor_leaves
+from .base import (GradientTransformation, count_tensor, flatten_like, foreach, no_state, rate_tensor,
+                   tensor_leaves, transformation, unflatten)
 from .schedules import as_schedule
 
 
 def negate() -> GradientTransformation:
-    """``u = -g`` (one ``torch._foreach_neg``); stateless."""
-    def init(params):
-        return EmptyState()
-
-    def update(updates, state, params=None):
-        leaves, spec = tensor_leaves("negate.update", "updates", updates)
-        return pytree.tree_unflatten(torch._foreach_neg(leaves) if leaves else [], spec), state
-
-    def donated_update(updates, state, params, updates_owned):
-        leaves, _ = tensor_leaves("negate.update", "updates", updates)
-        if not updates_owned:
-            return *update(updates, state, params), True
-        if leaves:
-            torch._foreach_neg_(leaves)
-        return updates, state, True
-    return GradientTransformation(init, update, donated_update=donated_update)
+    """``u = -g`` (one ``torch._foreach_neg``; ``_foreach_neg_`` on updates that are temporaries
+    of a donated step); stateless."""
+    def kernel(updates, state, params, mode):
+        leaves, spec = tensor_leaves(mode.name("negate"), "updates", updates)
+        out = foreach("neg", leaves, in_place=mode.updates_owned)
+        return unflatten(out, spec, updates, mode.updates_owned), state, True
+    return transformation(no_state, kernel)
 
 
 class LearningRateState(NamedTuple):
@@ -49,53 +44,32 @@ def scale_by_learning_rate(lr) -> GradientTransformation:
     schedule = as_schedule("scale_by_learning_rate", lr)
 
     def init(params):
-        return LearningRateState(count_tensor(0), torch.tensor(float(schedule(0)), dtype=torch.float64))
+        return LearningRateState(count_tensor(0), rate_tensor(schedule(0)))
 
-    def advance(state):
+    def kernel(updates, state, params, mode):
+        fn = mode.name("scale_by_learning_rate")
+        if mode.new_params:
+            d, p, spec = flatten_like(fn, "updates", updates, "params", params)
+        else:
+            d, spec = tensor_leaves(fn, "updates", updates)
         t = int(state.count)
         rate = float(schedule(t))
-        return rate, LearningRateState(count_tensor(t + 1),
-                                       torch.tensor(float(schedule(t + 1)), dtype=torch.float64))
-
-    def update(updates, state, params=None):
-        leaves, spec = tensor_leaves("scale_by_learning_rate.update", "updates", updates)
-        rate, state = advance(state)
-        return pytree.tree_unflatten(torch._foreach_mul(leaves, -rate) if leaves else [], spec), state
-
-    def donated_update(updates, state, params, updates_owned):
-        if not updates_owned:
-            return *update(updates, state, params), True
-        leaves, _ = tensor_leaves("scale_by_learning_rate.update", "updates", updates)
-        rate, state = advance(state)
-        if leaves:
-            torch._foreach_mul_(leaves, -rate)
-        return updates, state, True
-
-    def fused_step(updates, state, params, donate=False):
-        d, p, spec = flatten_like("scale_by_learning_rate.step", "updates", updates, "params", params)
-        rate, state = advance(state)
-        if not p:
-            return params, state
-        if donate:
-            torch._foreach_add_(p, d, alpha=-rate)
-            return params, state
-        return pytree.tree_unflatten(torch._foreach_add(p, d, alpha=-rate), spec), state
-    return GradientTransformation(init, update, fused_step, donated_update)
+        new_state = LearningRateState(count_tensor(t + 1), rate_tensor(schedule(t + 1)))
+        if mode.new_params:   # p + (-lr_t) d
+            return unflatten(foreach("add", p, d, alpha=-rate, in_place=mode.donate), spec, params,
+                             mode.donate), new_state, True
+        out = foreach("mul", d, -rate, in_place=mode.updates_owned)   # -lr_t d
+        return unflatten(out, spec, updates, mode.updates_owned), new_state, True
+    return transformation(init, kernel, fused=True)
 
 
 def set_to_zero() -> GradientTransformation:
     """``u = 0``; stateless. Its fused step returns the parameters unchanged (the same tensors)."""
-    def init(params):
-        return EmptyState()
-
-    def update(updates, state, params=None):
-        leaves, spec = tensor_leaves("set_to_zero.update", "updates", updates)
-        return pytree.tree_unflatten([torch.zeros_like(x) for x in leaves], spec), state
-
-    def fused_step(updates, state, params, donate=False):
-        flatten_like("set_to_zero.step", "updates", updates, "params", params)
-        return params, state
-
-    def donated_update(updates, state, params, updates_owned):
-        return *update(updates, state, params), True
-    return GradientTransformation(init, update, fused_step, donated_update)
+    def kernel(updates, state, params, mode):
+        fn = mode.name("set_to_zero")
+        if mode.new_params:
+            flatten_like(fn, "updates", updates, "params", params)
+            return params, state, False
+        leaves, spec = tensor_leaves(fn, "updates", updates)
+        return pytree.tree_unflatten([torch.zeros_like(x) for x in leaves], spec), state, True
+    return transformation(no_state, kernel, fused=True)
