@@ -1,22 +1,6 @@
 """Feature extraction as in the report: classifiers on VGG16's intermediate blocks, on Caltech-256.
 
-Two studies on frozen ImageNet VGG16 convolutions (the split and weights of
-:mod:`experiments.caltech_vgg16_transfer`):
-
-* **The report's heads**: on block 3's output (``28x28x256`` for a 224 input, 200 704 numbers)
-  and on block 4's (``14x14x512``, 100 352): ``flatten -> FC 1024 -> ReLU -> FC 256``, trained
-  with SGD (lr 0.001, momentum 0.9) for 10 epochs on the raw (unstandardised) features, as the
-  report did.
-* **Linear probes**: one linear layer on the globally average-pooled output of every block
-  1..5 (64, 128, 256, 512, 512 numbers), features standardised with the training set's mean and
-  std: a layer-by-layer transferability curve (``probes.png``).
-
-The convolutions have no dropout and no batch norm (``vgg16``), so their features are the same
-in train and eval mode; they are computed once in one forward pass cut after every block
-(:func:`experiments.feature_cache.block_outputs`) and cached, keyed by the weights, the files
-and the preprocessing. The flat block-3 and block-4 maps are large: for 10 240 images they take
-8.2 GB and 4.1 GB in float32, half in ``--cache-dtype float16`` (the default for them; they are
-widened batch by batch while training). Pooled features are cached in float32.
+The command line only; the study itself is :mod:`experiments.transfer.caltech_blocks`.
 
     python -m experiments.caltech_vgg16_features --data /data/caltech256 --out runs/caltech_features
 """
@@ -25,150 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from pathlib import Path
 from typing import Sequence
 
-import torch
-
-import nets
-import optim
-from layers import random as jr
-from nets.compose import Flatten, Linear, ReLU, as_net, serial
-
-from . import caltech_data as cd
-from . import feature_cache as fc
-from .caltech_vgg16_transfer import WeightsNotFoundError, resolve_weights
-from .data import cache_dir
-
-__all__ = ["report_head", "linear_probe", "block_features", "run", "build_parser", "main"]
-
-
-def report_head(in_features: int, num_classes: int, hidden: int = 1024) -> nets.Net:
-    """The report's head: ``flatten -> Linear(in, hidden) -> ReLU -> Linear(hidden, classes)``
-    (torch's default init). ``(N, C, H, W) or (N, in) -> (N, num_classes)``."""
-    return as_net(serial(Flatten(), Linear(in_features, hidden), ReLU(),
-                         Linear(hidden, num_classes)), name=f"report_head[{in_features}]")
-
-
-def linear_probe(in_features: int, num_classes: int) -> nets.Net:
-    """One linear layer ``(N, in) -> (N, num_classes)`` (torch's default init)."""
-    return as_net(serial(Linear(in_features, num_classes)), name=f"linear_probe[{in_features}]")
-
-
-def block_features(net, params, state, x: torch.Tensor, flat_blocks: Sequence[int],
-                   flat_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """``pooled{k}`` ``(N, C_k)`` for every block and ``block{k}`` ``(N, C_k H_k W_k)`` (in
-    ``flat_dtype``) for ``k`` in ``flat_blocks``, from one eval-mode forward pass."""
-    outs = fc.block_outputs(net, params, state, x)
-    feats = {f"pooled{k + 1}": o.mean((2, 3)) for k, o in enumerate(outs)}
-    feats.update({f"block{k}": outs[k - 1].flatten(1).to(flat_dtype) for k in flat_blocks})
-    return feats
-
-
-def _extract(net, params, state, files, *, flat_blocks, flat_dtype, resize, crop, batch_size,
-             cache, digest, log):
-    def compute():
-        parts: dict[str, list] = {}
-        done = 0
-        with torch.no_grad():
-            for x in cd.image_batches(files, batch_size, resize=resize, crop=crop):
-                for k, v in block_features(net, params, state, x, flat_blocks, flat_dtype).items():
-                    parts.setdefault(k, []).append(v)
-                done += len(x)
-                print(f"\rblock features: {done}/{len(files)} images", end="", file=log, flush=True)
-        print(file=log)
-        return {k: torch.cat(v) for k, v in parts.items()}
-    if cache is None:
-        return compute()
-    key = fc.cache_key(weights=digest, files=cd.files_digest(files, resize=resize, crop=crop),
-                       flat=list(flat_blocks), dtype=str(flat_dtype), what="caltech_vgg16_features v1")
-    return fc.cached(cache, "caltech-vgg16-blocks", key, compute, log=log)
-
-
-def _fit(head, x_tr, y_tr, x_te, y_te, *, epochs, batch_size, lr, momentum, weight_decay, key,
-         num_classes, log):
-    params, _ = head.init(jr.fold_in(key, 0))
-    opt = optim.sgd(lr, momentum=momentum, weight_decay=weight_decay)
-    params, _, _, hist = fc.train_epochs(head, params, {}, opt, x_tr, y_tr, epochs=epochs,
-                                         batch_size=batch_size, key=jr.fold_in(key, 1),
-                                         augment=lambda k, xb: xb.float(), log=log)
-    widen = lambda xb: xb.float()  # noqa: E731
-    s_te = fc.scores(fc.predict(head, params, {}, x_te, prepare=widen), y_te, num_classes)
-    s_tr = fc.scores(fc.predict(head, params, {}, x_tr, prepare=widen), y_tr, num_classes)
-    return {"train_accuracy": s_tr.accuracy, "test_accuracy": s_te.accuracy,
-            "test_mean_recall": s_te.mean_recall, "history": hist}
-
-
-def _plot_probes(rows: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    blocks = sorted(int(k[len("probe-block"):]) for k in rows if k.startswith("probe-block"))
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    for what, style in (("train_accuracy", "o--"), ("test_accuracy", "o-")):
-        ax.plot(blocks, [100 * rows[f"probe-block{b}"][what] for b in blocks], style,
-                label=what.split("_")[0])
-    ax.set_xlabel("VGG16 block (globally pooled output)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_xticks(blocks)
-    ax.set_title("linear probes: transferability per block")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def run(args: argparse.Namespace, stream=None) -> dict:
-    """Both studies for parsed arguments; returns (and writes) ``{row: scores}``."""
-    stream = sys.stderr if stream is None else stream
-    log = lambda s: print(s, file=stream, flush=True)  # noqa: E731
-    classes = cd.list_classes(args.data, include_clutter=args.clutter)
-    split = cd.split_per_class(classes, train_per_class=args.train_per_class,
-                               test_per_class=args.test_per_class, seed=args.seed)
-    k = len(split.classes)
-    weights = resolve_weights(args.weights, download=not args.offline)
-    params, state = nets.load_torchvision_weights(weights, truncate_after_block=5)
-    net = nets.vgg16(batch_norm=bool(state), truncate_after_block=5)
-    cache = None if args.no_cache else Path(args.feature_cache or cache_dir() / "features")
-    common = dict(flat_blocks=tuple(args.heads), flat_dtype=getattr(torch, args.cache_dtype),
-                  resize=args.resize, crop=args.crop, batch_size=args.batch_size, cache=cache,
-                  digest=fc.tree_digest({**params, **state}), log=stream)
-    t0 = time.perf_counter()
-    f_tr = _extract(net, params, state, split.train_files, **common)
-    f_te = _extract(net, params, state, split.test_files, **common)
-    log(f"features: {time.perf_counter() - t0:.1f} s")
-    rows = {}
-    for b in args.heads:
-        t1 = time.perf_counter()
-        rows[f"head-block{b}"] = _fit(
-            report_head(f_tr[f"block{b}"].shape[1], k, args.hidden), f_tr[f"block{b}"],
-            split.train_labels, f_te[f"block{b}"], split.test_labels, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=0.0,
-            key=jr.fold_in(jr.key(args.seed), 100 + b), num_classes=k, log=log)
-        rows[f"head-block{b}"]["seconds"] = time.perf_counter() - t1
-    for b in range(1, 6) if args.probes else ():
-        t1 = time.perf_counter()
-        x_tr, x_te = fc.standardize(f_tr[f"pooled{b}"].float(), f_te[f"pooled{b}"].float())
-        rows[f"probe-block{b}"] = _fit(
-            linear_probe(x_tr.shape[1], k), x_tr, split.train_labels, x_te, split.test_labels,
-            epochs=args.probe_epochs, batch_size=args.batch_size, lr=args.probe_lr,
-            momentum=args.momentum, weight_decay=args.probe_weight_decay,
-            key=jr.fold_in(jr.key(args.seed), 200 + b), num_classes=k, log=None)
-        rows[f"probe-block{b}"]["seconds"] = time.perf_counter() - t1
-    for name, r in rows.items():
-        log(f"{name:>14}: train {100 * r['train_accuracy']:6.2f}%  test "
-            f"{100 * r['test_accuracy']:6.2f}%  mean recall {100 * r['test_mean_recall']:6.2f}%")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
-        if args.probes:
-            _plot_probes(rows, out / "probes.png")
-    return rows
+from .transfer.caltech_blocks import run
+from .transfer.caltech_head import WeightsNotFoundError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ See docs/training.md for the recipes and every flag.
 """
 import sys
 
-from .cifar_common import main
+from .cifar.cli import main
 
 DESCRIPTION = "Model A of the report (two VGG blocks of 64 and 128 channels, an MLP head) on CIFAR-10."
 

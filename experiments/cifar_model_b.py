@@ -8,7 +8,7 @@ See docs/training.md for the recipes and every flag.
 """
 import sys
 
-from .cifar_common import main
+from .cifar.cli import main
 
 DESCRIPTION = "Model B (VGG-like, 64-128-256 widths, batch norm, dropout, Xavier init) on CIFAR-10."
 

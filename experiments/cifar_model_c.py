@@ -8,7 +8,7 @@ See docs/training.md for the recipes and every flag.
 """
 import sys
 
-from .cifar_common import main
+from .cifar.cli import main
 
 DESCRIPTION = "Model C (Model B with a third conv in blocks 2 and 3) on CIFAR-10."
 

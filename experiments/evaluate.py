@@ -15,11 +15,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import nets
-
-from . import engine
-from .cifar_common import build_net, split_train
-from .data import DataNotFoundError, find_data_dir, load_cifar10
+from .cifar.recipes import prepare, split_train
+from .data.cifar10 import DataNotFoundError, find_data_dir, load_cifar10
+from .train import (build_model, evaluate, load_run, make_eval, num_classes_of, resolve_device,
+                    to_channels_last)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,50 +48,49 @@ def _load_split(args: argparse.Namespace, cfg: dict):
     limit = cfg.get("limit_per_class") if args.limit_per_class is None else args.limit_per_class
     _, val = split_train(load_cifar10(root, "train", limit_per_class=limit), cfg)
     if val is None:
-        raise ValueError(f"evaluate: --split val: expected a run trained with a validation split, "
+        raise ValueError(f"--split val: expected a run trained with a validation split, "
                          f"got val_split={cfg.get('val_split')!r} in {cfg.get('name')}'s config")
     return val
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    path = Path(args.checkpoint)
-    path = path / engine.CHECKPOINT if path.is_dir() else path
-    if not path.is_file():
-        print(f"error: evaluate: expected a run folder or checkpoint file, got {args.checkpoint} "
-              f"(no {path})", file=sys.stderr)
+
+    def refuse(err) -> int:
+        print(f"error: evaluate: {err}", file=sys.stderr)
         return 2
-    tree, meta = nets.load(path)
-    cfg = json.loads(meta["config"])
+
+    if args.batch_size < 1:
+        return refuse(f"--batch-size: expected a whole number >= 1, got {args.batch_size}")
+    if args.limit_per_class is not None and args.limit_per_class < 1:
+        return refuse(f"--limit-per-class: expected a whole number >= 1, got {args.limit_per_class}")
     try:
+        device = resolve_device(args.device)
+        # CheckpointError (unreadable, or NaN / inf inside) is a ValueError.
+        tree, progress, cfg = load_run(Path(args.checkpoint))
+        if "params" not in tree or not cfg.get("model"):
+            raise ValueError(f"expected a training run's checkpoint (params, state and a config "
+                             f"naming its model), got {args.checkpoint}")
         data = _load_split(args, cfg)
+        params, state = tree["params"], tree["state"]
+        num_classes = num_classes_of(params)
+        if num_classes != len(data.classes):
+            raise ValueError(f"expected a data set with {num_classes} classes (as the checkpoint's "
+                             f"last layer), got {len(data.classes)} classes {data.classes}")
+        net = build_model(cfg["model"], num_classes, cfg)
+        tta = cfg.get("tta_flip", False) if args.tta_flip is None else args.tta_flip
+        shift = cfg.get("tta_shift", 0) if args.tta_shift is None else args.tta_shift
+        predict = make_eval(net, tta_flip=tta, tta_shift=shift, bf16=bool(cfg.get("bf16")),
+                            channels_last=bool(cfg.get("channels_last")))
     except (DataNotFoundError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    params, state = tree["params"], tree["state"]
-    # The last linear weight (out, in) of the net gives its number of classes.
-    num_classes = [v for k, v in params.items() if k.endswith("weight") and v.dim() == 2][-1].shape[0]
-    if num_classes != len(data.classes):
-        print(f"error: evaluate: expected a data set with {num_classes} classes (as the checkpoint's "
-              f"last layer), got {len(data.classes)} classes {data.classes}", file=sys.stderr)
-        return 2
-    net = build_net(cfg, num_classes)
-    device = engine.resolve_device(args.device)
+        return refuse(str(err).removeprefix("evaluate: "))
     params = {k: v.to(device) for k, v in params.items()}
     state = {k: v.to(device) for k, v in state.items()}
-    tta = cfg.get("tta_flip", False) if args.tta_flip is None else args.tta_flip
-    shift = cfg.get("tta_shift", 0) if args.tta_shift is None else args.tta_shift
-    try:
-        predict = engine.make_eval(net, tta_flip=tta, tta_shift=shift, bf16=bool(cfg.get("bf16")),
-                                   channels_last=bool(cfg.get("channels_last")))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     if cfg.get("channels_last"):
-        params = engine.to_channels_last(params)
-    res = engine.evaluate(predict, params, state, data, device=device, batch_size=args.batch_size)
-    progress = json.loads(meta["progress"])
-    print(f"{cfg['model']} ({cfg['name']}, after {progress['epoch']} epochs) on {args.split} "
+        params = to_channels_last(params)
+    res = evaluate(predict, params, state, data, device=device, batch_size=args.batch_size,
+                   prepare=prepare)
+    print(f"{cfg['model']} ({cfg.get('name')}, after {progress.get('epoch')} epochs) on {args.split} "
           f"of {data.images.shape[0]} images, tta_flip={tta}, tta_shift={shift}")
     print(f"accuracy {100 * res.accuracy:.2f}%  loss {res.loss:.4f}")
     per_class = res.per_class_accuracy()
@@ -102,7 +100,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"accuracy": res.accuracy, "loss": res.loss,
                           "per_class": dict(zip(data.classes, per_class.tolist()))}))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,24 +6,30 @@
 
 ``params`` and ``state`` are keyed like the ``state_dict()`` of the equivalent ``torch.nn``
 module. Build new nets with :mod:`nets.compose` (``serial`` and the layer records); print their
-architecture with :func:`summary`; save and load any tree with :func:`save` / :func:`load`
-(safetensors), and move trees to JAX and back with :func:`to_jax` / :func:`from_jax`.
+architecture with :func:`summary`; cut them at a named layer and look layers up by their torch
+names with :func:`cut` and :func:`child` (:mod:`nets.cut`); save and load any tree with
+:func:`save` / :func:`load` (safetensors), and move trees to JAX and back with :func:`to_jax` /
+:func:`from_jax`.
 See docs/nets.md.
 """
 from . import compose
 from .checkpoint import load, save
 from .compose import Layer, Net, as_net, leaves, serial
+from .cut import block_ends, child, cut, layer_names, leaf_keys, leaf_names
 from .jax_interop import from_jax, to_jax
 from .model_a import model_a
 from .model_b import model_b
 from .model_c import model_c
+from .small_vgg16 import small_vgg16
 from .summary import Row, Summary, summary
 from .torchvision_weights import load_torchvision_weights
 from .vgg16 import vgg16
 from .vgg_like import vgg_like
 
 __all__ = [
-    "Layer", "Net", "Row", "Summary", "as_net", "compose", "from_jax", "leaves", "load",
-    "load_torchvision_weights", "model_a", "model_b", "model_c", "save", "serial", "summary",
+    "Layer", "Net", "Row", "Summary", "as_net", "block_ends", "child", "compose", "cut",
+    "from_jax", "layer_names", "leaf_keys", "leaf_names", "leaves", "load",
+    "load_torchvision_weights", "model_a", "model_b", "model_c", "save", "serial", "small_vgg16",
+    "summary",
     "to_jax", "vgg16", "vgg_like",
 ]

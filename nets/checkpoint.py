@@ -174,10 +174,20 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: PathLike, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is always either its old content or all of
+    ``data``: a fresh temporary file in the same folder, written, ``fsync``-ed and renamed over
+    ``path`` (``os.replace``). A ``str`` is written as UTF-8. The folder must exist.
+
+    The one atomic writer of the project: checkpoints, data caches, feature caches, metrics and
+    results files all go through it.
+    """
+    path = os.fspath(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"save: expected an existing directory for {path!r}, got "
+        raise FileNotFoundError(f"atomic_write: expected an existing directory for {path!r}, got "
                                 f"{directory!r}, which does not exist")
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
     # os.open with mode 0o666 (not tempfile.mkstemp's 0o600) gives the file the umask's usual
@@ -229,7 +239,7 @@ def save(path: PathLike, tree: Any, metadata: Optional[dict] = None) -> None:
         dtypes = sorted({str(t.dtype) for t in tensors.values()})
         raise ValueError(f"save: safetensors could not serialise the tree (dtypes {dtypes}): "
                          f"{e}") from e
-    _atomic_write(path, data)
+    atomic_write(path, data)
 
 
 # ----------------------------------------------------------------------------------- load

@@ -8,11 +8,13 @@ from hypothesis import strategies as st
 import layers
 import nets
 import optim
-from experiments import bench, engine
-from experiments.bench_layers import bench_layers, layer_cases
-from experiments.bench_pipeline import bench_pipeline, ours_epoch, random_images, torchvision_loader
-from experiments.bench_reference import ReferenceLoop, reference_module
-from experiments.bench_timing import interleaved, matmul_peak, median
+from experiments import bench as bench_cli
+from experiments import train as trainer
+from experiments.benchmarks import steps as bench
+from experiments.benchmarks.layers import bench_layers, layer_cases
+from experiments.benchmarks.pipeline import bench_pipeline, ours_epoch, random_images, torchvision_loader
+from experiments.benchmarks.reference import ReferenceLoop, reference_module
+from experiments.benchmarks.timing import interleaved, matmul_peak, median
 from layers import random as jr
 
 SEEDS = st.integers(0, 2**31 - 1)
@@ -57,7 +59,7 @@ def test_reference_loop_and_pure_step_follow_the_same_trajectory(seed):
                          weight_decay=bench.WEIGHT_DECAY, label_smoothing=bench.LABEL_SMOOTHING)
     opt = optim.sgd(bench.LR, momentum=bench.MOMENTUM, nesterov=True, weight_decay=bench.WEIGHT_DECAY)
     loss_fn = lambda logits, y: layers.cross_entropy(logits, y, label_smoothing=bench.LABEL_SMOOTHING)  # noqa: E731
-    step = engine.make_step(net, opt, loss_fn)
+    step = trainer.make_step(net, opt, loss_fn)
     opt_state = opt.init(params)
     g = torch.Generator().manual_seed(seed)
     for i in range(2):  # Model B pools globally, so 16x16 inputs keep the test quick
@@ -171,7 +173,7 @@ def test_targets_are_judged_from_the_rows():
 def test_quick_main_writes_the_table_machine_and_command(tmp_path, capsys):
     out = tmp_path / "perf.md"
     argv = ["--quick", "--batch", "2", "--reps", "1", "--skip", "layers,pipeline", "--out", str(out)]
-    assert bench.main(argv) == 0
+    assert bench_cli.main(argv) == 0
     text = out.read_text()
     assert "python -m experiments.bench --quick --batch 2 --reps 1" in text
     assert "torch " + torch.__version__ in text and "cores" in text

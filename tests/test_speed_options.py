@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 import layers
 import nets
 import optim
-from experiments import bench, engine
+from experiments import train as trainer
+from experiments.benchmarks import steps as bench
 from layers import random as jr
 
 SEEDS = st.integers(0, 2**31 - 1)
@@ -33,8 +34,8 @@ def run_steps(seed, n=4, **options):
     opt = optim.sgd(0.05, momentum=bench.MOMENTUM, nesterov=True, weight_decay=bench.WEIGHT_DECAY)
     opt_state = opt.init(params)
     if options.get("channels_last"):
-        params, opt_state = engine.to_channels_last(params), engine.to_channels_last(opt_state)
-    step = engine.make_step(net, opt, partial(layers.cross_entropy,
+        params, opt_state = trainer.to_channels_last(params), trainer.to_channels_last(opt_state)
+    step = trainer.make_step(net, opt, partial(layers.cross_entropy,
                                               label_smoothing=bench.LABEL_SMOOTHING), **options)
     g = torch.Generator().manual_seed(seed)
     losses = []
@@ -88,9 +89,9 @@ def test_eval_under_speed_options_matches_eager_fp32_eval(seed, bf16, channels_l
     _, state = net.apply(params, state, torch.randn(8, 3, 8, 8, generator=g), train=True,
                          key=jr.key(seed))
     x = torch.randn(8, 3, 8, 8, generator=g)
-    ref = engine.make_eval(net, tta_flip=True)(params, state, x)
-    p = engine.to_channels_last(params) if channels_last else params
-    got = engine.make_eval(net, tta_flip=True, bf16=bf16, channels_last=channels_last)(p, state, x)
+    ref = trainer.make_eval(net, tta_flip=True)(params, state, x)
+    p = trainer.to_channels_last(params) if channels_last else params
+    got = trainer.make_eval(net, tta_flip=True, bf16=bf16, channels_last=channels_last)(p, state, x)
     assert got.dtype == torch.float32
     # fp32 in another layout: rounding order only (1e-5); bf16: 8 mantissa bits through two
     # convs and a 8-term linear, logits of magnitude ~1: 3e-2

@@ -11,8 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from experiments import cifar_common, evaluate
-from experiments.data import CIFAR10_CLASSES
+from experiments import evaluate
+from experiments.cifar import cli as cli
+from experiments.cifar import recipes
+from experiments.cifar.speed import benchmark
+from experiments.data.cifar10 import CIFAR10_CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = ["experiments.cifar_model_a", "experiments.cifar_model_b",
@@ -53,13 +56,13 @@ def tiny_cifar(tmp_path, monkeypatch):
 def test_run_stop_resume_and_evaluate_through_the_command_line(tiny_cifar, tmp_path, capsys):
     argv = ["--data-dir", str(tiny_cifar), "--epochs", "2", "--batch-size", "20", "--val-split", "10",
             "--out", str(tmp_path / "runs"), "--name", "cli", "--no-bf16", "--seed", "1"]
-    assert cifar_common.main("cifar_model_a", "A", argv + ["--max-epochs", "1"]) == 0
+    assert cli.main("cifar_model_a", "A", argv + ["--max-epochs", "1"]) == 0
     run = tmp_path / "runs" / "cli"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     # a second fresh start would clobber the run: refused
-    assert cifar_common.main("cifar_model_a", "A", argv) == 2
+    assert cli.main("cifar_model_a", "A", argv) == 2
     assert "--resume" in capsys.readouterr().err
-    assert cifar_common.main("cifar_model_a", "A", ["--resume", str(run)]) == 0
+    assert cli.main("cifar_model_a", "A", ["--resume", str(run)]) == 0
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[0]["val_accuracy"] is not None and rows[0]["test_accuracy"] is not None
@@ -67,7 +70,7 @@ def test_run_stop_resume_and_evaluate_through_the_command_line(tiny_cifar, tmp_p
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["batch_size"] == 20 and cfg["bf16"] is False and cfg["val_split"] == "10"
     # a run of Model A is not resumed by Model B's entry point
-    assert cifar_common.main("cifar_model_b", "B", ["--resume", str(run)]) == 2
+    assert cli.main("cifar_model_b", "B", ["--resume", str(run)]) == 2
     capsys.readouterr()
     assert evaluate.main(["--checkpoint", str(run), "--data-dir", str(tiny_cifar), "--json"]) == 0
     out = capsys.readouterr().out
@@ -79,7 +82,7 @@ def test_run_stop_resume_and_evaluate_through_the_command_line(tiny_cifar, tmp_p
 def test_evaluate_rebuilds_the_runs_validation_split_and_takes_tta_options(tiny_cifar, tmp_path, capsys):
     argv = ["--data-dir", str(tiny_cifar), "--epochs", "1", "--batch-size", "20",
             "--out", str(tmp_path / "runs"), "--no-bf16", "--seed", "3"]
-    assert cifar_common.main("cifar_model_a", "A", argv + ["--val-split", "20", "--name", "val",
+    assert cli.main("cifar_model_a", "A", argv + ["--val-split", "20", "--name", "val",
                                                            "--cutout", "8"]) == 0
     row = json.loads((tmp_path / "runs" / "val" / "metrics.jsonl").read_text().splitlines()[-1])
     assert json.loads((tmp_path / "runs" / "val" / "config.json").read_text())["cutout"] == 8
@@ -94,7 +97,7 @@ def test_evaluate_rebuilds_the_runs_validation_split_and_takes_tta_options(tiny_
     assert evaluate.main(base + ["--tta-shift", "-1"]) == 2
     assert "expected tta_shift to be a whole number of pixels >= 0, got -1" in capsys.readouterr().err
     # a run without a validation split has none to rebuild
-    assert cifar_common.main("cifar_model_a", "A", argv + ["--val-split", "0", "--name", "noval"]) == 0
+    assert cli.main("cifar_model_a", "A", argv + ["--val-split", "0", "--name", "noval"]) == 0
     capsys.readouterr()
     assert evaluate.main(["--checkpoint", str(tmp_path / "runs" / "noval"), "--data-dir",
                           str(tiny_cifar), "--split", "val"]) == 2
@@ -104,22 +107,22 @@ def test_evaluate_rebuilds_the_runs_validation_split_and_takes_tta_options(tiny_
 
 @pytest.mark.parametrize("flag", ["--crop", "--cutout", "--tta-shift"])
 def test_negative_pixel_counts_are_refused_before_anything_runs(flag, tmp_path, capsys):
-    assert cifar_common.main("cifar_model_b", "B", [flag, "-2", "--out", str(tmp_path / "runs")]) == 2
+    assert cli.main("cifar_model_b", "B", [flag, "-2", "--out", str(tmp_path / "runs")]) == 2
     assert f"{flag}: expected a whole number of pixels >= 0, got -2" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
 def test_augmentation_flags_override_the_recipe():
-    parser = cifar_common.build_parser("cifar_model_c", "C")
-    report = cifar_common.resolve_config("cifar_model_c", parser.parse_args(["--recipe", "report"]))
+    parser = cli.build_parser("cifar_model_c", "C")
+    report = cli.resolve_config("cifar_model_c", parser.parse_args(["--recipe", "report"]))
     # the report names random flipping (and normalisation) as its only transforms
     assert (report["flip"], report["crop"], report["tta_flip"]) == (True, 0, False)
-    plain = cifar_common.resolve_config("cifar_model_c", parser.parse_args(
+    plain = cli.resolve_config("cifar_model_c", parser.parse_args(
         ["--recipe", "report", "--no-flip"]))
     assert (plain["flip"], plain["crop"]) == (False, 0)
-    fast = cifar_common.resolve_config("cifar_model_c", parser.parse_args(["--crop", "2", "--no-flip"]))
+    fast = cli.resolve_config("cifar_model_c", parser.parse_args(["--crop", "2", "--no-flip"]))
     assert (fast["flip"], fast["crop"]) == (False, 2)
-    assert cifar_common.resolve_config("cifar_model_c", parser.parse_args([]))["crop"] == 4
+    assert cli.resolve_config("cifar_model_c", parser.parse_args([]))["crop"] == 4
 
 
 def test_missing_data_stops_with_one_message_naming_the_place(tmp_path, monkeypatch, capsys):
@@ -129,20 +132,21 @@ def test_missing_data_stops_with_one_message_naming_the_place(tmp_path, monkeypa
         raise OSError("no network")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    code = cifar_common.main("cifar_model_b", "B", ["--data-dir", str(tmp_path / "nothing"),
+    (tmp_path / "nothing").mkdir()   # an existing empty folder: the download is tried there
+    code = cli.main("cifar_model_b", "B", ["--data-dir", str(tmp_path / "nothing"),
                                                      "--out", str(tmp_path / "runs")])
     err = capsys.readouterr().err
     assert code == 2 and str(tmp_path / "nothing") in err and "no network" in err
 
 
 def test_val_split_parsing():
-    assert cifar_common.parse_val_split("0.1") == 0.1
-    assert cifar_common.parse_val_split("5000") == 5000
-    assert cifar_common.parse_val_split("0") == 0
+    assert recipes.parse_val_split("0.1") == 0.1
+    assert recipes.parse_val_split("5000") == 5000
+    assert recipes.parse_val_split("0") == 0
     with pytest.raises(ValueError, match="--val-split: expected a fraction.*got '2.5'"):
-        cifar_common.parse_val_split("2.5")
+        recipes.parse_val_split("2.5")
     with pytest.raises(ValueError, match="got 'x'"):
-        cifar_common.parse_val_split("x")
+        recipes.parse_val_split("x")
 
 
 @pytest.mark.skipif(not os.environ.get("CIFAR10_DIR"), reason="CIFAR10_DIR is not set")
@@ -150,7 +154,7 @@ def test_smoke_run_on_a_real_cifar_subset_loss_falls_and_every_output_appears(tm
     monkeypatch.setenv("PURENN_CACHE", str(tmp_path / "cache"))
     argv = ["--limit-per-class", "20", "--epochs", "2", "--batch-size", "50", "--lr", "0.05",
             "--val-split", "0", "--out", str(tmp_path / "runs"), "--name", "smoke"]
-    assert cifar_common.main("cifar_model_a", "A", argv) == 0
+    assert cli.main("cifar_model_a", "A", argv) == 0
     run = tmp_path / "runs" / "smoke"
     assert OUTPUTS <= {p.name for p in run.iterdir()}
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -159,10 +163,10 @@ def test_smoke_run_on_a_real_cifar_subset_loss_falls_and_every_output_appears(tm
 
 
 def test_benchmark_reports_images_per_second_for_every_speed_option():
-    args = cifar_common.build_parser("cifar_model_a", "A").parse_args(
+    args = cli.build_parser("cifar_model_a", "A").parse_args(
         ["--benchmark", "1", "--batch-size", "8", "--device", "cpu"])
     err = io.StringIO()
-    rates = cifar_common.benchmark(cifar_common.resolve_config("cifar_model_a", args), args.benchmark,
+    rates = benchmark(cli.resolve_config("cifar_model_a", args), args.benchmark,
                                    rounds=1, stream=err)
     assert set(rates) == {"fp32", "channels_last", "bf16", "bf16+channels_last"}
     assert all(r > 0 for r in rates.values())

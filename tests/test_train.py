@@ -1,6 +1,7 @@
-"""The training engine: the pure step, eval, speed options, resume, NaN guard, Ctrl-C, outputs."""
+"""experiments.train, the trainer: the pure step, eval, speed options, resume, NaN guard, Ctrl-C, outputs."""
 import io
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -10,8 +11,9 @@ from torch.utils import _pytree as pytree
 
 import layers
 import optim
-from experiments import engine
-from experiments.data import Dataset
+from experiments import train as trainer
+from experiments.data.augment import augment_batch, normalize
+from experiments.data.dataset import Dataset
 from layers import random as jr
 from nets.compose import BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, as_net, serial
 
@@ -55,7 +57,7 @@ def test_step_equals_autograd_sgd_update_and_new_bn_state(seed, lr):
     x, y = _batch(seed)
     key = jr.key(seed + 1)
     loss_fn = layers.cross_entropy
-    step = engine.make_step(net, optim.sgd(lr), loss_fn)
+    step = trainer.make_step(net, optim.sgd(lr), loss_fn)
     new_p, new_s, _, metrics = step(params, state, optim.sgd(lr).init(params), (x, y), key)
     # reference: autograd through the same apply on leaf copies
     leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
@@ -81,7 +83,7 @@ def test_step_is_pure_same_inputs_same_outputs_inputs_untouched(seed):
     batch, key = _batch(seed), jr.key(seed)
     before = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
                              (params, state, opt_state, batch, key))
-    step = engine.make_step(net, opt, layers.cross_entropy)
+    step = trainer.make_step(net, opt, layers.cross_entropy)
     a = step(params, state, opt_state, batch, key)
     b = step(params, state, opt_state, batch, key)
     assert _equal_trees(a, b)
@@ -94,9 +96,9 @@ def test_eval_with_flip_tta_averages_the_logits_of_image_and_mirror(seed):
     net = tiny_net()
     params, state = net.init(jr.key(seed), dtype=torch.float64)
     x, _ = _batch(seed)
-    plain = engine.make_eval(net)(params, state, x)
-    mirror = engine.make_eval(net)(params, state, x.flip(-1))
-    tta = engine.make_eval(net, tta_flip=True)(params, state, x)
+    plain = trainer.make_eval(net)(params, state, x)
+    mirror = trainer.make_eval(net)(params, state, x.flip(-1))
+    tta = trainer.make_eval(net, tta_flip=True)(params, state, x)
     torch.testing.assert_close(tta, (plain + mirror) / 2, rtol=0, atol=0)
     ref, _ = net.apply(params, state, x, train=False)
     assert torch.equal(plain, ref)
@@ -106,7 +108,7 @@ def test_eval_with_flip_tta_averages_the_logits_of_image_and_mirror(seed):
 @given(seed=SEEDS, dy=st.integers(-3, 3), dx=st.integers(-3, 3))
 def test_translate_moves_every_pixel_and_reflects_at_the_border(seed, dy, dx):
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
-    out = engine.translate(x, dy, dx)
+    out = trainer.translate(x, dy, dx)
     assert out.shape == x.shape
     for i in range(8):
         for j in range(8):
@@ -117,19 +119,19 @@ def test_translate_moves_every_pixel_and_reflects_at_the_border(seed, dy, dx):
 
 def test_translate_by_zero_is_the_input_and_too_far_is_refused():
     x = torch.randn(1, 3, 4, 4)
-    assert engine.translate(x, 0, 0) is x
+    assert trainer.translate(x, 0, 0) is x
     with pytest.raises(ValueError, match=r"translate: expected shifts smaller than the image \(4x4\), got \(4, 0\)"):
-        engine.translate(x, 4, 0)
+        trainer.translate(x, 4, 0)
 
 
 def test_tta_views_and_bad_shifts():
-    assert engine.tta_views() == [(False, 0, 0)]
-    assert engine.tta_views(tta_flip=True) == [(False, 0, 0), (True, 0, 0)]
-    assert engine.tta_views(tta_flip=True, tta_shift=2) == [
+    assert trainer.tta_views() == [(False, 0, 0)]
+    assert trainer.tta_views(tta_flip=True) == [(False, 0, 0), (True, 0, 0)]
+    assert trainer.tta_views(tta_flip=True, tta_shift=2) == [
         (False, 0, 0), (False, 2, 2), (False, -2, -2), (True, 0, 0), (True, 2, 2), (True, -2, -2)]
     for bad in (-1, 1.5, True, "1"):
         with pytest.raises(ValueError, match="expected tta_shift to be a whole number of pixels >= 0, got"):
-            engine.make_eval(tiny_net(), tta_shift=bad)
+            trainer.make_eval(tiny_net(), tta_shift=bad)
 
 
 @settings(deadline=None, max_examples=10)
@@ -138,11 +140,11 @@ def test_eval_with_shift_tta_averages_the_logits_of_every_view(seed, flip, shift
     net = tiny_net()
     params, state = net.init(jr.key(seed), dtype=torch.float64)
     x, _ = _batch(seed)
-    plain = engine.make_eval(net)
-    views = [plain(params, state, engine.translate(x.flip(-1) if m else x, dy, dx))
-             for m, dy, dx in engine.tta_views(flip, shift)]
+    plain = trainer.make_eval(net)
+    views = [plain(params, state, trainer.translate(x.flip(-1) if m else x, dy, dx))
+             for m, dy, dx in trainer.tta_views(flip, shift)]
     assert len(views) == (6 if flip else 3)
-    tta = engine.make_eval(net, tta_flip=flip, tta_shift=shift)(params, state, x)
+    tta = trainer.make_eval(net, tta_flip=flip, tta_shift=shift)(params, state, x)
     # the same sum in the same order, then one division: exact
     torch.testing.assert_close(tta, sum(views[1:], views[0]) / len(views), rtol=0, atol=0)
 
@@ -151,10 +153,9 @@ def test_evaluate_confusion_accuracy_and_loss_match_a_direct_computation():
     net = tiny_net()
     params, state = net.init(jr.key(0))
     data = tiny_data(1, n=37)
-    predict = engine.make_eval(net)
-    res = engine.evaluate(predict, params, state, data, device=torch.device("cpu"), batch_size=10)
-    from experiments.augment import normalize
-
+    predict = trainer.make_eval(net)
+    res = trainer.evaluate(predict, params, state, data, device=torch.device("cpu"), batch_size=10,
+                           prepare=normalize)
     logits = predict(params, state, normalize(data.images))
     pred = logits.argmax(1)
     assert torch.equal(res.predictions, pred)
@@ -177,8 +178,8 @@ def _run_steps(n, lr=0.05, **opts):
     opt = optim.sgd(lr, momentum=0.9)
     opt_state = opt.init(params)
     if opts.get("channels_last"):
-        params, opt_state = engine.to_channels_last(params), engine.to_channels_last(opt_state)
-    step = engine.make_step(net, opt, layers.cross_entropy, **opts)
+        params, opt_state = trainer.to_channels_last(params), trainer.to_channels_last(opt_state)
+    step = trainer.make_step(net, opt, layers.cross_entropy, **opts)
     losses = []
     for i in range(n):
         x, y = _batch(i, n=16, dtype=torch.float32)
@@ -236,8 +237,10 @@ def _fit(run_dir, cfg=CFG, lr=0.05, loss_fn=layers.cross_entropy, **kw):
                     nesterov=True, weight_decay=5e-4,
                     weight_decay_mask=optim.decay_mask_no_bias_or_norm)
     stream = io.StringIO()
-    res = engine.fit(cfg, net=tiny_net(), opt=opt, loss_fn=loss_fn, train=train, val=test,
-                     test=test, run_dir=run_dir, stream=stream, **kw)
+    augment = partial(augment_batch, crop=cfg["crop"], flip=cfg["flip"])
+    res = trainer.fit(cfg, net=tiny_net(), opt=opt, loss_fn=loss_fn, train=train, val=test,
+                      test=test, augment=augment, prepare=normalize, run_dir=run_dir,
+                      stream=stream, **kw)
     return res, stream.getvalue()
 
 
@@ -246,7 +249,7 @@ def test_fit_writes_every_output_file_and_one_metrics_line_per_epoch(tmp_path):
     assert res.status == "done"
     files = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"config.json", "metrics.jsonl", "accuracy.png", "loss.png", "confusion.png",
-            engine.CHECKPOINT} <= files
+            trainer.CHECKPOINT} <= files
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     for r in rows:
@@ -255,7 +258,7 @@ def test_fit_writes_every_output_file_and_one_metrics_line_per_epoch(tmp_path):
             assert isinstance(r[k], float), k
     assert json.loads((tmp_path / "run" / "config.json").read_text())["seed"] == 3
     assert "train_loss" in log and "epoch 2/2" in log  # final table and per-epoch lines
-    tree, progress, cfg = engine.load_run(tmp_path / "run")
+    tree, progress, cfg = trainer.load_run(tmp_path / "run")
     assert progress["epoch"] == 2 and progress["step"] == 0 and cfg == CFG
     assert _equal_trees(tree["params"], res.params)
 
@@ -284,8 +287,9 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_resume_is_bit_identical(tmp_pat
 
     cut, log = _fit(tmp_path / "cut", on_step=interrupt)
     assert cut.status == "interrupted"
-    assert "resume with: python -m experiments.cifar_model_b --resume" in log
-    _, progress, _ = engine.load_run(tmp_path / "cut")
+    # the loop knows no command: the caller names it (resume_command), else the run folder
+    assert f"resume with: --resume {tmp_path / 'cut'}" in log
+    _, progress, _ = trainer.load_run(tmp_path / "cut")
     assert (progress["epoch"], progress["step"]) == (1, 2)
     resumed, _ = _fit(tmp_path / "cut", resume=True)
     assert _equal_trees(resumed.params, full.params)
@@ -295,27 +299,27 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_resume_is_bit_identical(tmp_pat
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     _fit(tmp_path / "run", max_epochs=1)
-    ckpt = tmp_path / "run" / engine.CHECKPOINT
+    ckpt = tmp_path / "run" / trainer.CHECKPOINT
     good = ckpt.read_bytes()
     nan_loss = lambda logits, y: layers.cross_entropy(logits, y) * float("nan")  # noqa: E731
-    with pytest.raises(engine.NonFiniteLossError, match="finite training loss, got nan at epoch 2, batch 0"):
+    with pytest.raises(trainer.NonFiniteLossError, match="finite training loss, got nan at epoch 2, batch 0"):
         _fit(tmp_path / "run", resume=True, loss_fn=nan_loss)
     assert ckpt.read_bytes() == good
 
 
 def test_huge_learning_rate_trips_the_guard_and_leaves_the_initial_checkpoint(tmp_path):
-    with pytest.raises(engine.NonFiniteLossError, match="last good checkpoint"):
+    with pytest.raises(trainer.NonFiniteLossError, match="last good checkpoint"):
         _fit(tmp_path / "run", lr=1e30)
-    tree, progress, _ = engine.load_run(tmp_path / "run")
-    params, _ = tiny_net().init(engine.run_keys(CFG["seed"])["init"])
+    tree, progress, _ = trainer.load_run(tmp_path / "run")
+    params, _ = tiny_net().init(trainer.run_keys(CFG["seed"]).init)
     assert progress["epoch"] == 0 and _equal_trees(tree["params"], params)
     assert all(torch.isfinite(v).all() for v in tree["params"].values())
 
 
 def test_run_keys_are_distinct_and_depend_on_the_seed():
-    a, b = engine.run_keys(0), engine.run_keys(1)
-    assert len({tuple(v.tolist()) for v in a.values()}) == 3
-    assert not torch.equal(a["train"], b["train"])
+    a, b = trainer.run_keys(0), trainer.run_keys(1)
+    assert len({tuple(v.tolist()) for v in a}) == 3
+    assert not torch.equal(a.train, b.train)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,7 +333,7 @@ class _Tty(io.StringIO):
 
 def test_progress_bar_redraws_with_carriage_return_on_a_tty():
     s = _Tty()
-    bar = engine.ProgressBar(10, "epoch 1/1", stream=s, interval=0.0)
+    bar = trainer.ProgressBar(10, "epoch 1/1", stream=s, interval=0.0)
     for i in range(1, 11):
         bar.update(i, 32 * i, loss=1.5, acc=0.25)
     bar.close("done line")
@@ -340,7 +344,7 @@ def test_progress_bar_redraws_with_carriage_return_on_a_tty():
 
 def test_progress_bar_is_quiet_off_a_tty_except_the_closing_line():
     s = io.StringIO()
-    bar = engine.ProgressBar(10, "epoch 1/1", stream=s, interval=0.0)
+    bar = trainer.ProgressBar(10, "epoch 1/1", stream=s, interval=0.0)
     for i in range(1, 11):
         bar.update(i, 32 * i, loss=1.5)
     bar.close("epoch 1/1: loss 1.5")
@@ -348,8 +352,8 @@ def test_progress_bar_is_quiet_off_a_tty_except_the_closing_line():
 
 
 def test_resolve_device_auto_and_errors():
-    assert engine.resolve_device("cpu") == torch.device("cpu")
-    assert engine.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert trainer.resolve_device("cpu") == torch.device("cpu")
+    assert trainer.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            engine.resolve_device("cuda")
+            trainer.resolve_device("cuda")

@@ -21,10 +21,13 @@ from hypothesis import strategies as st
 
 import nets
 import optim
-from experiments import caltech_data as cd
-from experiments import caltech_vgg16_features as cf
-from experiments import caltech_vgg16_transfer as ct
-from experiments import feature_cache as fc
+from experiments import caltech_vgg16_features as cf_cli
+from experiments import train as trainer
+from experiments import caltech_vgg16_transfer as ct_cli
+from experiments.data import caltech256 as cd
+from experiments.transfer import caltech_blocks as cf
+from experiments.transfer import caltech_head as ct
+from experiments.transfer import feature_cache as fc
 from layers import random as jr
 from nets.compose import (AdaptiveAvgPool2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU,
                           as_net, serial)
@@ -206,9 +209,9 @@ def test_head_trained_on_cached_features_equals_head_trained_through_the_frozen_
     feats = fc.prefix_apply(net, ct.CUT[dropout])(params, state, x)
     _, head, _ = ct.train_head_on_features(net, params, feats, y, dropout=dropout, epochs=3,
                                            batch_size=4, lr=0.05, momentum=momentum, key=key)
-    through, _, opt_state, _ = fc.train_epochs(reference, params, state,
-                                               ct.frozen_optimizer(0.05, momentum), x, y,
-                                               epochs=3, batch_size=4, key=key)
+    res = trainer.fit_tensors(reference, ct.frozen_optimizer(0.05, momentum), x, y,
+                              params=params, state=state, epochs=3, batch_size=4, key=key)
+    through, opt_state = res.params, res.opt_state
     for k in ct.HEAD:
         assert not torch.equal(head[k], params[k])                        # it did train
         # float64; the prefix ran on 10 images at once in the cache, 4 at a time through the
@@ -235,14 +238,14 @@ def test_transfer_entry_point_trains_reports_and_reuses_its_feature_cache(tree, 
     argv = ["--data", str(tree), "--weights", str(vgg16_pth), "--train-per-class", "4",
             "--test-per-class", "2", "--resize", "36", "--crop", "32", "--epochs", "2",
             "--batch-size", "4", "--feature-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
-    assert ct.main(argv) == 0
+    assert ct_cli.main(argv) == 0
     first = json.loads((tmp_path / "out" / "results.json").read_text())
     assert first["classes"] == 3 and first["train_images"] == 12 and first["test_images"] == 6
     assert 0 <= first["test_accuracy"] <= 1 and 0 <= first["test_mean_recall"] <= 1
     assert len(first["history"]) == 2
     assert len(list((tmp_path / "cache").iterdir())) == 2            # train and test features
     capsys.readouterr()
-    assert ct.main(argv) == 0
+    assert ct_cli.main(argv) == 0
     assert capsys.readouterr().err.count("feature cache: read") == 2
     again = json.loads((tmp_path / "out" / "results.json").read_text())
     assert again["test_accuracy"] == first["test_accuracy"] and again["history"] == first["history"]
@@ -254,7 +257,7 @@ def test_transfer_entry_point_trains_reports_and_reuses_its_feature_cache(tree, 
 def test_a_corrupted_weights_file_is_one_error_line_naming_it(tree, vgg16_pth, tmp_path, capsys, damage):
     bad = tmp_path / "vgg16.pth"
     bad.write_bytes(b"not a checkpoint" if damage == "garbage" else vgg16_pth.read_bytes()[:4096])
-    assert ct.main(["--data", str(tree), "--weights", str(bad), "--no-cache"]) == 2
+    assert ct_cli.main(["--data", str(tree), "--weights", str(bad), "--no-cache"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and str(bad) in last
 
@@ -264,7 +267,7 @@ def test_features_entry_point_trains_the_report_heads_and_the_probes(tree, vgg16
     argv = ["--data", str(tree), "--weights", str(vgg16_pth), "--train-per-class", "4",
             "--test-per-class", "2", "--resize", "36", "--crop", "32", "--epochs", "1",
             "--hidden", "8", "--probe-epochs", "2", "--batch-size", "4", "--no-cache", "--out", str(out)]
-    assert cf.main(argv) == 0
+    assert cf_cli.main(argv) == 0
     rows = json.loads((out / "results.json").read_text())
     assert sorted(rows) == ["head-block3", "head-block4"] + [f"probe-block{k}" for k in range(1, 6)]
     assert all(0 <= r["test_accuracy"] <= 1 for r in rows.values())
@@ -285,11 +288,12 @@ def test_block_features_have_the_documented_sizes_at_32():
 def test_visualize_command_line_on_a_torchvision_vgg16_pth(tree, vgg16_pth, tmp_path):
     from PIL import Image
 
-    from experiments import visualize as vz
+    from experiments import visualize
+    from experiments.report import filters as vz
 
     image = cd.list_classes(tree)[0].files[1]
     out = tmp_path / "figs"
-    assert vz.main(["--checkpoint", str(vgg16_pth), "--image", str(image), "--out", str(out),
+    assert visualize.main(["--checkpoint", str(vgg16_pth), "--image", str(image), "--out", str(out),
                     "--layers", "features.1", "--max-channels", "4"]) == 0
     sizes = {p.name: Image.open(p).size[::-1] for p in out.iterdir()}
     assert sizes == {
@@ -301,7 +305,7 @@ def test_visualize_command_line_on_a_torchvision_vgg16_pth(tree, vgg16_pth, tmp_
     }
 
 
-@pytest.mark.parametrize("module", [ct, cf])
+@pytest.mark.parametrize("module", [ct_cli, cf_cli])
 def test_help_describes_the_entry_point(module, capsys):
     with pytest.raises(SystemExit) as e:
         module.main(["--help"])

@@ -10,8 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nets
-from experiments import cifar_transfer as ctr
-from experiments.data import CIFAR10_CLASSES, Dataset
+from experiments import cifar_transfer as ctr_cli
+from experiments.transfer import cifar_split as ctr
+from experiments.data.cifar10 import CIFAR10_CLASSES
+from experiments.data.dataset import Dataset
 from layers import random as jr
 
 SEEDS = st.integers(0, 2**31 - 1)
@@ -49,7 +51,7 @@ def test_a_class_with_too_few_images_is_an_error():
 
 
 def test_small_vgg16_has_vgg16s_layout_at_a_quarter_width():
-    net = ctr.small_vgg16(5)
+    net = nets.small_vgg16(5)
     params, state = net.init(jr.key(0))
     convs = [k for k, v in params.items() if v.dim() == 4]
     assert len(convs) == 13                                     # 2 + 2 + 3 + 3 + 3, as VGG16
@@ -73,7 +75,7 @@ def test_table_shows_mean_and_std_over_draws():
 
 @pytest.mark.skipif(not os.environ.get("CIFAR10_DIR"), reason="CIFAR10_DIR is not set")
 def test_smoke_run_on_a_subset_fills_the_table_and_a_rerun_resumes(tmp_path, monkeypatch, capsys):
-    from experiments.data import find_data_dir, load_cifar10
+    from experiments.data.cifar10 import find_data_dir, load_cifar10
 
     monkeypatch.setenv("PURENN_CACHE", str(tmp_path / "purenn"))   # leave the user's cache alone
     root = find_data_dir(download=False)
@@ -102,7 +104,7 @@ def test_smoke_run_on_a_subset_fills_the_table_and_a_rerun_resumes(tmp_path, mon
 
 def test_help_describes_the_study(capsys):
     with pytest.raises(SystemExit) as e:
-        ctr.main(["--help"])
+        ctr_cli.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--shots" in out and "--draws" in out and "frozen+new-head" in out

@@ -19,9 +19,9 @@ from PIL import Image
 
 from layers import random as jr
 
-from .augment import augment_batch
-from .bench_timing import interleaved, median
-from .data import CIFAR10_MEAN, CIFAR10_STD
+from ..data.augment import augment_batch
+from ..data.cifar10 import CIFAR10_MEAN, CIFAR10_STD
+from .timing import interleaved, median
 
 __all__ = ["InMemoryImages", "random_images", "ours_epoch", "torchvision_loader", "bench_pipeline"]
 

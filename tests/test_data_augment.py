@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from experiments import augment as A
-from experiments.data import CIFAR10_MEAN, CIFAR10_STD
+from experiments.data import augment as A
+from experiments.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD
 from layers import random as jr
 
 

@@ -23,15 +23,19 @@ import json
 import os
 import pickle
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from nets.checkpoint import atomic_write
+
+from ..train.progress import ProgressBar
+from .dataset import Dataset
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -56,18 +60,6 @@ _BATCH_DIR = "cifar-10-batches-py"
 _BATCH_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _CACHE_VERSION = 1
-
-
-class Dataset(NamedTuple):
-    """One decoded split: ``images (N, 3, H, W) uint8``, ``labels (N,) int64``, class names."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    classes: tuple[str, ...]
-
-    def subset(self, index: torch.Tensor) -> "Dataset":
-        """The rows ``index`` (a 1-D int64 tensor) of this split, same classes."""
-        return Dataset(self.images[index], self.labels[index], self.classes)
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -104,17 +96,25 @@ def find_data_dir(data_dir: str | os.PathLike | None = None, *, download: bool =
     """The CIFAR-10 folder to read: the first of :func:`candidate_dirs` that holds either format.
 
     When none does and ``download`` is true, torchvision is asked to download the official
-    python batches into the first candidate; a network (or permission) failure is caught and the
-    search ends with one :class:`DataNotFoundError` that names every place looked at.
+    python batches into the first candidate, provided that folder exists or is the default
+    ``./data``: a folder named by ``--data-dir`` or ``$CIFAR10_DIR`` that does not exist is
+    taken as a typing mistake and never created. A network (or permission) failure is caught
+    and the search ends with one :class:`DataNotFoundError` that names every place looked at.
     """
     looked = []
     for root in candidate_dirs(data_dir):
         if _detect_format(root) is not None:
             return root
-        looked.append(f"{root.resolve()} (no {_BATCH_DIR}/ and no train/ or test/ folder)")
+        looked.append(f"{root.resolve()} ("
+                      + ("no such folder" if not root.exists() else
+                         f"no {_BATCH_DIR}/ and no train/ or test/ folder") + ")")
     download_note = "download not attempted (offline mode)"
-    if download:
-        target = candidate_dirs(data_dir)[0]
+    target = candidate_dirs(data_dir)[0]
+    named = data_dir is not None or bool(os.environ.get("CIFAR10_DIR"))
+    if download and named and not target.is_dir():
+        download_note = (f"download not attempted: {target} does not exist and is not created "
+                         "(is the path mistyped? create the folder to download into it)")
+    elif download:
         try:
             import torchvision
 
@@ -154,19 +154,6 @@ def _fingerprint(root: Path, files: Sequence[Path], extra: dict) -> str:
         st = f.stat()
         h.update(f"\0{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     return h.hexdigest()
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,11 +227,19 @@ def _load_batches(batch_dir: Path, split: str, limit_per_class: int | None) -> D
 
 
 def _folder_classes(root: Path) -> tuple[str, ...]:
-    """Class names of an image-folder tree: official CIFAR-10 order if they match, else sorted."""
-    names = set()
-    for split in ("train", "test"):
-        if (root / split).is_dir():
-            names |= {p.name for p in (root / split).iterdir() if p.is_dir()}
+    """Class names of an image-folder tree: official CIFAR-10 order if they match, else sorted.
+
+    Both splits, where both exist, must hold the same class folders: a class present in only
+    one of them would shift every label after it, so it is an error that names it.
+    """
+    per_split = {split: {p.name for p in (root / split).iterdir() if p.is_dir()}
+                 for split in ("train", "test") if (root / split).is_dir()}
+    names = set().union(*per_split.values())
+    if len(per_split) == 2 and per_split["train"] != per_split["test"]:
+        only = {s: sorted(per_split[s] - per_split[o]) for s, o in (("train", "test"), ("test", "train"))}
+        where = "; ".join(f"only in {s}/: {', '.join(c)}" for s, c in only.items() if c)
+        raise ValueError(f"load_cifar10: expected the same class folders in {root / 'train'} and "
+                         f"{root / 'test'}, got {where}")
     if names == set(CIFAR10_CLASSES):
         return CIFAR10_CLASSES
     return tuple(sorted(names))
@@ -259,9 +254,10 @@ def _folder_files(root: Path, split: str, classes: Sequence[str],
     files, labels = [], []
     for c, name in enumerate(classes):
         class_dir = split_dir / name
-        if not class_dir.is_dir():
-            continue
         found = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        if not found:
+            raise ValueError(f"load_cifar10: expected *.png or *.jpg images in every class folder, "
+                             f"got none in {class_dir}")
         found = found[:limit_per_class] if limit_per_class is not None else found
         files += found
         labels += [c] * len(found)
@@ -294,6 +290,7 @@ def _decode_files(files: list[Path], workers: int, progress: bool, desc: str) ->
     chunk = 500
     chunks = [[str(f) for f in files[i:i + chunk]] for i in range(0, len(files), chunk)]
     arrays, done = [], 0
+    bar = ProgressBar(len(files), f"decoding {desc}", enabled=None if progress else False)
 
     def consume(results):
         nonlocal done
@@ -302,8 +299,7 @@ def _decode_files(files: list[Path], workers: int, progress: bool, desc: str) ->
                 raise ValueError(err)
             arrays.append(arr)
             done += len(arr)
-            if progress:
-                print(f"\rdecoding {desc}: {done}/{len(files)} images", end="", file=sys.stderr, flush=True)
+            bar.update(done, done)
 
     if workers <= 1 or len(chunks) == 1:
         consume(map(_decode_chunk, chunks))
@@ -311,7 +307,7 @@ def _decode_files(files: list[Path], workers: int, progress: bool, desc: str) ->
         with ProcessPoolExecutor(max_workers=workers) as pool:
             consume(pool.map(_decode_chunk, chunks))
     if progress:
-        print(file=sys.stderr)
+        bar.close(f"decoded {desc}: {done} images")
     shapes = {a.shape[1:] for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"load_cifar10: expected images of one size in {desc}, got sizes {sorted(shapes)}")
@@ -376,9 +372,12 @@ def load_cifar10(root: str | os.PathLike, split: str = "train", *, limit_per_cla
         source = json.dumps({"root": resolved, "split": split, "limit": limit_per_class, "format": fmt},
                             sort_keys=True)
         try:
-            _atomic_save({"images": data.images, "labels": data.labels},
-                         {"root": resolved, "split": split, "source": source,
-                          "classes": json.dumps(classes)}, cache_path)
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cache_path, save({"images": data.images.contiguous(),
+                                           "labels": data.labels.contiguous()},
+                                          metadata={"root": resolved, "split": split,
+                                                    "source": source,
+                                                    "classes": json.dumps(classes)}))
         except OSError as err:  # an unwritable cache only costs speed
             print(f"load_cifar10: could not write cache {cache_path}: {err}", file=sys.stderr)
         else:

@@ -8,14 +8,14 @@ import textwrap
 
 import pytest
 
-from experiments import cpu_allocator
+from experiments.train import device as cpu_allocator
 
 _GLIBC = cpu_allocator._libc() is not None
 
 # Allocate and free a 256 MiB tensor, then report how much resident memory went back to the OS.
 _PROBE = textwrap.dedent("""
     import sys, torch
-    from experiments import cpu_allocator
+    from experiments.train import device as cpu_allocator
     def rss():
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * 4096

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from experiments import data as D
+from experiments.data import cifar10 as D
 from layers import random as jr
 
 

@@ -15,7 +15,7 @@ import torch
 
 from layers import random as jr
 
-from .data import CIFAR10_MEAN, CIFAR10_STD
+from .cifar10 import CIFAR10_MEAN, CIFAR10_STD
 
 __all__ = ["random_crop", "random_flip", "random_cutout", "normalize", "augment_batch", "crop_offsets",
            "flip_mask", "cutout_mask"]
@@ -111,7 +111,8 @@ def normalize(x: torch.Tensor, mean: Sequence[float] = CIFAR10_MEAN, std: Sequen
 
 
 def augment_batch(key: torch.Tensor, x: torch.Tensor, *, crop: int = 4, flip: bool = True,
-                  cutout: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  cutout: int = 0, mean: Sequence[float] = CIFAR10_MEAN,
+                  std: Sequence[float] = CIFAR10_STD, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Crop (``crop`` pixels of zero padding, 0 for none), flip, :func:`normalize` a uint8 batch,
     then cut out a ``cutout``-pixel square (0 for none).
 
@@ -124,5 +125,5 @@ def augment_batch(key: torch.Tensor, x: torch.Tensor, *, crop: int = 4, flip: bo
         x = random_crop(jr.fold_in(key, 0), x, crop)
     if flip:
         x = random_flip(jr.fold_in(key, 1), x)
-    x = normalize(x, dtype=dtype)
+    x = normalize(x, mean, std, dtype=dtype)
     return random_cutout(jr.fold_in(key, 2), x, cutout) if cutout else x

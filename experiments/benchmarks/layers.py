@@ -15,7 +15,7 @@ import torch
 import layers
 from layers import random as jr
 
-from .bench_timing import interleaved, median
+from .timing import interleaved, median
 
 __all__ = ["LayerCase", "layer_cases", "bench_layers"]
 

@@ -29,9 +29,8 @@ and state (their bytes), the cut, and a description of the data (file names, siz
 modification times, preprocessing). Change any of them and the name changes; a damaged file is
 recomputed, never trusted.
 
-:func:`train_epochs` is the loop the heads (and, in :mod:`experiments.cifar_transfer`, whole
-nets) train with: shuffled minibatches from one key, :func:`experiments.engine.make_step` per
-batch, the last partial batch kept (few-shot sets are too small to drop data).
+The heads then train on the cached features with the project's one loop,
+:func:`experiments.train.fit_tensors`.
 """
 from __future__ import annotations
 
@@ -39,25 +38,24 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-import layers
 import nets
 from layers import random as jr
+from nets.checkpoint import atomic_write
 from nets.compose import Net
 
-from . import engine
+from ..train.progress import ProgressBar
+
 
 __all__ = [
     "leaf_names", "leaf_keys", "run_leaves", "prefix_apply", "suffix_net", "block_ends",
     "block_outputs", "extract",
-    "tree_digest", "cache_key", "cached", "train_epochs", "predict", "Scores", "scores",
-    "batches_of", "standardize",
+    "tree_digest", "cache_key", "cached", "batches_of", "standardize",
 ]
 
 
@@ -184,17 +182,20 @@ def block_outputs(net: Net, params: Mapping, state: Mapping, x: torch.Tensor,
 
 
 def extract(fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[torch.Tensor], *,
-            dtype: torch.dtype = torch.float32, progress: str | None = None) -> torch.Tensor:
-    """``cat([fn(x) for x in batches])`` on the CPU in ``dtype``, under ``no_grad``."""
+            dtype: torch.dtype = torch.float32, progress: str | None = None,
+            total: int | None = None) -> torch.Tensor:
+    """``cat([fn(x) for x in batches])`` on the CPU in ``dtype``, under ``no_grad``; with
+    ``progress``, a count of the examples done (of ``total``) on stderr."""
     out, done = [], 0
+    bar = ProgressBar(total, progress or "", enabled=None if progress else False)
     with torch.no_grad():
         for x in batches:
             out.append(fn(x).to("cpu", dtype))
             done += len(x)
             if progress:
-                print(f"\r{progress}: {done} images", end="", file=sys.stderr, flush=True)
+                bar.update(done, done)
     if progress:
-        print(file=sys.stderr)
+        bar.close(f"{progress}: {done} examples")
     if not out:
         raise ValueError("extract: expected at least one batch, got none")
     return torch.cat(out)
@@ -222,7 +223,7 @@ def cache_key(**parts) -> str:
 def cached(directory: str | os.PathLike, name: str, key: str,
            compute: Callable[[], Mapping[str, torch.Tensor]], *, log=sys.stderr) -> dict:
     """``{name: tensor}`` from ``directory/<name>-<key[:24]>.safetensors``, else ``compute()``
-    saved there atomically (temporary file + ``os.replace``) and returned.
+    saved there atomically (:func:`nets.checkpoint.atomic_write`) and returned.
 
     A file whose stored key differs, or that cannot be read, is recomputed and replaced.
     """
@@ -241,94 +242,13 @@ def cached(directory: str | os.PathLike, name: str, key: str,
             print(f"feature cache: ignoring unreadable {path}: {err}", file=log)
     tensors = {k: v.contiguous() for k, v in compute().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"key": key})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, save(tensors, metadata={"key": key}))
     print(f"feature cache: wrote {path}", file=log)
     return tensors
 
 
 # --------------------------------------------------------------------------------------------
-# Training and scoring on tensors
-
-
-def train_epochs(net: Net, params, state, opt, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
-                 batch_size: int, key: torch.Tensor,
-                 loss_fn: Callable = layers.cross_entropy,
-                 augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 log: Callable[[str], None] | None = None):
-    """Minibatch training of ``net`` on ``(x, y)``: ``(params, state, opt_state, history)``.
-
-    Epoch ``e`` visits ``x`` in the order ``permutation(fold_in(fold_in(key, e), 0), N)`` in
-    batches of ``batch_size`` (the last one may be smaller); step ``s`` gets
-    ``k = fold_in(fold_in(fold_in(key, e), 1), s)``, hands ``augment(fold_in(k, 0), x_batch)`` (when
-    given) to the net and ``fold_in(k, 1)`` to its dropout, like :func:`experiments.engine.fit`.
-    ``history`` holds per epoch the mean training loss and accuracy.
-    """
-    where = "train_epochs"
-    n = len(y)
-    if n == 0 or len(x) != n:
-        raise ValueError(f"{where}: expected as many inputs as labels (at least one), got "
-                         f"{len(x)} inputs and {n} labels")
-    if not isinstance(epochs, int) or epochs < 0 or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"{where}: expected epochs >= 0 and batch_size >= 1 (ints), got "
-                         f"epochs={epochs!r}, batch_size={batch_size!r}")
-    step = engine.make_step(net, opt, loss_fn)
-    opt_state = opt.init(params)
-    history = []
-    for e in range(epochs):
-        ek = jr.fold_in(key, e)
-        order = jr.permutation(jr.fold_in(ek, 0), n).to(x.device)
-        step_root = jr.fold_in(ek, 1)
-        loss_sum, correct = 0.0, 0
-        for s, i in enumerate(range(0, n, batch_size)):
-            idx = order[i:i + batch_size]
-            sk = jr.fold_in(step_root, s)
-            xb = x[idx] if augment is None else augment(jr.fold_in(sk, 0), x[idx])
-            params, state, opt_state, m = step(params, state, opt_state, (xb, y[idx]),
-                                               jr.fold_in(sk, 1))
-            loss_sum += m["loss"].item() * len(idx)
-            correct += int(m["correct"])
-        history.append({"epoch": e + 1, "loss": loss_sum / n, "accuracy": correct / n})
-        if log is not None:
-            log(f"epoch {e + 1}/{epochs}: loss {loss_sum / n:.4f} acc {100 * correct / n:.2f}%")
-    return params, state, opt_state, history
-
-
-def predict(net: Net, params, state, x: torch.Tensor, *, batch_size: int = 500,
-            prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Eval-mode logits of ``net`` on ``x`` in batches (``prepare`` maps a raw batch to the
-    net's input, e.g. :func:`experiments.augment.normalize`)."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size]
-            out.append(net.apply(params, state, xb if prepare is None else prepare(xb),
-                                 train=False)[0].float())
-    return torch.cat(out)
-
-
-class Scores(NamedTuple):
-    """Accuracy (fraction of test images right) and mean per-class recall (the mean over classes
-    of the fraction of that class's images right: equal to accuracy on a balanced test set)."""
-
-    accuracy: float
-    mean_recall: float
-
-
-def scores(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Scores:
-    """:class:`Scores` of ``logits (N, K)`` against ``labels (N,)``; absent classes are skipped."""
-    pred = logits.argmax(-1).cpu()
-    labels = labels.cpu()
-    right = (pred == labels).double()
-    per_class = [right[labels == c].mean().item() for c in range(num_classes) if (labels == c).any()]
-    return Scores(right.mean().item(), sum(per_class) / len(per_class))
+# Feeding and standardising features
 
 
 def batches_of(x: torch.Tensor, batch_size: int,

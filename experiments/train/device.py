@@ -1,4 +1,9 @@
-"""Keep freed memory in the process on glibc, so tensors allocated every step are not page-faulted in.
+"""The device a run trains on, and the CPU allocator setting the recipes run with.
+
+:func:`resolve_device` turns ``--device`` into a ``torch.device`` or a one-line error.
+
+:func:`retain_freed_memory` keeps freed memory in the process on glibc, so tensors allocated
+every step are not page-faulted in.
 
 A training step on the CPU frees and allocates the same large blocks (activations, gradients, new
 parameters) every iteration. glibc serves blocks above its mmap threshold (dynamic, at most
@@ -15,6 +20,42 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+
+import torch
+
+__all__ = ["resolve_device", "retain_freed_memory"]
+
+#: Device types a run may ask for (besides "auto").
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None -> CUDA when available, else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:1"``,
+    ``"mps"`` as ``torch.device`` when that device exists.
+
+    Raises ValueError (one line, naming what was expected) for an unknown device or one this
+    machine does not have.
+    """
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise ValueError(f"resolve_device: expected auto or one of {', '.join(DEVICE_TYPES)} "
+                         f"(with an optional :index), got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"resolve_device: expected an available device, got {device!r} but "
+                             "CUDA is not available (use --device cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"resolve_device: expected a CUDA index below "
+                             f"{torch.cuda.device_count()}, got {device!r}")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"resolve_device: expected an available device, got {device!r} but MPS "
+                         "is not available (use --device cpu or auto)")
+    return dev
 
 # mallopt parameter numbers from glibc's <malloc.h>
 M_TRIM_THRESHOLD = -1

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import nets
-from experiments import feature_cache as fc
-from experiments import visualize as vz
+from experiments import visualize
+from experiments.report import filters as vz
+from experiments.transfer import feature_cache as fc
 from layers import random as jr
 
 SEEDS = st.integers(0, 2**31 - 1)
@@ -107,7 +108,7 @@ def test_command_line_writes_every_png_for_our_checkpoint(tmp_path, capsys):
     image = tmp_path / "cat.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(image)
     out = tmp_path / "figs"
-    assert vz.main(["--checkpoint", str(ckpt), "--image", str(image), "--out", str(out),
+    assert visualize.main(["--checkpoint", str(ckpt), "--image", str(image), "--out", str(out),
                     "--scale", "4"]) == 0
     sizes = {p.name: _png_size(p) for p in out.iterdir()}
     assert sizes == {
@@ -124,15 +125,15 @@ def test_command_line_needs_a_model_for_a_bare_tree_and_checks_its_names(tmp_pat
     params, state = nets.model_b(10).init(jr.key(0))
     ckpt = tmp_path / "bare.safetensors"
     nets.save(ckpt, {"params": params, "state": state})
-    assert vz.main(["--checkpoint", str(ckpt), "--out", str(tmp_path)]) == 2
+    assert visualize.main(["--checkpoint", str(ckpt), "--out", str(tmp_path)]) == 2
     assert "expected --model among" in capsys.readouterr().err
-    assert vz.main(["--checkpoint", str(ckpt), "--model", "cifar_model_a", "--out", str(tmp_path)]) == 2
+    assert visualize.main(["--checkpoint", str(ckpt), "--model", "cifar_model_a", "--out", str(tmp_path)]) == 2
     assert "expected the parameters of model_a" in capsys.readouterr().err
 
 
 def test_help_describes_the_entry_point(capsys):
     with pytest.raises(SystemExit) as e:
-        vz.main(["--help"])
+        visualize.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--checkpoint" in out and "first_layer_filters.png" in out

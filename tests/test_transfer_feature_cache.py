@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 import layers
 import nets
 import optim
-from experiments import feature_cache as fc
+from experiments import train as trainer
+from experiments.transfer import feature_cache as fc
 from layers import random as jr
 from nets.compose import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear,
                           MaxPool2d, ReLU, as_net, serial)
@@ -203,32 +204,32 @@ def test_tree_digest_changes_with_any_value_name_dtype_or_shape():
 
 @settings(deadline=None, max_examples=3)
 @given(seed=SEEDS)
-def test_train_epochs_is_a_function_of_its_key_and_learns_a_separable_problem(seed):
+def test_fit_tensors_is_a_function_of_its_key_and_learns_a_separable_problem(seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(40, 5, generator=g, dtype=torch.float64)
     y = (x[:, 0] > 0).long()
     net = as_net(serial(Linear(5, 2)), name="probe")
     p0, _ = net.init(jr.key(seed), dtype=torch.float64)
-    run = lambda: fc.train_epochs(net, p0, {}, optim.sgd(0.5), x, y, epochs=15,  # noqa: E731
-                                  batch_size=8, key=jr.key(seed))
-    p1, _, _, hist = run()
-    p2, _, _, _ = run()
+    run = lambda: trainer.fit_tensors(net, optim.sgd(0.5), x, y, params=p0, state={},  # noqa: E731
+                                      epochs=15, batch_size=8, key=jr.key(seed))
+    r1, r2 = run(), run()
+    p1, p2, hist = r1.params, r2.params, r1.history
     assert all(torch.equal(p1[k], p2[k]) for k in p1)
-    assert hist[-1]["accuracy"] >= 0.9 and len(hist) == 15
+    assert hist[-1]["train_accuracy"] >= 0.9 and len(hist) == 15
 
 
-def test_train_epochs_rejects_mismatched_data():
+def test_fit_tensors_rejects_mismatched_data():
     net = as_net(serial(Linear(2, 2)), name="probe")
     p, _ = net.init(jr.key(0))
-    with pytest.raises(ValueError, match="train_epochs: expected as many inputs as labels"):
-        fc.train_epochs(net, p, {}, optim.sgd(0.1), torch.zeros(3, 2), torch.zeros(2).long(),
-                        epochs=1, batch_size=2, key=jr.key(0))
+    with pytest.raises(ValueError, match="fit_tensors: expected as many inputs as labels"):
+        trainer.fit_tensors(net, optim.sgd(0.1), torch.zeros(3, 2), torch.zeros(2).long(),
+                            params=p, epochs=1, batch_size=2, key=jr.key(0))
 
 
 def test_scores_give_accuracy_and_mean_per_class_recall():
     labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
     pred = torch.tensor([0, 0, 0, 0, 0, 1, 2, 1])
-    s = fc.scores(torch.nn.functional.one_hot(pred, 3).double(), labels, 3)
+    s = trainer.scores(torch.nn.functional.one_hot(pred, 3).double(), labels, 3)
     assert s.accuracy == pytest.approx(6 / 8)
     assert s.mean_recall == pytest.approx((1 + 0.5 + 0.5) / 3)
 

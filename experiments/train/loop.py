@@ -1,0 +1,296 @@
+"""The one training loop: :func:`fit` trains a net for some epochs, optionally inside a run folder.
+
+Every study trains with it: the CIFAR recipes (a run folder, evaluation each epoch, resume),
+the transfer study's pretraining and fine-tuning, and the heads trained on cached features (no
+run folder, the last partial batch kept). It knows nothing of the data set: the caller hands
+it ``augment`` (training batch -> net input, keyed) and ``prepare`` (eval batch -> net input).
+
+Epoch ``e`` visits the examples in :func:`~experiments.train.keys.epoch_order` and step ``s``
+gets :func:`~experiments.train.keys.step_keys`, so a draw depends only on (key, epoch, step)
+and a resumed run is bit-identical on the CPU to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch.utils import _pytree as pytree
+
+import layers
+import optim
+
+from ..data.dataset import Dataset
+
+from . import keys as run_keys_mod
+from .device import resolve_device
+from .metrics import evaluate
+from .progress import LineWriter, ProgressBar, history_table
+from .runs import (CHECKPOINT, METRICS, load_run, read_history, save_checkpoint, write_config,
+                   write_history)
+from .step import make_eval, make_step, to_channels_last, tta_views
+
+__all__ = ["fit", "fit_tensors", "FitResult", "NonFiniteLossError", "check_loop_config"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` ended with: ``status`` is ``"done"``, ``"stopped"`` (max_epochs) or
+    ``"interrupted"`` (Ctrl-C; a checkpoint was saved)."""
+
+    status: str
+    params: Any
+    state: Any
+    opt_state: Any
+    history: list = field(default_factory=list)
+    run_dir: Path | None = None
+
+    def training_curve(self) -> list[dict]:
+        """``[{"epoch", "train_loss", "train_accuracy"}, ...]``: the history without wall-clock
+        times, so two runs of the same config compare equal."""
+        return [{k: row[k] for k in ("epoch", "train_loss", "train_accuracy")} for row in self.history]
+
+
+def _whole(config: Mapping, name: str, low: int) -> int:
+    value = config.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"fit: expected {name} to be a whole number >= {low}, got {value!r}")
+    return value
+
+
+def check_loop_config(config: Mapping) -> None:
+    """Refuse (ValueError, one line) a config :func:`fit` cannot run: ``epochs`` >= 0 and
+    ``batch_size`` >= 1 (ints), ``eval_batch_size`` >= 1, ``tta_shift`` >= 0, a known device."""
+    _whole(config, "epochs", 0)
+    _whole(config, "batch_size", 1)
+    _whole(dict(config, eval_batch_size=config.get("eval_batch_size", 1000)), "eval_batch_size", 1)
+    tta_views(False, config.get("tta_shift", 0))
+    resolve_device(config.get("device", "auto"))
+
+
+def _current_lr(opt_state) -> float | None:
+    try:
+        return optim.current_lr(opt_state)
+    except ValueError:  # an optimizer without an lr field
+        return None
+
+
+def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=None,
+        augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        params=None, state=None, key: torch.Tensor | None = None, drop_last: bool = True,
+        run_dir: str | Path | None = None, resume: bool = False, max_epochs: int | None = None,
+        on_step: Callable[[int, int], None] | None = None, stream=None, quiet: bool = False,
+        resume_command: str | None = None) -> FitResult:
+    """Train ``net`` on ``train`` for ``config["epochs"]`` epochs.
+
+    Args:
+      config: ``epochs``, ``batch_size`` and, optionally, ``seed`` (0), ``device`` ("auto"),
+        ``bf16``, ``channels_last``, ``compile``, ``tta_flip``, ``tta_shift`` (0),
+        ``eval_batch_size`` (1000), ``name``. JSON-able: it is written to the run folder.
+      net, opt, loss_fn: the ``Net``, the ``GradientTransformation`` and ``(logits, y) -> loss``.
+      train, val, test: splits with ``.images``, ``.labels`` and ``.classes``
+        (:class:`experiments.data.dataset.Dataset`); val and test are evaluated after each epoch.
+      augment: ``(key, x_batch) -> net input`` for training batches (normalisation included);
+        None feeds ``prepare(x_batch)``, or ``x_batch`` itself when ``prepare`` is None too.
+      prepare: ``x_batch -> net input`` for evaluation batches (e.g. normalisation).
+      params, state: where to start; default ``net.init(run_keys(seed).init)``.
+      key: the training key; default ``run_keys(seed).train``.
+      drop_last: drop each epoch's last partial batch (True) or train on it (False).
+      run_dir: the run folder (config.json, metrics.jsonl, plots, checkpoint after every epoch);
+        None trains in memory only.
+      resume: continue from ``run_dir``'s checkpoint.
+      max_epochs: stop after that many completed epochs (status ``"stopped"``).
+      on_step: ``on_step(epoch, step)`` before every step (a test hook).
+      quiet: print nothing (the per-epoch lines and the final table go to ``stream`` otherwise).
+
+    Returns a :class:`FitResult`; ``history`` has one row per epoch (``train_loss``,
+    ``train_accuracy``, ``val_*``, ``test_*``, ``lr``, ``seconds``).
+
+    Raises:
+      ValueError: a config it cannot run (:func:`check_loop_config`), too little data.
+      NonFiniteLossError: a NaN or infinite training loss; the checkpoint on disk is the last good one.
+    """
+    config = dict(config)
+    check_loop_config(config)
+    stream = sys.stderr if stream is None else stream
+    say = (lambda text: None) if quiet else (lambda text: print(text, file=stream))
+    run_dir = None if run_dir is None else Path(run_dir)
+    if resume and run_dir is None:
+        raise ValueError("fit: expected a run_dir to resume from, got resume=True without one")
+    device = resolve_device(config.get("device", "auto"))
+    batch_size, epochs = config["batch_size"], config["epochs"]
+    channels_last, bf16 = bool(config.get("channels_last")), bool(config.get("bf16"))
+    n = len(train.labels)
+    steps_per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
+    if steps_per_epoch < 1:
+        raise ValueError(f"fit: expected at least one batch of {batch_size} examples (lower "
+                         f"--batch-size), got {n} training examples")
+    keys = run_keys_mod.run_keys(int(config.get("seed", 0)))
+    train_key = keys.train if key is None else key
+    ckpt_path = None if run_dir is None else run_dir / CHECKPOINT
+    resume_command = resume_command or f"--resume {run_dir}"
+
+    if params is None:
+        params, state = net.init(keys.init)
+    state = {} if state is None else state
+    opt_state = opt.init(params)
+    history: list[dict] = []
+    progress = {"epoch": 0, "step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+    if resume:
+        tree, progress, _ = load_run(run_dir, like={"params": params, "state": state,
+                                                    "opt_state": opt_state, "key": train_key})
+        params, state, opt_state = tree["params"], tree["state"], tree["opt_state"]
+        if not torch.equal(tree["key"], train_key):
+            raise ValueError(f"fit: expected the checkpoint's key to derive from seed "
+                             f"{config.get('seed', 0)}, got a different key in {ckpt_path}")
+        history = read_history(run_dir / METRICS, progress["epoch"])
+        write_config(run_dir, config)   # the caller may have changed epochs, device or data
+        say(f"resuming {run_dir} at epoch {progress['epoch'] + 1}, batch {progress['step']}")
+    elif run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(run_dir, config)
+        write_history(run_dir / METRICS, history)
+        save_checkpoint(ckpt_path, params, state, opt_state, train_key, progress, config)
+
+    to_dev = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    params, state, opt_state = (pytree.tree_map(to_dev, t) for t in (params, state, opt_state))
+    if channels_last:
+        params, opt_state = to_channels_last(params), to_channels_last(opt_state)
+    step = make_step(net, opt, loss_fn, bf16=bf16, channels_last=channels_last,
+                     compile=bool(config.get("compile")))
+    predict = make_eval(net, tta_flip=bool(config.get("tta_flip")),
+                        tta_shift=config.get("tta_shift", 0), bf16=bf16,
+                        channels_last=channels_last)
+    images, labels = train.images.to(device), train.labels.to(device)
+    eval_bs = int(config.get("eval_batch_size", 1000))
+
+    def save(p, s, o, prog):
+        if ckpt_path is not None:
+            save_checkpoint(ckpt_path, p, s, o, train_key, prog, config)
+
+    def net_input(k, xb):
+        if augment is not None:
+            return augment(k.to(device), xb)
+        return xb if prepare is None else prepare(xb)
+
+    status = "done"
+    epoch = progress["epoch"]
+    try:
+        while epoch < epochs:
+            if max_epochs is not None and epoch >= max_epochs:
+                status = "stopped"
+                break
+            order = run_keys_mod.epoch_order(train_key, epoch, n).to(device)
+            bar = ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", stream=stream,
+                              enabled=False if quiet else None)
+            t0 = time.perf_counter() - progress["seconds"]
+            s = first_step = progress["step"]
+            while s < steps_per_epoch:
+                if on_step is not None:
+                    on_step(epoch, s)
+                idx = order[s * batch_size:(s + 1) * batch_size]
+                sk = run_keys_mod.step_keys(train_key, epoch, s)
+                x = net_input(sk.augment, images[idx])
+                lr_now = _current_lr(opt_state)
+                new_params, new_state, new_opt_state, metrics = step(
+                    params, state, opt_state, (x, labels[idx]), sk.dropout.to(device))
+                loss = metrics["loss"].item()
+                if not math.isfinite(loss):
+                    where = (f"; stopped without saving, so {ckpt_path} still holds the last good "
+                             "checkpoint" if ckpt_path is not None else "")
+                    raise NonFiniteLossError(
+                        f"fit: expected a finite training loss, got {loss} at epoch {epoch + 1}, "
+                        f"batch {s}{where}. Lower the learning rate or check the data.")
+                s += 1
+                nxt = {"epoch": epoch, "step": s, "loss_sum": progress["loss_sum"] + loss * len(idx),
+                       "correct": progress["correct"] + int(metrics["correct"].item()),
+                       "seen": progress["seen"] + len(idx),
+                       "seconds": time.perf_counter() - t0, "lr": lr_now}
+                # One assignment, so a Ctrl-C never sees new parameters with old progress.
+                params, state, opt_state, progress = new_params, new_state, new_opt_state, nxt
+                if not quiet:
+                    bar.update(s, (s - first_step) * batch_size,
+                               loss=progress["loss_sum"] / progress["seen"],
+                               acc=progress["correct"] / progress["seen"])
+            row = {"epoch": epoch + 1, "train_loss": progress["loss_sum"] / progress["seen"],
+                   "train_accuracy": progress["correct"] / progress["seen"],
+                   "val_loss": None, "val_accuracy": None, "test_loss": None, "test_accuracy": None,
+                   "lr": progress.get("lr"),
+                   "train_seconds": time.perf_counter() - t0}
+            results = {}
+            for split, data in (("val", val), ("test", test)):
+                if data is not None and len(data.labels):
+                    results[split] = evaluate(predict, params, state, data, device=device,
+                                              batch_size=eval_bs, prepare=prepare)
+                    row[f"{split}_loss"], row[f"{split}_accuracy"] = (results[split].loss,
+                                                                      results[split].accuracy)
+            row["seconds"] = time.perf_counter() - t0
+            history.append(row)
+            epoch += 1
+            progress = {"epoch": epoch, "step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0,
+                        "seconds": 0.0}
+            if run_dir is not None:
+                # History first, then the checkpoint: a resume drops rows past the checkpoint's epoch.
+                write_history(run_dir / METRICS, history)
+                save(params, state, opt_state, progress)
+                _plot(run_dir, history, results, train.classes, epoch, str(config.get("name", "")))
+            summary = " ".join(f"{k} {100 * row[f'{k}_accuracy']:.2f}%" for k in ("train", "val", "test")
+                               if row[f"{k}_accuracy"] is not None)
+            line = (f"epoch {epoch}/{epochs}: loss {row['train_loss']:.4f} {summary} "
+                    f"lr {row['lr'] or float('nan'):.2e} {row['seconds']:.1f}s")
+            if not quiet:
+                bar.close(line)
+    except KeyboardInterrupt:
+        if ckpt_path is None:
+            raise
+        save(params, state, opt_state, progress)
+        say(f"\ninterrupted: checkpoint saved at epoch {progress['epoch'] + 1}, batch "
+            f"{progress['step']} in {ckpt_path}.\nresume with: {resume_command}")
+        return FitResult("interrupted", params, state, opt_state, history, run_dir)
+    if status == "done" and run_dir is not None:
+        say(history_table(history))
+    return FitResult(status, params, state, opt_state, history, run_dir)
+
+
+def _plot(run_dir: Path, history: list[dict], results: dict, classes, epoch: int, title: str) -> None:
+    """Curves of the history so far and the confusion matrix of the last evaluated split."""
+    from ..report.plots import plot_confusion, plot_curves
+
+    plot_curves(history, run_dir, title=title)
+    which = "test" if "test" in results else ("val" if "val" in results else None)
+    if which is not None:
+        plot_confusion(results[which].confusion, classes, run_dir / "confusion.png",
+                       title=f"{which}, epoch {epoch}")
+
+
+def fit_tensors(net, opt, x: torch.Tensor, y: torch.Tensor, *, params, state=None, epochs: int,
+                batch_size: int, key: torch.Tensor, loss_fn: Callable | None = None,
+                augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                log: Callable[[str], None] | None = None) -> FitResult:
+    """:func:`fit` on tensors held in memory, from given parameters: ``x (N, ...)`` and labels
+    ``y (N,)`` on one device (the run's), every example used each epoch (the last partial batch
+    is kept: few-shot sets are too small to drop data), no run folder, no evaluation.
+    ``log(line)``, when given, receives one line per epoch.
+
+    This is how heads train on cached features and how the transfer study fine-tunes: the same
+    loop, keys and step as a CIFAR run.
+    """
+    n = len(y)
+    if n == 0 or len(x) != n:
+        raise ValueError(f"fit_tensors: expected as many inputs as labels (at least one), got "
+                         f"{len(x)} inputs and {n} labels")
+    config = {"epochs": epochs, "batch_size": batch_size, "device": str(x.device)}
+    return fit(config, net=net, opt=opt, loss_fn=loss_fn or layers.cross_entropy,
+               train=Dataset(x, y, ()), augment=augment, params=params, state=state, key=key,
+               drop_last=False, quiet=log is None, stream=None if log is None else LineWriter(log))
+
+
