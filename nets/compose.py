@@ -7,6 +7,9 @@ A :class:`Layer` is a record of pure functions plus the facts a summary needs::
     output_shape(input_shape) -> shape                     shape rule, no tensors involved
     macs(input_shape) -> int                               multiply-adds for the whole input
     param_shapes, state_shapes                             {local name: shape}, known before init
+    op                                                     the torch.nn class it mirrors, as data
+    children, child_keys                                   a serial's (name, layer) pairs and the
+                                                           rule giving each child its key
 
 ``serial`` strings layers into a new layer, naming each child by its position (``"0"``, ``"1"``,
 ...) or by a keyword (``features=..., classifier=...``), and prefixes the children's names with
@@ -34,7 +37,7 @@ Example (a small net, see docs/nets.md)::
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -49,7 +52,14 @@ Init = Union[str, Callable[..., Tree]]
 
 
 class Layer(NamedTuple):
-    """One layer (or a ``serial`` of them) as data. See the module docstring for each field."""
+    """One layer (or a ``serial`` of them) as data. See the module docstring for each field.
+
+    ``kind`` describes the layer for people (``"MaxPool2d(2x2, stride 2)"``, shown by
+    :func:`nets.summary`); ``op`` names what it is for programs: the ``torch.nn`` class it
+    mirrors (``"MaxPool2d"``, ``"Sequential"``), so code selects layers by ``op`` and never
+    parses ``kind``. ``child_keys(key)`` gives one key per child, the keys ``init`` and
+    ``apply`` hand them (``None`` for a leaf); :mod:`nets.cut` replays it.
+    """
     kind: str
     init: Callable[..., Tuple[Tree, Tree]]
     apply: Callable[..., Tuple[torch.Tensor, Tree]]
@@ -59,6 +69,8 @@ class Layer(NamedTuple):
     state_shapes: Mapping[str, Shape]
     stochastic: bool = False
     children: Tuple[Tuple[str, "Layer"], ...] = ()
+    op: str = ""
+    child_keys: Optional[Callable[[torch.Tensor], Sequence[torch.Tensor]]] = None
 
 
 class Net(NamedTuple):
@@ -101,7 +113,7 @@ def _check_init(init: Init, where: str) -> None:
                          f"callable, got {init!r}")
 
 
-def _stateless(kind: str, fn: Callable[[torch.Tensor], torch.Tensor],
+def _stateless(op: str, kind: str, fn: Callable[[torch.Tensor], torch.Tensor],
                output_shape: Callable[[Shape], Shape]) -> Layer:
     """A layer without parameters, state or randomness: ``y = fn(x)``."""
     def init(key, *, dtype=torch.float32, device=None):
@@ -110,7 +122,7 @@ def _stateless(kind: str, fn: Callable[[torch.Tensor], torch.Tensor],
     def apply(params, state, x, *, train, key=None):
         return fn(x), state
 
-    return Layer(kind, init, apply, output_shape, lambda shape: 0, {}, {})
+    return Layer(kind, init, apply, output_shape, lambda shape: 0, {}, {}, op=op)
 
 
 # --------------------------------------------------------------------------- leaf layers
@@ -163,7 +175,7 @@ def Conv2d(in_channels: int, out_channels: int, kernel_size, *, stride=1, paddin
         param_shapes["bias"] = (out_channels,)
     kind = (f"Conv2d({in_channels}, {out_channels}, {kh}x{kw}, stride {sh}, pad {ph}"
             f"{'' if bias else ', no bias'})")
-    return Layer(kind, init_fn, apply, output_shape, macs, param_shapes, {})
+    return Layer(kind, init_fn, apply, output_shape, macs, param_shapes, {}, op="Conv2d")
 
 
 def Linear(in_features: int, out_features: int, *, bias: bool = True,
@@ -198,7 +210,7 @@ def Linear(in_features: int, out_features: int, *, bias: bool = True,
     if bias:
         param_shapes["bias"] = (out_features,)
     return Layer(f"Linear({in_features}, {out_features})", init_fn, apply, output_shape, macs,
-                 param_shapes, {})
+                 param_shapes, {}, op="Linear")
 
 
 def BatchNorm2d(num_features: int, *, momentum: Optional[float] = 0.1, eps: float = 1e-5) -> Layer:
@@ -225,12 +237,12 @@ def BatchNorm2d(num_features: int, *, momentum: Optional[float] = 0.1, eps: floa
                  lambda shape: math.prod(output_shape(shape)),
                  {"weight": (num_features,), "bias": (num_features,)},
                  {"running_mean": (num_features,), "running_var": (num_features,),
-                  "num_batches_tracked": ()})
+                  "num_batches_tracked": ()}, op="BatchNorm2d")
 
 
 def ReLU() -> Layer:
     """``max(x, 0)`` elementwise; shape unchanged."""
-    return _stateless("ReLU", layers.relu, lambda shape: tuple(int(s) for s in shape))
+    return _stateless("ReLU", "ReLU", layers.relu, lambda shape: tuple(int(s) for s in shape))
 
 
 def MaxPool2d(kernel_size, stride=None) -> Layer:
@@ -244,7 +256,7 @@ def MaxPool2d(kernel_size, stride=None) -> Layer:
         return (n, c, _window_out(h, kh, sh, 0, 1, where, "height", shape),
                 _window_out(w, kw, sw, 0, 1, where, "width", shape))
 
-    return _stateless(f"MaxPool2d({kh}x{kw}, stride {sh})",
+    return _stateless("MaxPool2d", f"MaxPool2d({kh}x{kw}, stride {sh})",
                       lambda x: layers.max_pool2d(x, (kh, kw), (sh, sw)), output_shape)
 
 
@@ -257,7 +269,7 @@ def AdaptiveAvgPool2d(output_size) -> Layer:
         n, c, _, _ = _image_shape(shape, where)
         return (n, c, ho, wo)
 
-    return _stateless(f"AdaptiveAvgPool2d({ho}x{wo})",
+    return _stateless("AdaptiveAvgPool2d", f"AdaptiveAvgPool2d({ho}x{wo})",
                       lambda x: layers.adaptive_avg_pool2d(x, (ho, wo)), output_shape)
 
 
@@ -270,7 +282,7 @@ def Flatten() -> Layer:
                              f"one more, got {shape}")
         return (shape[0], math.prod(shape[1:]))
 
-    return _stateless("Flatten", layers.flatten, output_shape)
+    return _stateless("Flatten", "Flatten", layers.flatten, output_shape)
 
 
 def Dropout(p: float) -> Layer:
@@ -287,7 +299,7 @@ def Dropout(p: float) -> Layer:
         return layers.dropout(x, p=p, train=train, key=key), state
 
     return Layer(f"Dropout(p={p:g})", init, apply, lambda shape: tuple(int(s) for s in shape),
-                 lambda shape: 0, {}, {}, stochastic=p > 0.0)
+                 lambda shape: 0, {}, {}, stochastic=p > 0.0, op="Dropout")
 
 
 # --------------------------------------------------------------------------- combinators
@@ -316,13 +328,24 @@ def serial(*layers_: Layer, **named: Layer) -> Layer:
             raise TypeError(f"serial: expected layer {name!r} to be a nets.compose.Layer, "
                             f"got {type(child).__name__}")
     n = len(children)
+    return chain(children, lambda key: jr.split(key, n))
+
+
+def chain(children: Tuple[Tuple[str, Layer], ...],
+          child_keys: Callable[[torch.Tensor], Sequence[torch.Tensor]]) -> Layer:
+    """The ``Sequential`` record of :func:`serial`, with the key rule given: child ``i`` gets
+    ``child_keys(key)[i]`` in ``init`` and in training ``apply``.
+
+    ``serial`` passes ``split(key, len(children))``; :func:`nets.cut` passes the whole net's
+    keys of the children it keeps, so a part of a net draws what the whole net draws.
+    """
     # The local names each child reads, computed once so apply only does dict lookups.
     param_names = [(name, tuple(c.param_shapes)) for name, c in children]
     state_names = [(name, tuple(c.state_shapes)) for name, c in children]
 
     def init(key, *, dtype=torch.float32, device=None):
         jr.check_key(key, "serial.init")
-        keys = jr.split(key, n)
+        keys = child_keys(key)
         params, state = {}, {}
         for i, (name, child) in enumerate(children):
             p, s = child.init(keys[i], dtype=dtype, device=device)
@@ -331,7 +354,7 @@ def serial(*layers_: Layer, **named: Layer) -> Layer:
         return params, state
 
     def apply(params, state, x, *, train, key=None):
-        keys = jr.split(key, n) if key is not None else None
+        keys = child_keys(key) if key is not None else None
         new_state = {}
         for i, (name, child) in enumerate(children):
             p = {k: params[f"{name}.{k}"] for k in param_names[i][1]}
@@ -357,7 +380,8 @@ def serial(*layers_: Layer, **named: Layer) -> Layer:
         param_shapes.update(_prefixed(name, child.param_shapes))
         state_shapes.update(_prefixed(name, child.state_shapes))
     return Layer("Sequential", init, apply, output_shape, macs, param_shapes, state_shapes,
-                 stochastic=any(c.stochastic for _, c in children), children=children)
+                 stochastic=any(c.stochastic for _, c in children), children=children,
+                 op="Sequential", child_keys=child_keys)
 
 
 def leaves(layer: Layer, prefix: str = "") -> Tuple[Tuple[str, Layer], ...]:

@@ -12,8 +12,9 @@ classifier layer (``classifier.6.weight``, ``classifier.6.bias``) is dropped and
 
     net = nets.vgg16(num_classes=256)
     loaded, state = nets.load_torchvision_weights("vgg16-397923af.pth", num_classes=256)
-    fresh, _ = net.init(layers.random.key(0))          # or init only net.layer's classifier.6
-    params = {**fresh, **loaded}                        # pretrained everywhere but classifier.6
+    key = nets.leaf_keys(net, layers.random.key(0))["classifier.6"]   # the whole init's key
+    head, _ = nets.child(net, "classifier.6").init(key)                # draws that layer only
+    params = {**loaded, **{f"classifier.6.{k}": v for k, v in head.items()}}
 """
 import pickle
 from typing import Optional
