@@ -20,6 +20,7 @@ from .jax_interop import from_jax, to_jax
 from .model_a import model_a
 from .model_b import model_b
 from .model_c import model_c
+from .small_vgg16 import small_vgg16
 from .summary import Row, Summary, summary
 from .torchvision_weights import load_torchvision_weights
 from .vgg16 import vgg16
@@ -28,6 +29,7 @@ from .vgg_like import vgg_like
 __all__ = [
     "Layer", "Net", "Row", "Summary", "as_net", "block_ends", "child", "compose", "cut",
     "from_jax", "layer_names", "leaf_keys", "leaf_names", "leaves", "load",
-    "load_torchvision_weights", "model_a", "model_b", "model_c", "save", "serial", "summary",
+    "load_torchvision_weights", "model_a", "model_b", "model_c", "save", "serial", "small_vgg16",
+    "summary",
     "to_jax", "vgg16", "vgg_like",
 ]
