@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 from .transfer.caltech_blocks import run
-from .transfer.caltech_head import WeightsNotFoundError
+from .transfer.caltech_head import WeightsNotFoundError, add_caltech_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,13 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See docs/transfer.md.")
+    add_caltech_flags(p)
     a = p.add_argument
-    a("--data", required=True, help="Caltech-256 folder (holding 256_ObjectCategories/ or being it)")
-    a("--weights", help="torchvision VGG16 .pth (default: torch hub cache, else download)")
-    a("--offline", action="store_true", help="never download the weights")
-    a("--clutter", action="store_true", help="keep class 257.clutter (left out by default)")
-    a("--train-per-class", type=int, default=32, help="training images per class (default: 32)")
-    a("--test-per-class", type=int, default=8, help="test images per class (default: 8)")
     a("--seed", type=int, default=0, help="split, inits and shuffling (default: 0)")
     a("--heads", type=int, nargs="*", choices=[1, 2, 3, 4, 5], default=[3, 4],
       help="blocks that get the report's FC-1024 head (default: 3 4)")

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from .transfer.caltech_head import CUT, WeightsNotFoundError, benchmark, run
+from .transfer.caltech_head import CUT, WeightsNotFoundError, add_caltech_flags, benchmark, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,14 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See docs/transfer.md.")
+    add_caltech_flags(p, data_required=False)
     a = p.add_argument
-    a("--data", help="Caltech-256 folder (holding 256_ObjectCategories/ or being it); required "
-                     "unless --benchmark")
-    a("--weights", help="torchvision VGG16 .pth (default: torch hub cache, else download)")
-    a("--offline", action="store_true", help="never download the weights")
-    a("--clutter", action="store_true", help="keep class 257.clutter (left out by default)")
-    a("--train-per-class", type=int, default=32, help="training images per class (default: 32)")
-    a("--test-per-class", type=int, default=8, help="test images per class (default: 8)")
     a("--seed", type=int, default=0, help="split, head init and shuffling (default: 0)")
     a("--epochs", type=int, default=10, help="epochs (default: 10)")
     a("--lr", type=float, default=1e-3, help="SGD learning rate (default: 0.001)")

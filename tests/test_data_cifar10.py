@@ -229,8 +229,25 @@ def test_find_data_dir_reports_a_failed_download(tmp_path, monkeypatch):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    (tmp_path / "empty").mkdir()   # an existing folder: the download is tried there
     with pytest.raises(D.DataNotFoundError, match="download .*failed: network is unreachable"):
         D.find_data_dir(tmp_path / "empty", download=True)
+
+
+def test_find_data_dir_never_creates_a_named_folder_that_does_not_exist(tmp_path, monkeypatch):
+    import torchvision
+
+    def must_not_run(*a, **k):
+        raise AssertionError("no download into a folder that does not exist")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", must_not_run)
+    for named in ("arg", "env"):
+        typo = tmp_path / f"cifar-typo-{named}"
+        if named == "env":
+            monkeypatch.setenv("CIFAR10_DIR", str(typo))
+        with pytest.raises(D.DataNotFoundError, match="does not exist and is not created"):
+            D.find_data_dir(typo if named == "arg" else None, download=True)
+        assert not typo.exists()
 
 
 @settings(deadline=None, max_examples=25)

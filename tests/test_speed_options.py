@@ -1,11 +1,11 @@
-"""Speed options the benchmark times agree with eager fp32 (beyond tests/test_engine.py, which
+"""Speed options the benchmark times agree with eager fp32 (beyond tests/test_train.py, which
 covers channels_last, bf16 + channels_last and compile alone on a net without dropout).
 
 Here: bf16 alone, channels_last with dropout (masks must not depend on the memory layout) and
 eval under each option, on a small VGG-like net of the Model B family, with the benchmark's
 optimizer and loss. A compiled channels_last + bf16 test was left out on purpose: the optimizer
 reads its step count with ``int(...)``, a graph break under torch.compile, and the test took
-minutes on the shared 2-core machine (test_engine's compile test covers torch.compile).
+minutes on the shared 2-core machine (test_train.py's compile test covers torch.compile).
 """
 from functools import partial
 

@@ -1,4 +1,4 @@
-"""experiments.cpu_allocator: glibc keeps freed blocks after retain_freed_memory, and only then.
+"""experiments.train.device (the CPU allocator): glibc keeps freed blocks after retain_freed_memory, and only then.
 
 Each check runs in a fresh interpreter, so the test process's own allocator is left alone.
 """

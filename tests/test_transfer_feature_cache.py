@@ -1,9 +1,9 @@
-"""experiments.feature_cache: cutting a net (prefix + suffix == the net, keys replayed), the
+"""experiments.transfer.feature_cache: cutting a net (prefix + suffix == the net, keys replayed), the
 hashed on-disk cache (computed once, keyed by content, damaged files recomputed), the training
 loop and the scores.
 
 Nets here are tiny (a few hundred parameters) and float64, so equalities are exact or within
-a few ulps; the VGG16-scale checks are in tests/test_caltech.py.
+a few ulps; the VGG16-scale checks are in tests/test_transfer_caltech.py.
 """
 import math
 
@@ -57,19 +57,6 @@ def _images(seed, n=4, side=8):
                        dtype=torch.float64)
 
 
-@settings(deadline=None, max_examples=10)
-@given(seed=SEEDS, train=st.booleans())
-def test_running_all_leaves_equals_net_apply_values_and_state(seed, train):
-    net = tiny_net()
-    params, state = _init(net, seed)
-    x, key = _images(seed), jr.key(seed + 1)
-    y_ref, s_ref = net.apply(params, state, x, train=train, key=key)
-    y, s = fc.run_leaves(net, params, state, x, start=0, stop=len(fc.leaf_names(net)),
-                         train=train, key=key)
-    assert torch.equal(y, y_ref)
-    assert s.keys() == s_ref.keys() and all(torch.equal(s[k], s_ref[k]) for k in s)
-
-
 def plain_net():
     """tiny_net without batch norm and dropout in the features: train == eval before the head."""
     return as_net(serial(
@@ -106,9 +93,11 @@ def test_prefix_runs_in_eval_mode_and_suffix_with_the_whole_nets_keys(seed):
     head = fc.suffix_net(net, "flatten")
     y, _ = head.apply({k: v for k, v in params.items() if k.startswith("classifier")}, {}, h,
                       train=True, key=key)
-    names = fc.leaf_names(net)
-    h_ref = fc.run_leaves(net, params, state, x, start=0, stop=names.index("flatten") + 1, train=False)[0]
-    keys = fc.leaf_keys(net.layer, key)
+    names = nets.leaf_names(net)
+    prefix = nets.cut(net, upto="flatten")
+    h_ref = prefix.apply({k: params[k] for k in prefix.layer.param_shapes},
+                         {k: state[k] for k in prefix.layer.state_shapes}, x, train=False)[0]
+    keys = nets.leaf_keys(net, key)
     mask_layer = nets.leaves(net.layer)[names.index("classifier.2")][1]
     z = layers.relu(layers.linear({"weight": params["classifier.0.weight"],
                                    "bias": params["classifier.0.bias"]}, h_ref))
@@ -120,15 +109,15 @@ def test_prefix_runs_in_eval_mode_and_suffix_with_the_whole_nets_keys(seed):
 
 def test_leaf_keys_are_distinct_and_none_in_eval():
     net = tiny_net()
-    keys = fc.leaf_keys(net.layer, jr.key(0))
-    assert list(keys) == fc.leaf_names(net)
+    keys = nets.leaf_keys(net, jr.key(0))
+    assert list(keys) == list(nets.leaf_names(net))
     stacked = torch.stack(list(keys.values()))
     assert len({tuple(k.tolist()) for k in stacked}) == len(keys)
-    assert all(v is None for v in fc.leaf_keys(net.layer, None).values())
+    assert all(v is None for v in nets.leaf_keys(net, None).values())
 
 
 def test_cut_at_an_unknown_layer_names_the_layers():
-    with pytest.raises(ValueError, match=r"prefix_apply: expected `through` to name a leaf layer of tiny.*got 'nope'"):
+    with pytest.raises(ValueError, match=r"cut: expected the torch name of a layer of tiny, got 'nope'"):
         fc.prefix_apply(tiny_net(), "nope")
     head = fc.suffix_net(tiny_net(), "flatten")
     with pytest.raises(ValueError, match="missing"):

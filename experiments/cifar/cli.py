@@ -72,7 +72,7 @@ def build_parser(model: str, description: str) -> argparse.ArgumentParser:
       help="also average over the image moved by (s, s) and (-s, -s) pixels (0: off)")
     a("--retain-freed-memory", action=argparse.BooleanOptionalAction,
       help="keep freed memory in the process (glibc; no page faults per step, see "
-           "experiments/cpu_allocator.py)")
+           "experiments/train/device.py)")
     a("--max-epochs", type=int, help="stop (resumably) after this many completed epochs")
     a("--no-test", action="store_true", help="do not evaluate on the test split each epoch")
     a("--benchmark", type=int, metavar="STEPS",

@@ -13,6 +13,8 @@ from __future__ import annotations
 import sys
 from functools import partial
 
+from layers._checks import check_probability
+
 from ..data.augment import augment_batch, normalize
 from ..data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, find_data_dir, load_cifar10, validation_split
 from ..train import run_keys
@@ -98,10 +100,10 @@ def check_config(cfg: dict) -> None:
     _whole(cfg, "seed", 0)
     _whole(cfg, "limit_per_class", 1, optional=True)
     for name in ("dropout", "head_dropout"):
-        value = cfg.get(name, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected a drop probability in [0, 1), "
-                             f"got {value!r}")
+        try:
+            check_probability(cfg.get(name, 0.0), name, "a drop probability", below_one=True)
+        except TypeError as err:
+            raise ValueError(str(err)) from None
     parse_val_split(cfg.get("val_split"))
 
 

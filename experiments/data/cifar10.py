@@ -445,3 +445,55 @@ def validation_split(labels: torch.Tensor, val: float | int, key: torch.Tensor,
         train_parts.append(idx[perm[take[c]:]])
     return (torch.cat(train_parts).sort().values if train_parts else torch.zeros(0, dtype=torch.int64),
             torch.cat(val_parts).sort().values if val_parts else torch.zeros(0, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------------------------
+# One image
+
+
+def load_cifar10_image(root: str | os.PathLike, index: int, split: str = "test") -> torch.Tensor:
+    """Image ``index`` of one split, ``(3, H, W) uint8``: ``load_cifar10(root, split).images[index]``
+    without decoding the other images, and without reading or writing the cache.
+
+    An image-folder tree decodes only that file (the ``index``-th in :func:`load_cifar10`'s order:
+    classes in their order, each class's files sorted). Python batches unpickle the batch files
+    up to the one holding row ``index`` (all of them for a negative ``index``, which counts from
+    the end as for a tensor) and reshape that row only.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"load_cifar10_image: expected split 'train' or 'test', got {split!r}")
+    root = Path(root)
+    found = _detect_format(root)
+    if found is None:
+        raise DataNotFoundError(f"load_cifar10_image: expected CIFAR-10 (cifar-10-batches-py/ or "
+                                f"train/ + test/ folders) in {root.resolve()}, found neither")
+    fmt, where = found
+    if fmt == "folder":
+        files, _ = _folder_files(where, split, _folder_classes(where), None)
+        parts = [files]
+    else:
+        files = [where / n for n in _BATCH_FILES[split]]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"load_cifar10_image: expected the official batch files, "
+                                    f"missing {missing}")
+        parts = []
+        for f in files:
+            parts.append(_read_batch(f)[0])
+            if 0 <= index < sum(map(len, parts)):
+                break
+    count = sum(map(len, parts))  # the whole split's, unless the row was found early
+    k = index + count if index < 0 else index
+    if not 0 <= k < count:
+        raise IndexError(f"load_cifar10_image: expected an index in [-{count}, {count}) of the "
+                         f"{count} {split} images in {where}, got {index}")
+    for part in parts:
+        if k < len(part):
+            break
+        k -= len(part)
+    if fmt == "batches":
+        return torch.from_numpy(part[k].reshape(3, 32, 32).copy())
+    arr, err = _decode_chunk([str(part[k])])
+    if err is not None:
+        raise ValueError(err)
+    return torch.from_numpy(arr[0]).permute(2, 0, 1).contiguous()

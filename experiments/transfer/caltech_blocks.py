@@ -41,7 +41,7 @@ from ..data.cifar10 import cache_dir
 from ..train import fit_tensors, score_net
 from ..train.progress import ProgressBar
 from . import feature_cache as fc
-from .caltech_head import resolve_weights
+from .caltech_head import split_and_weights
 
 __all__ = ["report_head", "linear_probe", "block_features", "run"]
 
@@ -130,11 +130,8 @@ def run(args: argparse.Namespace, stream=None) -> dict:
     """Both studies for parsed arguments; returns (and writes) ``{row: scores}``."""
     stream = sys.stderr if stream is None else stream
     log = lambda s: print(s, file=stream, flush=True)  # noqa: E731
-    classes = cd.list_classes(args.data, include_clutter=args.clutter)
-    split = cd.split_per_class(classes, train_per_class=args.train_per_class,
-                               test_per_class=args.test_per_class, seed=args.seed)
+    split, weights = split_and_weights(args, log)
     k = len(split.classes)
-    weights = resolve_weights(args.weights, download=not args.offline)
     params, state = nets.load_torchvision_weights(weights, truncate_after_block=5)
     net = nets.vgg16(batch_norm=bool(state), truncate_after_block=5)
     cache = None if args.no_cache else Path(args.feature_cache or cache_dir() / "features")

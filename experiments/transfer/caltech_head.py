@@ -58,7 +58,7 @@ from . import feature_cache as fc
 
 __all__ = ["VGG16_URL", "VGG16_FILE", "HEAD", "CUT", "WeightsNotFoundError", "resolve_weights",
            "pretrained_vgg16", "frozen_mask", "head_optimizer", "frozen_optimizer",
-           "train_head_on_features", "run", "benchmark"]
+           "train_head_on_features", "add_caltech_flags", "split_and_weights", "run", "benchmark"]
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 VGG16_FILE = "vgg16-397923af.pth"
@@ -122,7 +122,7 @@ def pretrained_vgg16(weights: str | Path, num_classes: int = 256, *, seed: int =
     net = nets.vgg16(num_classes=num_classes, batch_norm=batch_norm)
     missing = [k for k in net.layer.param_shapes if k not in loaded]
     if missing:
-        head = net.layer.children[-1][1].children[-1][1]  # classifier.6
+        head = nets.child(net, "classifier.6")
         fresh, _ = head.init(jr.fold_in(jr.key(seed), 6), dtype=torch.float32, device="cpu")
         loaded = {**loaded, **{f"classifier.6.{k}": v for k, v in fresh.items()}}
     return net, loaded, state
@@ -179,16 +179,36 @@ def _features(net, params, state, files, *, digest, cut, resize, crop, batch_siz
     return fc.cached(cache, "caltech-vgg16", key, compute, log=log)["features"]
 
 
+def add_caltech_flags(parser: argparse.ArgumentParser, *, data_required: bool = True) -> None:
+    """The flags both Caltech-256 studies share: the data, the weights and the split."""
+    a = parser.add_argument
+    a("--data", required=data_required,
+      help="Caltech-256 folder (holding 256_ObjectCategories/ or being it)"
+      + ("" if data_required else "; required unless --benchmark"))
+    a("--weights", help="torchvision VGG16 .pth (default: torch hub cache, else download)")
+    a("--offline", action="store_true", help="never download the weights")
+    a("--clutter", action="store_true", help="keep class 257.clutter (left out by default)")
+    a("--train-per-class", type=int, default=32, help="training images per class (default: 32)")
+    a("--test-per-class", type=int, default=8, help="test images per class (default: 8)")
+
+
+def split_and_weights(args: argparse.Namespace, log) -> tuple[cd.Split, Path]:
+    """The split (:func:`experiments.data.caltech256.split_per_class`) and the weights file
+    (:func:`resolve_weights`) the flags of :func:`add_caltech_flags` name."""
+    classes = cd.list_classes(args.data, include_clutter=args.clutter)
+    split = cd.split_per_class(classes, train_per_class=args.train_per_class,
+                               test_per_class=args.test_per_class, seed=args.seed)
+    log(f"caltech: {len(split.classes)} classes, {len(split.train_files)} train / "
+        f"{len(split.test_files)} test images")
+    return split, resolve_weights(args.weights, download=not args.offline)
+
+
 def run(args: argparse.Namespace, stream=None) -> dict:
     """The whole pipeline for parsed arguments; returns (and writes) the results dict."""
     stream = sys.stderr if stream is None else stream
     log = lambda s: print(s, file=stream, flush=True)  # noqa: E731
-    classes = cd.list_classes(args.data, include_clutter=args.clutter)
-    split = cd.split_per_class(classes, train_per_class=args.train_per_class,
-                               test_per_class=args.test_per_class, seed=args.seed)
+    split, weights = split_and_weights(args, log)
     k = len(split.classes)
-    log(f"caltech: {k} classes, {len(split.train_files)} train / {len(split.test_files)} test images")
-    weights = resolve_weights(args.weights, download=not args.offline)
     net, params, state = pretrained_vgg16(weights, k, seed=args.seed)
     cache = None if args.no_cache else Path(args.feature_cache or cache_dir() / "features")
     dtype = getattr(torch, args.cache_dtype)

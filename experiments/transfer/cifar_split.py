@@ -58,9 +58,8 @@ from ..data.dataset import Dataset
 from ..train import CHECKPOINT, fit, fit_tensors, score_net
 from ..train.build import build_loss, build_optimizer
 from . import feature_cache as fc
-from .feature_cache import block_ends
 
-__all__ = ["CLASSES_A", "CLASSES_B", "RECIPE", "METHODS", "block_ends",
+__all__ = ["CLASSES_A", "CLASSES_B", "RECIPE", "METHODS",
            "split_by_class", "draw_per_class", "block_features", "run_study", "format_table",
            "plot_transferability"]
 
@@ -155,7 +154,8 @@ def _train_on_features(method, n, feats_tr, y_tr, feats_te, y_te, net, pre_param
     cfg = RECIPE["features"]
     epochs = cfg["epochs"][n] if n in cfg["epochs"] else cfg["epochs"][max(cfg["epochs"])]
     if method == "frozen+new-head":
-        cut = fc.leaf_names(net)[fc.leaf_names(net).index(block_ends(net)[-1]) + 1]  # block-5 dropout
+        names = nets.leaf_names(net)
+        cut = names[names.index(nets.block_ends(net)[-1]) + 1]  # block 5's dropout
         head = fc.suffix_net(net, cut)
         p0 = {k: v for k, v in _fresh_head(net, pre_params, jr.fold_in(key, 0)).items()
               if k.startswith("classifier.")}

@@ -3,7 +3,7 @@ train the rest on the cache.
 
 A :class:`~nets.compose.Net` built with ``nets.compose.serial`` is a chain of leaf layers
 ``l_1, ..., l_L`` (:func:`nets.compose.leaves`), and ``net.apply`` is their composition. Cutting
-after leaf ``l_t`` (``through``) gives
+after leaf ``l_t`` (``through``, with :func:`nets.cut`) gives
 
     prefix(x)   = l_t o ... o l_1 (x)            frozen, always run in eval mode
     suffix(h)   = l_L o ... o l_{t+1} (h)        trained, in train mode with the net's own keys
@@ -18,7 +18,7 @@ differs from its eval-mode output. Two rules make that hold and are documented c
   eval coincide; for VGG16's classifier, cutting after ``classifier.5`` caches the penultimate
   4096-d activations with both dropouts (``classifier.2``, ``.5``) *off* (see docs/transfer.md).
 * **The suffix gets the keys the whole net would give it.** ``serial`` splits one key per child,
-  recursively; :func:`leaf_keys` replays that split, so dropout in the suffix (e.g. VGG16's
+  recursively, and a part made by :func:`nets.cut` keeps that rule, so dropout in the suffix (e.g. VGG16's
   ``classifier.5`` before the last layer) draws exactly the mask that
   ``net.apply(params, state, x, train=True, key=k)`` draws. Cut after ``classifier.1`` and
   the cached path reproduces training the head through the whole net in train mode, both
@@ -45,7 +45,6 @@ import torch
 from safetensors.torch import load_file, save
 
 import nets
-from layers import random as jr
 from nets.checkpoint import atomic_write
 from nets.compose import Net
 
@@ -53,95 +52,47 @@ from ..train.progress import ProgressBar
 
 
 __all__ = [
-    "leaf_names", "leaf_keys", "run_leaves", "prefix_apply", "suffix_net", "block_ends",
-    "block_outputs", "extract",
+    "prefix_apply", "suffix_net", "block_outputs", "extract",
     "tree_digest", "cache_key", "cached", "batches_of", "standardize",
 ]
 
 
 # --------------------------------------------------------------------------------------------
-# Cutting a net
-
-
-def leaf_names(net: Net) -> list[str]:
-    """Full names of ``net``'s leaf layers in the order ``apply`` runs them (``"features.0"``, ...)."""
-    return [name for name, _ in nets.leaves(net.layer)]
-
-
-def leaf_keys(layer, key: torch.Tensor | None, prefix: str = "") -> dict[str, torch.Tensor | None]:
-    """The key each leaf of ``layer`` receives from ``layer.apply(..., key=key)``.
-
-    ``serial`` hands child ``i`` of ``n`` the key ``split(key, n)[i]``; this walks the tree the
-    same way. ``key=None`` (eval) gives ``None`` everywhere.
-    """
-    if not layer.children:
-        return {prefix: key}
-    keys = jr.split(key, len(layer.children)) if key is not None else None
-    out = {}
-    for i, (name, child) in enumerate(layer.children):
-        out.update(leaf_keys(child, None if keys is None else keys[i],
-                             f"{prefix}.{name}" if prefix else name))
-    return out
-
-
-def _check_cut(net: Net, through: str, where: str) -> int:
-    names = leaf_names(net)
-    if through not in names:
-        raise ValueError(f"{where}: expected `through` to name a leaf layer of {net.name} "
-                         f"(one of {names}), got {through!r}")
-    return names.index(through)
-
-
-def run_leaves(net: Net, params: Mapping, state: Mapping, x: torch.Tensor, *, start: int, stop: int,
-               train: bool, key: torch.Tensor | None = None):
-    """Leaves ``start .. stop - 1`` of ``net`` on ``x``: ``(y, new_state)``.
-
-    ``key`` is the key of the *whole* net (the one ``net.apply`` would get); each leaf gets its
-    share of it (:func:`leaf_keys`). ``new_state`` holds only the state of the leaves run.
-    ``run_leaves(.., 0, L)`` equals ``net.apply``.
-    """
-    items = nets.leaves(net.layer)[start:stop]
-    keys = leaf_keys(net.layer, key if train else None)
-    new_state = {}
-    for name, leaf in items:
-        p = {k: params[f"{name}.{k}"] for k in leaf.param_shapes}
-        s = {k: state[f"{name}.{k}"] for k in leaf.state_shapes}
-        x, s = leaf.apply(p, s, x, train=train, key=keys[name])
-        new_state.update({f"{name}.{k}": v for k, v in s.items()})
-    return x, new_state
+# Cutting a net (nets.cut) for feature caching
 
 
 def prefix_apply(net: Net, through: str) -> Callable:
-    """``f(params, state, x) -> h``: leaves up to and including ``through``, eval mode, no grad."""
-    stop = _check_cut(net, through, "prefix_apply") + 1
+    """``f(params, state, x) -> h``: ``nets.cut(net, upto=through)`` in eval mode, under no_grad.
+
+    ``params`` and ``state`` may be the whole net's; the prefix takes the entries it owns.
+    """
+    prefix = nets.cut(net, upto=through)
+    p_names, s_names = set(prefix.layer.param_shapes), set(prefix.layer.state_shapes)
 
     def f(params, state, x):
         with torch.no_grad():
-            return run_leaves(net, params, state, x, start=0, stop=stop, train=False)[0]
+            return prefix.apply({k: params[k] for k in p_names}, {k: state[k] for k in s_names},
+                                x, train=False)[0]
     return f
 
 
 def suffix_net(net: Net, through: str, frozen_params: Mapping | None = None) -> Net:
-    """The leaves after ``through`` as a :class:`Net` over the *trainable* parameters.
+    """``nets.cut(net, after=through)`` as a :class:`Net` over the *trainable* parameters.
 
     ``apply(params, state, h, *, train, key=None)`` runs the suffix on ``h`` with the parameters
     ``{**frozen_params, **params}`` (so a suffix may mix frozen and trained layers, e.g. VGG16's
-    ``classifier.3`` frozen and ``classifier.6`` trained); ``key`` is the whole net's key.
-    ``state`` holds the suffix's state (batch norm), the prefix's is not needed. ``init`` is
-    the whole net's ``init`` restricted to the suffix's trainable names.
+    ``classifier.3`` frozen and ``classifier.6`` trained); ``key`` is the whole net's key, so
+    the suffix's dropout draws the whole net's masks. ``state`` holds the suffix's state (batch
+    norm). ``init`` is the suffix's init restricted to the names not in ``frozen_params``.
     """
-    start = _check_cut(net, through, "suffix_net") + 1
+    suffix = nets.cut(net, after=through)
     frozen = dict(frozen_params or {})
-    suffix_leaves = nets.leaves(net.layer)[start:]
-    p_names = {f"{n}.{k}" for n, leaf in suffix_leaves for k in leaf.param_shapes}
-    s_names = {f"{n}.{k}" for n, leaf in suffix_leaves for k in leaf.state_shapes}
-    stochastic = [n for n, leaf in suffix_leaves if leaf.stochastic]
-    where = f"{net.name}[after {through}].apply"
+    p_names = set(suffix.layer.param_shapes)
+    where = f"{suffix.name}.apply"
 
     def init(key, **kwargs):
-        p, s = net.init(key, **kwargs)
-        return ({k: v for k, v in p.items() if k in p_names and k not in frozen},
-                {k: v for k, v in s.items() if k in s_names})
+        p, s = suffix.init(key, **kwargs)
+        return {k: v for k, v in p.items() if k not in frozen}, s
 
     def apply(params, state, h, *, train, key=None):
         full = {**frozen, **params}
@@ -149,35 +100,29 @@ def suffix_net(net: Net, through: str, frozen_params: Mapping | None = None) -> 
         if missing:
             raise ValueError(f"{where}: expected parameters for the layers after {through}, "
                              f"missing {missing}")
-        if train and key is None and stochastic:
-            raise ValueError(f"{where}: expected a random key for the dropout layers {stochastic} "
-                             "when train=True, got key=None")
-        return run_leaves(net, full, state, h, start=start, stop=len(nets.leaves(net.layer)),
-                          train=train, key=key)
+        return suffix.apply({k: full[k] for k in p_names}, state, h, train=train, key=key)
 
-    return Net(init, apply, net.layer, f"{net.name}[after {through}]")
-
-
-def block_ends(net: Net) -> list[str]:
-    """Names of the max-pool leaves that close each block of a VGG-style net, in order."""
-    return [name for name, leaf in nets.leaves(net.layer) if leaf.kind.startswith("MaxPool")]
+    return Net(init, apply, suffix.layer, suffix.name)
 
 
 def block_outputs(net: Net, params: Mapping, state: Mapping, x: torch.Tensor,
                   ends: Sequence[str] | None = None) -> list[torch.Tensor]:
-    """The output of each leaf in ``ends`` (default :func:`block_ends`) in eval mode, from one
-    forward pass cut at each of them: a list of ``(N, C_k, H_k, W_k)`` for VGG blocks."""
-    ends = block_ends(net) if ends is None else list(ends)
-    outs, start = [], 0
+    """The output of each layer in ``ends`` (default :func:`nets.block_ends`) in eval mode, from
+    one forward pass cut at each of them: a list of ``(N, C_k, H_k, W_k)`` for VGG blocks."""
+    ends = list(nets.block_ends(net) if ends is None else ends)
+    order = nets.leaf_names(net)
+    positions = [order.index(e) if e in order else -1 for e in ends]
+    if positions != sorted(positions) or len(set(positions)) != len(positions):
+        raise ValueError(f"block_outputs: expected `ends` in the order the net runs them, got {ends}")
+    outs, rest = [], net
     with torch.no_grad():
-        for end in ends:
-            stop = _check_cut(net, end, "block_outputs") + 1
-            if stop <= start:
-                raise ValueError(f"block_outputs: expected `ends` in the order the net runs them, "
-                                 f"got {ends}")
-            x = run_leaves(net, params, state, x, start=start, stop=stop, train=False)[0]
+        for k, end in enumerate(ends):
+            part = nets.cut(rest, upto=end)
+            x = part.apply({n: params[n] for n in part.layer.param_shapes},
+                           {n: state[n] for n in part.layer.state_shapes}, x, train=False)[0]
             outs.append(x)
-            start = stop
+            if k + 1 < len(ends):
+                rest = nets.cut(rest, after=end)
     return outs
 
 
