@@ -19,6 +19,7 @@ from ..data.augment import augment_batch, normalize
 from ..data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, find_data_dir, load_cifar10, validation_split
 from ..train import run_keys
 from ..train.build import check_training_config
+from ..train.checks import whole_number
 from ..train.runs import build_model
 
 __all__ = ["RECIPES", "MODELS", "COMMON", "check_config", "build_net", "augmenter", "prepare",
@@ -80,25 +81,17 @@ def parse_val_split(text: str | float | int | None) -> float | int:
     return value
 
 
-def _whole(cfg: dict, name: str, low: int, *, optional: bool = False, unit: str = "") -> None:
-    value = cfg.get(name)
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"--{name.replace('_', '-')}: expected a whole number{unit} >= {low}, "
-                         f"got {value!r}")
-
-
 def check_config(cfg: dict) -> None:
     """Refuse (ValueError, one line naming the flag) a config that could not train: every
     hyperparameter is checked here, before the run folder is created."""
     if cfg.get("model") not in MODELS:
         raise ValueError(f"model: expected one of {MODELS}, got {cfg.get('model')!r}")
     for name in ("crop", "cutout", "tta_shift"):
-        _whole(cfg, name, 0, unit=" of pixels")
+        whole_number(cfg.get(name), name, 0, unit=" of pixels")
     check_training_config(cfg)
-    _whole(cfg, "seed", 0)
-    _whole(cfg, "limit_per_class", 1, optional=True)
+    whole_number(cfg.get("seed"), "seed", 0)
+    if cfg.get("limit_per_class") is not None:
+        whole_number(cfg["limit_per_class"], "limit_per_class")
     for name in ("dropout", "head_dropout"):
         try:
             check_probability(cfg.get(name, 0.0), name, "a drop probability", below_one=True)

@@ -27,6 +27,7 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 
 from layers import random as jr
+from layers._checks import check_positive_int
 
 from .augment import normalize
 
@@ -98,8 +99,7 @@ def split_per_class(classes: Sequence[CaltechClass], *, train_per_class: int = 3
     by ``permutation(fold_in(key(seed), number), count)`` (see the module docstring)."""
     where = "split_per_class"
     for name, v in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{where}: expected {name} to be a positive int, got {v!r}")
+        check_positive_int(v, where, name)
     if not classes:
         raise ValueError(f"{where}: expected at least one class, got none")
     need = train_per_class + test_per_class

@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
+from layers._checks import check_positive_int
 from nets.checkpoint import atomic_write
 
 from ..train.progress import ProgressBar
@@ -335,9 +336,8 @@ def load_cifar10(root: str | os.PathLike, split: str = "train", *, limit_per_cla
     """
     if split not in ("train", "test"):
         raise ValueError(f"load_cifar10: expected split 'train' or 'test', got {split!r}")
-    if limit_per_class is not None and (not isinstance(limit_per_class, int) or limit_per_class < 1):
-        raise ValueError(f"load_cifar10: expected limit_per_class a positive int or None, "
-                         f"got {limit_per_class!r}")
+    if limit_per_class is not None:
+        check_positive_int(limit_per_class, "load_cifar10", "limit_per_class (or None)")
     root = Path(root)
     found = _detect_format(root)
     if found is None:

@@ -7,13 +7,13 @@ The config keys read here: ``optimizer`` ("sgd" | "adam"), ``lr``, ``momentum``,
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Mapping
 
 import layers
 import optim
 
+from .checks import number_in, whole_number
 from .loop import check_loop_config
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "build_optimizer", "build_loss", "check_training_config",
@@ -23,27 +23,13 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "onecycle")
 
 
-def _number(cfg: Mapping, name: str, *, low: float, high: float = math.inf, low_open: bool = False,
-            high_open: bool = False, flag: str | None = None) -> None:
-    """Refuse ``cfg[name]`` unless it is a finite number in the interval given (ends included
-    unless ``*_open``); the message names the command-line flag."""
-    value = cfg.get(name)
-    flag = flag or "--" + name.replace("_", "-")
-    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
-    if not ok:
-        raise ValueError(f"{flag}: expected a number in {lo}{low:g}, {high:g}{hi}, got {value!r}")
-
-
 def check_training_config(cfg: Mapping) -> None:
     """Refuse (ValueError, one line naming the flag) any value :func:`build_optimizer`,
     :func:`build_loss` or :func:`~experiments.train.loop.fit` would fail on later."""
-    for name, low in (("epochs", 1), ("batch_size", 1)):
-        value = cfg.get(name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"--{name.replace('_', '-')}: expected a whole number >= {low}, got {value!r}")
+    whole_number(cfg.get("epochs"), "epochs")
+    whole_number(cfg.get("batch_size"), "batch_size")
     check_optimizer_config(cfg)
+    number_in(cfg.get("label_smoothing"), "label_smoothing", low=0, high=1)
     try:
         check_loop_config(cfg)
     except ValueError as err:
@@ -51,22 +37,21 @@ def check_training_config(cfg: Mapping) -> None:
 
 
 def check_optimizer_config(cfg: Mapping) -> None:
-    """Refuse (ValueError, one line naming the flag) what :func:`build_optimizer` and
-    :func:`build_loss` cannot build: unknown names, a learning rate <= 0, negative decay or
-    momentum, label smoothing outside [0, 1], one-cycle factors out of range."""
+    """Refuse (ValueError, one line naming the flag) what :func:`build_optimizer`
+    cannot build: unknown names, a learning rate <= 0, negative decay or momentum, one-cycle
+    factors out of range."""
     if cfg.get("optimizer") not in OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {cfg.get('optimizer')!r}")
     if cfg.get("schedule") not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {SCHEDULES}, got {cfg.get('schedule')!r}")
-    _number(cfg, "lr", low=0, low_open=True)
-    _number(cfg, "weight_decay", low=0)
-    _number(cfg, "label_smoothing", low=0, high=1)
+    number_in(cfg.get("lr"), "lr", low=0, low_open=True)
+    number_in(cfg.get("weight_decay"), "weight_decay", low=0)
     if cfg["optimizer"] == "sgd":
-        _number(cfg, "momentum", low=0)
+        number_in(cfg.get("momentum"), "momentum", low=0)
     if cfg["schedule"] == "onecycle":
-        _number(cfg, "pct_start", low=0, high=1, low_open=True, high_open=True)
-        _number(cfg, "div_factor", low=0, low_open=True)
-        _number(cfg, "final_div_factor", low=0, low_open=True)
+        number_in(cfg.get("pct_start"), "pct_start", low=0, high=1, low_open=True, high_open=True)
+        number_in(cfg.get("div_factor"), "div_factor", low=0, low_open=True)
+        number_in(cfg.get("final_div_factor"), "final_div_factor", low=0, low_open=True)
     if cfg["optimizer"] == "adam" and cfg.get("decay_mask") and cfg.get("weight_decay"):
         raise ValueError("build_optimizer: expected no decay mask with adam (optim.adam has none), "
                          "got decay_mask=True")
@@ -96,4 +81,5 @@ def build_optimizer(cfg: Mapping, steps_per_epoch: int):
 
 def build_loss(cfg: Mapping):
     """``(logits, y) -> mean cross-entropy`` with the config's label smoothing."""
+    number_in(cfg.get("label_smoothing"), "label_smoothing", low=0, high=1)
     return partial(layers.cross_entropy, label_smoothing=float(cfg["label_smoothing"]))

@@ -27,6 +27,7 @@ import optim
 from ..data.dataset import Dataset
 
 from . import keys as run_keys_mod
+from .checks import whole_number
 from .device import resolve_device
 from .metrics import evaluate
 from .progress import LineWriter, ProgressBar, history_table
@@ -59,19 +60,12 @@ class FitResult:
         return [{k: row[k] for k in ("epoch", "train_loss", "train_accuracy")} for row in self.history]
 
 
-def _whole(config: Mapping, name: str, low: int) -> int:
-    value = config.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"fit: expected {name} to be a whole number >= {low}, got {value!r}")
-    return value
-
-
 def check_loop_config(config: Mapping) -> None:
     """Refuse (ValueError, one line) a config :func:`fit` cannot run: ``epochs`` >= 0 and
     ``batch_size`` >= 1 (ints), ``eval_batch_size`` >= 1, ``tta_shift`` >= 0, a known device."""
-    _whole(config, "epochs", 0)
-    _whole(config, "batch_size", 1)
-    _whole(dict(config, eval_batch_size=config.get("eval_batch_size", 1000)), "eval_batch_size", 1)
+    whole_number(config.get("epochs"), "epochs", 0)
+    whole_number(config.get("batch_size"), "batch_size")
+    whole_number(config.get("eval_batch_size", 1000), "eval_batch_size")
     tta_views(False, config.get("tta_shift", 0))
     resolve_device(config.get("device", "auto"))
 
