@@ -4,7 +4,7 @@
 state, a key, a step counter, or a tuple / dict of them) and ``load(path, like)`` reads them back
 bit for bit. The file is a plain safetensors file, so any safetensors reader can inspect it:
 
-* every tensor leaf is stored under its tree path (see ``nets._tree``), e.g.
+* every tensor leaf is stored under its tree path (see ``trees.paths``), e.g.
   ``params/features.0.weight`` or ``opt_state/0/mu/features.0.weight``, as a contiguous CPU copy;
 * a Python ``int`` / ``float`` / ``bool`` leaf is stored under its path as a 0-d ``int64`` /
   ``float64`` / ``bool`` tensor (every Python float is exactly a float64; ints must fit in
