@@ -54,6 +54,19 @@ def check_dtype(t, like, where, name, whose, *, autocast=False):
     raise TypeError(f"{where}: expected {name} of dtype {like.dtype} (the {whose}), got {t.dtype}")
 
 
+def weight_and_bias(params, x, where, rank, layout):
+    """``(weight, bias or None)`` of a conv / linear ``params`` dict, after the checks both share:
+    keys ``weight`` (+ optional ``bias``), a floating ``weight`` of ``rank`` dims (``layout`` names
+    them, e.g. "(out, in)"), a tensor input in the weight's dtype (autocast mixes allowed)."""
+    check_keys(params, ("weight",), ("bias",), where, "params")
+    weight = params["weight"]
+    check_floating(weight, where, "weight")
+    if weight.dim() != rank:
+        raise ValueError(f"{where}: expected {rank}-D weight {layout}, got {shape_str(weight)}")
+    check_tensor(x, where)
+    return weight, params.get("bias")
+
+
 def check_rank(x, ranks, where, name="input", layout=""):
     """Raise unless ``x.dim()`` is one of ``ranks``; ``layout`` names the axes, e.g. "(N, C, H, W)"."""
     if x.dim() not in ranks:

@@ -66,13 +66,7 @@ def conv2d(params, x, *, stride=1, padding=0, dilation=1, groups=1, impl=None):
     """
     where = "conv2d"
     impl = resolve(impl, where)
-    C.check_keys(params, ("weight",), ("bias",), where, "params")
-    weight = params["weight"]
-    bias = params.get("bias")
-    C.check_floating(weight, where, "weight")
-    if weight.dim() != 4:
-        raise ValueError(f"{where}: expected 4-D weight (O, C/groups, kh, kw), got {C.shape_str(weight)}")
-    C.check_tensor(x, where)
+    weight, bias = C.weight_and_bias(params, x, where, 4, "(O, C/groups, kh, kw)")
     C.check_rank(x, (3, 4), where, layout="(N, C, H, W) or (C, H, W)")
     C.check_dtype(x, weight, where, "input", "weight's", autocast=True)
     C.check_positive_int(groups, where, "groups")

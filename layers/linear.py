@@ -21,13 +21,7 @@ def linear(params, x, *, impl=None):
     """
     where = "linear"
     impl = resolve(impl, where)
-    C.check_keys(params, ("weight",), ("bias",), where, "params")
-    weight = params["weight"]
-    bias = params.get("bias")
-    C.check_floating(weight, where, "weight")
-    if weight.dim() != 2:
-        raise ValueError(f"{where}: expected 2-D weight (out, in), got {C.shape_str(weight)}")
-    C.check_tensor(x, where)
+    weight, bias = C.weight_and_bias(params, x, where, 2, "(out, in)")
     C.check_dtype(x, weight, where, "input", "weight's", autocast=True)
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"{where}: expected input with last dimension {weight.shape[1]} "

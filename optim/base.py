@@ -340,19 +340,21 @@ def _find_field(tree: Tree, field: str):
     return None
 
 
+def _required_field(state: Tree, field: str, where: str, source: str):
+    value = _find_field(state, field)
+    if value is None:
+        article = "an" if field[0] in "aeiolr" else "a"   # "an 'lr'", "a 'count'"
+        raise ValueError(f"{where}: expected an optimizer state holding {article} {field!r} field"
+                         f"{source}, got {type(state).__name__}")
+    return value
+
+
 def current_lr(state: Tree) -> float:
     """The learning rate the next update will use (the first ``lr`` field found in ``state``)."""
-    lr = _find_field(state, "lr")
-    if lr is None:
-        raise ValueError("current_lr: expected an optimizer state holding an 'lr' field "
-                         f"(from sgd/adam/adamw/scale_by_learning_rate), got {type(state).__name__}")
-    return float(lr)
+    return float(_required_field(state, "lr", "current_lr",
+                                 " (from sgd/adam/adamw/scale_by_learning_rate)"))
 
 
 def current_step(state: Tree) -> int:
     """How many updates produced ``state`` (the first ``count`` field found in it)."""
-    count = _find_field(state, "count")
-    if count is None:
-        raise ValueError("current_step: expected an optimizer state holding a 'count' field, "
-                         f"got {type(state).__name__}")
-    return int(count)
+    return int(_required_field(state, "count", "current_step", ""))

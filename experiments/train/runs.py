@@ -27,7 +27,7 @@ from trees.paths import leaves_with_paths
 
 __all__ = ["CHECKPOINT", "CONFIG", "METRICS", "NonFiniteCheckpointError", "save_checkpoint",
            "load_run", "checkpoint_path", "write_config", "read_history", "write_history",
-           "check_finite", "MODELS", "build_model", "num_classes_of"]
+           "check_finite", "write_json", "MODELS", "build_model", "num_classes_of"]
 
 CHECKPOINT = "checkpoint.safetensors"
 CONFIG = "config.json"
@@ -95,6 +95,13 @@ def load_run(run: str | Path, like=None, device: torch.device | str = "cpu"):
 def write_config(run_dir: Path, config: dict) -> None:
     """``run_dir/config.json``, indented (atomically)."""
     atomic_write(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
+
+
+def write_json(path: Path, obj) -> None:
+    """``obj`` as indented JSON at ``path`` (atomically; the folder is created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def read_history(path: Path, upto_epoch: int) -> list[dict]:

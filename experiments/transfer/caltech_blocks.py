@@ -23,7 +23,6 @@ widened batch by batch while training). Pooled features are cached in float32.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from ..data import caltech256 as cd
 from ..data.cifar10 import cache_dir
 from ..train import fit_tensors, score_net
 from ..train.progress import ProgressBar
+from ..train.runs import write_json
 from . import feature_cache as fc
 from .caltech_head import split_and_weights
 
@@ -165,8 +165,7 @@ def run(args: argparse.Namespace, stream=None) -> dict:
             f"{100 * r['test_accuracy']:6.2f}%  mean recall {100 * r['test_mean_recall']:6.2f}%")
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+        write_json(out / "results.json", rows)
         if args.probes:
             _plot_probes(rows, out / "probes.png")
     return rows

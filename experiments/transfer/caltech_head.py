@@ -37,7 +37,6 @@ tests run this pipeline on generated image trees and random torchvision weights 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import urllib.error
@@ -54,6 +53,7 @@ from layers import random as jr
 from ..data import caltech256 as cd
 from ..data.cifar10 import cache_dir
 from ..train import fit_tensors, make_step, score_net
+from ..train.runs import write_json
 from . import feature_cache as fc
 
 __all__ = ["VGG16_URL", "VGG16_FILE", "HEAD", "CUT", "WeightsNotFoundError", "resolve_weights",
@@ -238,8 +238,7 @@ def run(args: argparse.Namespace, stream=None) -> dict:
         f"mean per-class recall {100 * s_test.mean_recall:.2f}%")
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        write_json(out / "results.json", results)
         nets.save(out / "head.safetensors", p, {"classes": list(split.classes)})
     return results
 

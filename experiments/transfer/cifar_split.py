@@ -49,7 +49,6 @@ import torch
 import nets
 from nets.small_vgg16 import SMALL_VGG16_WIDTHS
 from layers import random as jr
-from nets.checkpoint import atomic_write
 from nets.compose import Flatten, Linear, ReLU, as_net, serial
 
 from ..cifar.recipes import augmenter, prepare
@@ -57,6 +56,7 @@ from ..data.cifar10 import CIFAR10_CLASSES, cache_dir
 from ..data.dataset import Dataset
 from ..train import CHECKPOINT, fit, fit_tensors, score_net
 from ..train.build import build_loss, build_optimizer
+from ..train.runs import write_json
 from . import feature_cache as fc
 
 __all__ = ["CLASSES_A", "CLASSES_B", "RECIPE", "METHODS",
@@ -216,7 +216,7 @@ def _load_results(path: Path) -> dict:
 
 
 def _save_results(path: Path, results: dict) -> None:
-    atomic_write(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
+    write_json(path, results)
 
 
 def run_study(train: Dataset, test: Dataset, out: str | Path, *, shots: Sequence[int] = (32, 500),
