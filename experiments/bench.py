@@ -3,6 +3,10 @@
 The command line only; the study itself is :mod:`experiments.benchmarks.steps`.
 
     python -m experiments.bench [--quick] [--models a,b,c] [--reps N] [--device auto|cpu|cuda]
+                                [--write [--out docs/performance.md]]
+
+It prints the report; only ``--write`` writes it (to docs/performance.md unless ``--out``), so a
+trial run, ``--quick`` included, never replaces the committed file.
 """
 from __future__ import annotations
 
@@ -16,11 +20,17 @@ from typing import Sequence
 
 import torch
 
+from nets.checkpoint import atomic_write
+
 from .benchmarks.layers import bench_layers
 from .benchmarks.pipeline import bench_pipeline
 from .benchmarks.steps import CONFIGS, MODELS, bench_steps, kept_notes, render
 from .benchmarks.timing import machine_info, matmul_peak
 from .train import resolve_device, retain_freed_memory
+
+
+#: The committed report, which ``--write`` (re)writes.
+DEFAULT_OUT = "docs/performance.md"
 
 
 def _parse_models(text: str) -> list[str]:
@@ -49,15 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
     p.add_argument("--allocator", choices=("retain", "default"), default="retain",
                    help="retain: keep freed memory in the process, as the experiments do "
-                        "(experiments/cpu_allocator.py; glibc only); default: glibc's own policy")
-    p.add_argument("--out", default="docs/performance.md", help="where to write the report")
-    p.add_argument("--no-write", action="store_true", help="only print the report")
+                        "(experiments/train/device.py; glibc only); default: glibc's own policy")
+    p.add_argument("--write", action="store_true",
+                   help="write the report to --out too (default: only print it)")
+    p.add_argument("--out", help=f"where --write writes the report (default: {DEFAULT_OUT}); "
+                                 "hand-written notes below the file's notes marker are kept")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.out is not None and not args.write:
+        parser.error(f"--out {args.out}: expected --write too (without it the report is only "
+                     "printed)")
     start = time.perf_counter()
     retained = args.allocator == "retain" and retain_freed_memory()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -95,10 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   pipeline=pipeline, batch=args.batch, rounds=rounds,
                   seconds=time.perf_counter() - start, retained=retained)
     print(text)
-    if not args.no_write:
-        out = Path(args.out)
+    if args.write:
+        out = Path(args.out or DEFAULT_OUT)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n" + kept_notes(out))
+        atomic_write(out, text + "\n" + kept_notes(out))
         print(f"wrote {out}", file=sys.stderr)
     return 0
 

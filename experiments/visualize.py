@@ -3,7 +3,7 @@ filters channel by channel, weight histograms per layer, and feature maps of an 
 
 The command line only; the study itself is :mod:`experiments.report.filters`.
 
-    python -m experiments.visualize --checkpoint runs/x/checkpoint.safetensors --image cat.png         --out docs/figures
+    python -m experiments.visualize --checkpoint runs/x --image cat.png     # into runs/x/figures/
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Sequence
 
 import nets
 
-from .report.filters import (_image, conv_weights, feature_map_grid, feature_maps,
-                             first_layer_filters, last_conv_filters, load_checkpoint, save_png,
-                             weight_histograms)
+from .report.filters import (feature_map_grid, feature_maps, filter_figures, input_image,
+                             load_checkpoint, save_png, weight_histograms)
+from .train.runs import checkpoint_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,51 +26,52 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Writes first_layer_filters.png, last_conv_filters.png, "
                                        "weight_histograms.png, input.png and feature_maps_<layer>.png.")
     a = p.add_argument
-    a("--checkpoint", required=True, help="our .safetensors checkpoint or a torchvision VGG16 .pth")
+    a("--checkpoint", required=True,
+      help="a run folder (runs/<name>), our .safetensors checkpoint or a torchvision VGG16 .pth")
     a("--model", help="net of a checkpoint whose metadata names none (cifar_model_a/b/c, "
                       "cifar_transfer, vgg16)")
     a("--image", help="image for the feature maps (default: CIFAR-10 test image --cifar-index)")
-    a("--cifar-index", type=int, default=0, help="CIFAR-10 test image when no --image (default: 0)")
+    a("--cifar-index", type=int, default=0,
+      help="CIFAR-10 test image when no --image; only that image is decoded (default: 0)")
     a("--data-dir", help="CIFAR-10 folder (default: $CIFAR10_DIR, else ./data)")
     a("--resize", type=int, help="shorter side before the centre crop (default: 256 for VGG16, 32)")
     a("--layers", nargs="*", help="leaf layers for feature maps (default: the first and last ReLU)")
     a("--max-channels", type=int, default=16, help="feature-map channels shown (default: 16)")
-    a("--scale", type=int, default=8, help="filter tile enlargement (default: 8)")
+    a("--scale", type=int, default=8, help="filter tile enlargement before the picture is "
+                                          "enlarged to at least 512 px wide (default: 8)")
     a("--prefix", default="", help="prefix of the PNG names")
-    a("--out", required=True, help="folder for the PNGs")
+    a("--out", help="folder for the PNGs (default: figures/ in the run folder, or next to the "
+                    "checkpoint file)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        net, params, state, kind = load_checkpoint(args.checkpoint, args.model)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    params = {k: params[k] for k in net.layer.param_shapes}  # layer order
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    convs = conv_weights(params)
-    png = lambda what: out / f"{args.prefix}{what}.png"  # noqa: E731
-    written = [save_png(first_layer_filters(convs[0][1], scale=args.scale), png("first_layer_filters")),
-               save_png(last_conv_filters(convs[-1][1], scale=args.scale), png("last_conv_filters"))]
-    weight_histograms(params, png("weight_histograms"), title=str(args.checkpoint))
-    written.append(png("weight_histograms"))
-    relus = [n for n, leaf in nets.leaves(net.layer) if leaf.kind == "ReLU"]
-    chosen = args.layers or [relus[0], [n for n in relus if n.startswith("features")][-1]]
-    try:
-        x, shown = _image(args, kind)
+    path = checkpoint_path(args.checkpoint)
+    try:  # everything that can refuse the input comes before the first write
+        net, params, state, kind = load_checkpoint(path, args.model)
+        params = {k: params[k] for k in net.layer.param_shapes}  # layer order
+        relus = [n for n, leaf in nets.leaves(net.layer) if leaf.kind == "ReLU"]
+        chosen = args.layers or [relus[0], [n for n in relus if n.startswith("features")][-1]]
+        x, shown = input_image(kind, args.image, resize=args.resize, data_dir=args.data_dir,
+                               cifar_index=args.cifar_index)
         maps = feature_maps(net, params, state, x, chosen)
     except (ValueError, FileNotFoundError, OSError, IndexError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    out = Path(args.out) if args.out else path.parent / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    png = lambda what: out / f"{args.prefix}{what}.png"  # noqa: E731
+    written = [save_png(image, png(what), title=title)
+               for what, (image, title) in filter_figures(params, scale=args.scale).items()]
+    weight_histograms(params, png("weight_histograms"), title=str(args.checkpoint))
+    written.append(png("weight_histograms"))
     up = max(1, 128 // shown.shape[0])
-    written.append(save_png(shown.repeat(up, 0).repeat(up, 1), out / f"{args.prefix}input.png"))
+    written.append(save_png(shown.repeat(up, 0).repeat(up, 1), png("input")))
     for name, f in maps.items():
         scale = max(1, 128 // f.shape[-1])
         written.append(save_png(feature_map_grid(f, max_channels=args.max_channels, scale=scale),
-                                out / f"{args.prefix}feature_maps_{name.replace('.', '_')}.png"))
+                                png(f"feature_maps_{name.replace('.', '_')}")))
     for w in written:
         print(w)
     return 0

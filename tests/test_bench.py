@@ -172,12 +172,33 @@ def test_targets_are_judged_from_the_rows():
 
 def test_quick_main_writes_the_table_machine_and_command(tmp_path, capsys):
     out = tmp_path / "perf.md"
-    argv = ["--quick", "--batch", "2", "--reps", "1", "--skip", "layers,pipeline", "--out", str(out)]
+    argv = ["--quick", "--batch", "2", "--reps", "1", "--skip", "layers,pipeline", "--write",
+            "--out", str(out)]
     assert bench_cli.main(argv) == 0
     text = out.read_text()
-    assert "python -m experiments.bench --quick --batch 2 --reps 1" in text
+    assert "python -m experiments.bench --quick --batch 2 --reps 1" in text and "--write" in text
     assert "torch " + torch.__version__ in text and "cores" in text
     for config in bench.CONFIGS:
         assert (config.label in text) == (not config.compile)  # --quick leaves compile out
     assert "| Model A: (2)/(1) >= 0.97 |" in text
     assert text.strip() in capsys.readouterr().out
+
+
+def test_main_only_prints_the_report_unless_asked_to_write_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)                  # docs/performance.md here is not the committed one
+    argv = ["--quick", "--reps", "1", "--skip", "steps,layers,pipeline"]
+    assert bench_cli.main(argv) == 0
+    assert "# Performance" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+    # --write (re)writes docs/performance.md and keeps its hand-written notes
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "performance.md").write_text(f"OLD REPORT\n{bench.NOTES_MARKER}\nnotes\n")
+    assert bench_cli.main([*argv, "--write"]) == 0
+    text = (tmp_path / "docs" / "performance.md").read_text()
+    assert text.startswith("# Performance") and text.endswith(f"{bench.NOTES_MARKER}\nnotes\n")
+    assert "OLD REPORT" not in text
+    # --out alone would write nothing: refused before anything runs
+    with pytest.raises(SystemExit) as e:
+        bench_cli.main([*argv, "--out", str(tmp_path / "x.md")])
+    assert e.value.code == 2 and "expected --write too" in capsys.readouterr().err
+    assert not (tmp_path / "x.md").exists()

@@ -297,12 +297,17 @@ def test_visualize_command_line_on_a_torchvision_vgg16_pth(tree, vgg16_pth, tmp_
                     "--layers", "features.1", "--max-channels", "4"]) == 0
     sizes = {p.name: Image.open(p).size[::-1] for p in out.iterdir()}
     assert sizes == {
-        "first_layer_filters.png": vz.grid_size(64, (24, 24), 8),
-        "last_conv_filters.png": vz.grid_size(256, (24, 24), 16),
+        "first_layer_filters.png": vz.titled_size(vz.grid_size(64, (24, 24), 8)),
+        "last_conv_filters.png": vz.titled_size(vz.grid_size(256, (24, 24), 16)),
         "weight_histograms.png": (4 * 220, 4 * 300),          # 13 convs + 3 linears, 4 per row
         "input.png": (224, 224),
         "feature_maps_features_1.png": vz.grid_size(4, (224, 224), 2),
     }
+    titles = {name: Image.open(out / name).text.get("Title")
+              for name in ("first_layer_filters.png", "last_conv_filters.png")}
+    assert titles == {"first_layer_filters.png": "features.0.weight (64, 3, 3, 3)",
+                      "last_conv_filters.png": "features.28.weight (512, 512, 3, 3): first 16 "
+                                               "filters x 16 input channels"}
 
 
 @pytest.mark.parametrize("module", [ct_cli, cf_cli])

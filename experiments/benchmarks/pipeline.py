@@ -1,6 +1,6 @@
 """Data-pipeline throughput: our whole-batch tensor pipeline against a torchvision DataLoader.
 
-* ours: the training loop's path in :func:`experiments.engine.fit` - a shuffle permutation from
+* ours: the training loop's path in :func:`experiments.train.loop.fit` - a shuffle permutation from
   a key, then per batch ``augment_batch(key, images[idx])`` (index gather, random crop with
   4 pixels of zero padding, horizontal flip, normalise) on the uint8 cache tensor, on the device;
 * torchvision: ``DataLoader(batch_size, shuffle=True, num_workers=w)`` over an in-memory dataset

@@ -1,13 +1,13 @@
 """Speed, measured side by side: the pure training step against the torch.nn + torch.optim loop.
 
     python -m experiments.bench [--quick] [--models a,b,c] [--reps N] [--device auto|cpu|cuda]
-                                [--allocator retain|default] [--out docs/performance.md | --no-write]
+                                [--allocator retain|default] [--write [--out docs/performance.md]]
 
 In one process, for each of Models A, B and C at batch 128 on 32x32 inputs, it times a training
 step (forward, cross-entropy with label smoothing 0.1, backward, SGD with Nesterov momentum 0.9
 and weight decay 5e-4) in each configuration of :data:`CONFIGS`:
 
-1. the plain torch.nn + torch.optim loop (:mod:`experiments.bench_reference`);
+1. the plain torch.nn + torch.optim loop (:mod:`experiments.benchmarks.reference`);
 2. our pure step, ``make_step`` with ``optim.sgd``, eager float32;
 3. - 5. the same with channels_last, bf16 autocast, torch.compile alone;
 6. their combinations (channels_last + bf16, and + compile); the fastest is "the best".
@@ -22,10 +22,11 @@ weights) and a multiply-add is 2 FLOPs, so ``step FLOPs = 6 * nets.summary(...).
 (batch included). Batch norm, ReLU, pooling and the optimizer are not counted.
 
 It also measures each layer's forward + backward time (explicit against fast formulation,
-:mod:`experiments.bench_layers`) and the data pipeline's throughput against a torchvision
-DataLoader (:mod:`experiments.bench_pipeline`), then writes everything to docs/performance.md.
+:mod:`experiments.benchmarks.layers`) and the data pipeline's throughput against a torchvision
+DataLoader (:mod:`experiments.benchmarks.pipeline`), then prints everything as the text of
+docs/performance.md, and with ``--write`` writes it there.
 
-Allocator: by default the process first calls :func:`experiments.cpu_allocator.retain_freed_memory`,
+Allocator: by default the process first calls :func:`experiments.train.device.retain_freed_memory`,
 as the CIFAR experiments do, so that no configuration page-faults its tensors in every step;
 ``--allocator default`` keeps glibc's policy (the pure step, which allocates fresh parameters and
 optimizer state every step, loses the most there).

@@ -17,15 +17,16 @@ Normalisation, so that the pictures are comparable and say what they show:
   mapped to ``[0, 1]`` by its own min and max, colour map viridis.
 
 Every tile grid is ``rows * (tile + pad) + pad`` by ``cols * (tile + pad) + pad`` pixels with
-``tile = side * scale`` (:func:`grid_size`); the histogram figure is exactly
-``figsize * dpi`` pixels.
+``tile = side * scale`` (:func:`grid_size`). The two filter pictures are then enlarged again
+(nearest neighbour) by the smallest whole factor that makes them at least 512 px wide, under a
+white band naming the layer and its weight's shape, e.g. ``features.0.weight (64, 3, 3, 3)``
+(:func:`titled`, :func:`titled_size`; the title is also the PNG's ``Title`` text). The
+histogram figure is exactly ``figsize * dpi`` pixels.
 
-    python -m experiments.visualize --checkpoint runs/x/checkpoint.safetensors --image cat.png \
-        --out docs/figures
+    python -m experiments.visualize --checkpoint runs/x --image cat.png    # PNGs in runs/x/figures/
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -35,12 +36,20 @@ import torch
 
 import nets
 
-from ..train.runs import check_finite
+from ..train.runs import (MODELS, build_model, check_finite, checkpoint_path, load_run,
+                          num_classes_of)
 from ..transfer import feature_cache as fc
 
-__all__ = ["grid_size", "tile_grid", "first_layer_filters", "last_conv_filters",
-           "weight_histograms", "feature_maps", "feature_map_grid", "conv_weights",
-           "load_checkpoint", "save_png"]
+__all__ = ["grid_size", "tile_grid", "first_layer_filters", "last_conv_filters", "titled_size",
+           "titled", "filter_title", "filter_figures", "weight_histograms", "feature_maps",
+           "feature_map_grid", "conv_weights", "load_checkpoint", "input_image", "save_png"]
+
+#: The filter pictures are at least this many pixels wide (:func:`titled`).
+MIN_WIDTH = 512
+#: Height in pixels of the white band holding a picture's title (:func:`titled`).
+TITLE_BAND = 32
+#: The last conv layer shows at most this many filters, and this many input channels of each.
+LAST_CONV_SHOWN = 16
 
 
 def conv_weights(params: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
@@ -100,7 +109,8 @@ def first_layer_filters(weight: torch.Tensor, *, scale: int = 8, pad: int = 1,
     return tile_grid(_to_uint8(w.permute(0, 2, 3, 1)), cols, scale=scale, pad=pad)
 
 
-def last_conv_filters(weight: torch.Tensor, *, max_out: int = 16, max_in: int = 16,
+def last_conv_filters(weight: torch.Tensor, *, max_out: int = LAST_CONV_SHOWN,
+                      max_in: int = LAST_CONV_SHOWN,
                       scale: int = 8, pad: int = 1) -> np.ndarray:
     """Conv filters ``(O, I, kh, kw)`` channel by channel: ``min(O, max_out)`` rows of
     ``min(I, max_in)`` tiles, each row scaled by its largest ``|w|``, colour map RdBu_r."""
@@ -112,6 +122,71 @@ def last_conv_filters(weight: torch.Tensor, *, max_out: int = 16, max_in: int = 
     w = w / w.abs().amax((1, 2, 3), keepdim=True).clamp_min(1e-12)
     tiles = _colormap((w.reshape(o * i, *w.shape[2:]) + 1) / 2, "RdBu_r")
     return tile_grid(tiles, i, scale=scale, pad=pad)
+
+
+def titled_size(grid_hw: tuple[int, int], *, min_width: int = MIN_WIDTH,
+                band: int = TITLE_BAND) -> tuple[int, int]:
+    """``(height, width)`` in pixels of :func:`titled` of an ``(H, W)`` grid:
+    ``(band + f * H, f * W)`` with ``f = max(1, ceil(min_width / W))``."""
+    h, w = grid_hw
+    f = max(1, math.ceil(min_width / w))
+    return band + f * h, f * w
+
+
+def titled(grid: np.ndarray, title: str, *, min_width: int = MIN_WIDTH,
+           band: int = TITLE_BAND) -> np.ndarray:
+    """An ``(H, W, 3)`` uint8 grid enlarged ``f`` times (nearest neighbour, so a 3x3 filter stays
+    nine sharp squares) under a white band of ``band`` pixels holding ``title`` in black,
+    centred, its font shrunk until it fits (down to 6 px): ``(band + f * H, f * W, 3)`` uint8
+    (:func:`titled_size`)."""
+    import matplotlib
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = np.asarray(grid)
+    if grid.ndim != 3 or grid.shape[-1] != 3 or grid.dtype != np.uint8:
+        raise ValueError(f"titled: expected a uint8 image (H, W, 3), got {grid.dtype} {grid.shape}")
+    height, width = titled_size(grid.shape[:2], min_width=min_width, band=band)
+    f = width // grid.shape[1]
+    out = np.full((height, width, 3), 255, dtype=np.uint8)
+    out[band:] = grid.repeat(f, 0).repeat(f, 1)
+    # matplotlib's own copy of DejaVu Sans: the same letters on every machine
+    font_file = str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
+    size = max(6, band // 2)
+    font = ImageFont.truetype(font_file, size)
+    while size > 6 and font.getlength(title) > width - 8:
+        size -= 1
+        font = ImageFont.truetype(font_file, size)
+    canvas = Image.fromarray(out)
+    ImageDraw.Draw(canvas).text((width / 2, band / 2), title, fill=(0, 0, 0), font=font, anchor="mm")
+    return np.asarray(canvas)
+
+
+def filter_title(name: str, weight: torch.Tensor, shown: tuple[int, int] | None = None) -> str:
+    """``"features.0.weight (64, 3, 3, 3)"``; when ``shown = (filters, channels)`` is less than
+    the weight's ``(O, I)``, followed by ``": first 16 filters x 16 input channels"``."""
+    title = f"{name} {tuple(weight.shape)}"
+    if shown is not None and tuple(shown) != tuple(weight.shape[:2]):
+        title += f": first {shown[0]} filters x {shown[1]} input channels"
+    return title
+
+
+def filter_figures(params: Mapping[str, torch.Tensor], *,
+                   scale: int = 8) -> dict[str, tuple[np.ndarray, str]]:
+    """``{"first_layer_filters": (image, title), "last_conv_filters": (image, title)}``: the
+    first and the last conv weight of ``params`` (layer order) drawn by
+    :func:`first_layer_filters` and :func:`last_conv_filters` at ``scale``, then :func:`titled`
+    with :func:`filter_title`."""
+    convs = conv_weights(params)
+    if not convs:
+        raise ValueError(f"filter_figures: expected conv weights (4-D), got none in "
+                         f"{list(params)[:5]}")
+    (first_name, first), (last_name, last) = convs[0], convs[-1]
+    shown = (min(last.shape[0], LAST_CONV_SHOWN), min(last.shape[1], LAST_CONV_SHOWN))
+    figures = {"first_layer_filters": (first_layer_filters(first, scale=scale),
+                                       filter_title(first_name, first)),
+               "last_conv_filters": (last_conv_filters(last, scale=scale),
+                                     filter_title(last_name, last, shown))}
+    return {what: (titled(grid, title), title) for what, (grid, title) in figures.items()}
 
 
 def feature_map_grid(fmap: torch.Tensor, *, max_channels: int = 16, scale: int = 2,
@@ -134,7 +209,7 @@ def feature_maps(net: nets.Net, params, state, image: torch.Tensor,
     normalised image ``(3, H, W)`` (one forward pass, cut at each)."""
     if image.dim() != 3:
         raise ValueError(f"feature_maps: expected one image (3, H, W), got {tuple(image.shape)}")
-    names = fc.leaf_names(net)
+    names = nets.leaf_names(net)
     order = sorted(layers, key=lambda n: names.index(n) if n in names else -1)
     bad = [n for n in layers if n not in names]
     if bad:
@@ -177,13 +252,18 @@ def weight_histograms(params: Mapping[str, torch.Tensor], path: str | Path, *, c
     return round(rows * panel[1] * dpi), round(cols * panel[0] * dpi)
 
 
-def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Write an ``(H, W, 3)`` uint8 array as a PNG (optimised)."""
+def save_png(image: np.ndarray, path: str | Path, *, title: str = "") -> Path:
+    """Write an ``(H, W, 3)`` uint8 array as a PNG (optimised); a ``title`` is stored as the
+    PNG's ``Title`` text (what the picture shows, for a viewer or a test to read)."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(image)).save(path, optimize=True)
+    info = PngInfo()
+    if title:
+        info.add_text("Title", title)
+    Image.fromarray(np.ascontiguousarray(image)).save(path, optimize=True, pnginfo=info)
     return path
 
 
@@ -191,55 +271,60 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
 # Checkpoints and the command line
 
 
-def _num_classes(params) -> int:
-    last = [k for k, v in params.items() if k.endswith("weight") and v.dim() == 2]
-    return int(params[last[-1]].shape[0]) if last else 10
-
-
 def load_checkpoint(path: str | Path, model: str | None = None):
-    """``(net, params, state, kind)`` of a checkpoint; ``kind`` is ``"imagenet"`` (VGG16 .pth)
-    or ``"cifar"`` (our nets; 32x32 images). ``model`` names the net of a ``.safetensors`` file
-    when its metadata does not (``cifar_model_a/b/c``, ``cifar_transfer``, ``vgg16``)."""
-    path = Path(path)
+    """``(net, params, state, kind)`` of a checkpoint; ``kind`` is ``"imagenet"`` (VGG16) or
+    ``"cifar"`` (our nets; 32x32 images). ``path`` is a run folder (its
+    ``checkpoint.safetensors``), a ``.safetensors`` file of ``nets.save`` or a torchvision VGG16
+    ``.pth``. ``model`` (a name of :data:`experiments.train.runs.MODELS`) names the net of a
+    ``.safetensors`` file when its config does not.
+
+    Raises:
+      FileNotFoundError: no such file, or no checkpoint in the run folder.
+      ValueError: no model named, parameters that are not the model's, an unreadable file, or
+        (:class:`~experiments.train.runs.NonFiniteCheckpointError`) NaN / inf inside.
+    """
+    path = checkpoint_path(path)
     if path.suffix == ".pth":
         params, state = nets.load_torchvision_weights(path)
-        return nets.vgg16(_num_classes(params), batch_norm=bool(state)), params, state, "imagenet"
-    tree, meta = nets.load(path)
-    check_finite(tree, f"visualize: {path}")
+        check_finite({"params": params, "state": state}, f"visualize: {path}")
+        net = build_model("vgg16", num_classes_of(params), {"batch_norm": bool(state)})
+        return net, params, state, "imagenet"
+    tree, _, config = load_run(path)
     params = tree["params"] if isinstance(tree, dict) and "params" in tree else tree
     state = tree.get("state", {}) if isinstance(tree, dict) and "params" in tree else {}
-    if model is None and isinstance(meta, dict) and "config" in meta:
-        model = json.loads(meta["config"]).get("model")
-    k = _num_classes(params)
-
-    builders = {"cifar_model_a": nets.model_a, "cifar_model_b": nets.model_b,
-                "cifar_model_c": nets.model_c, "cifar_transfer": nets.small_vgg16}
-    if model in builders or model == "vgg16":
-        net, kind = ((builders[model](k), "cifar") if model in builders
-                     else (nets.vgg16(k, batch_norm=bool(state)), "imagenet"))
-        if set(net.layer.param_shapes) != set(params):
-            want, got = set(net.layer.param_shapes), set(params)
-            raise ValueError(f"visualize: expected the parameters of {net.name} in {path}, got "
-                             f"other names (missing {sorted(want - got)[:5]}, unexpected "
-                             f"{sorted(got - want)[:5]})")
-        return net, params, state, kind
-    raise ValueError(f"visualize: expected --model among {sorted(builders) + ['vgg16']} for "
-                     f"{path} (its metadata names no model), got {model!r}")
+    model = config.get("model") if model is None else model
+    if model not in MODELS:
+        raise ValueError(f"visualize: expected --model among {sorted(MODELS)} for {path} (its "
+                         f"metadata names no model), got {model!r}")
+    try:
+        k = num_classes_of(params)
+    except ValueError:  # no linear layer: the check of the names below says what is wrong
+        k = 10
+    net = build_model(model, k, {**config, "batch_norm": bool(state)})
+    if set(net.layer.param_shapes) != set(params):
+        want, got = set(net.layer.param_shapes), set(params)
+        raise ValueError(f"visualize: expected the parameters of {net.name} in {path}, got "
+                         f"other names (missing {sorted(want - got)[:5]}, unexpected "
+                         f"{sorted(got - want)[:5]})")
+    return net, params, state, ("imagenet" if model == "vgg16" else "cifar")
 
 
-def _image(args, kind) -> tuple[torch.Tensor, np.ndarray]:
-    """``(normalised (3, H, W), uint8 (H, W, 3) as shown)`` of the chosen image."""
+def input_image(kind: str, image: str | Path | None = None, *, resize: int | None = None,
+                data_dir: str | Path | None = None,
+                cifar_index: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """``(normalised (3, H, W), uint8 (H, W, 3) as shown)``: the file ``image``, its shorter
+    side resized to ``resize`` (default 256 for ``kind="imagenet"``, else 32) and centre-cropped
+    to 224 or 32; without ``image``, CIFAR-10 test image ``cifar_index`` of ``data_dir`` (only
+    that image is decoded: :func:`experiments.data.cifar10.load_cifar10_image`)."""
     from ..data.augment import normalize
     from ..data.caltech256 import imagenet_normalize, load_image
 
-    if args.image:
+    if image:
         size = 224 if kind == "imagenet" else 32
-        raw = load_image(args.image, resize=args.resize or (256 if kind == "imagenet" else 32),
-                         crop=size)
+        raw = load_image(image, resize=resize or (256 if kind == "imagenet" else 32), crop=size)
     else:
-        from ..data.cifar10 import find_data_dir, load_cifar10
+        from ..data.cifar10 import find_data_dir, load_cifar10_image
 
-        test = load_cifar10(find_data_dir(args.data_dir, download=False), "test")
-        raw = test.images[args.cifar_index]
+        raw = load_cifar10_image(find_data_dir(data_dir, download=False), cifar_index, "test")
     x = imagenet_normalize(raw[None])[0] if kind == "imagenet" else normalize(raw[None])[0]
     return x, raw.permute(1, 2, 0).numpy()
