@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # everything that can refuse the input comes before the first write
         net, params, state, kind = load_checkpoint(path, args.model)
         params = {k: params[k] for k in net.layer.param_shapes}  # layer order
-        relus = [n for n, leaf in nets.leaves(net.layer) if leaf.kind == "ReLU"]
+        relus = nets.leaf_names(net, op="ReLU")
         chosen = args.layers or [relus[0], [n for n in relus if n.startswith("features")][-1]]
         x, shown = input_image(kind, args.image, resize=args.resize, data_dir=args.data_dir,
                                cifar_index=args.cifar_index)

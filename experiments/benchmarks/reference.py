@@ -11,7 +11,7 @@
     opt.step()            # torch.optim.SGD(nesterov, momentum, weight_decay), foreach default
 
 These twins are written from the architecture descriptions in ``nets/model_a.py`` and
-``nets/cifar.py`` (the test suite keeps its own independent twins in tests/reference_modules.py).
+``nets/model_b.py`` / ``nets/model_c.py`` (the test suite keeps its own independent twins in tests/reference_modules.py).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 __all__ = ["reference_module", "ReferenceLoop", "MODEL_BLOCKS"]
 
-# Conv widths of the VGG-like blocks of Models B and C (as nets.cifar.MODEL_B/C_BLOCKS).
+# Conv widths of the VGG-like blocks of Models B and C (as MODEL_B_BLOCKS / MODEL_C_BLOCKS in nets/model_b.py, nets/model_c.py).
 MODEL_BLOCKS = {"b": ((64, 64), (128, 128), (256, 256)),
                 "c": ((64, 64), (128, 128, 128), (256, 256, 256))}
 

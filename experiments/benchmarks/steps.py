@@ -238,7 +238,7 @@ def render(*, command: str, info: dict, peaks: dict, step_peaks: dict, steps: di
              "median. Background load on shared cores hits all configurations alike, so the "
              "*ratios* are the robust numbers; absolute images/s move with the load.", "",
              "Allocator: " + ("freed memory retained in the process, as the experiments run "
-                              "(`experiments/cpu_allocator.py`: glibc serves every block from the "
+                              "(`experiments/train/device.py`: glibc serves every block from the "
                               "heap and never trims it, so no step page-faults its memory in)."
                               if retained else
                               "the C library's default policy (glibc `mmap`s each block above its "

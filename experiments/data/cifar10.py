@@ -48,6 +48,7 @@ __all__ = [
     "candidate_dirs",
     "find_data_dir",
     "load_cifar10",
+    "load_cifar10_image",
     "validation_split",
 ]
 
@@ -91,6 +92,18 @@ def _detect_format(root: Path) -> tuple[str, Path] | None:
     if (root / "train").is_dir() or (root / "test").is_dir():
         return "folder", root
     return None
+
+
+def _located(root: Path, split: str, where: str) -> tuple[str, Path]:
+    """``(format, folder)`` of the CIFAR-10 copy in ``root`` (:func:`_detect_format`), for a
+    valid ``split``; DataNotFoundError when ``root`` holds none."""
+    if split not in ("train", "test"):
+        raise ValueError(f"{where}: expected split 'train' or 'test', got {split!r}")
+    found = _detect_format(root)
+    if found is None:
+        raise DataNotFoundError(f"{where}: expected CIFAR-10 (cifar-10-batches-py/ or "
+                                f"train/ + test/ folders) in {root.resolve()}, found neither")
+    return found
 
 
 def find_data_dir(data_dir: str | os.PathLike | None = None, *, download: bool = True) -> Path:
@@ -334,16 +347,10 @@ def load_cifar10(root: str | os.PathLike, split: str = "train", *, limit_per_cla
     Returns:
       :class:`Dataset` with ``images (N, 3, H, W) uint8`` and ``labels (N,) int64``.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"load_cifar10: expected split 'train' or 'test', got {split!r}")
     if limit_per_class is not None:
         check_positive_int(limit_per_class, "load_cifar10", "limit_per_class (or None)")
     root = Path(root)
-    found = _detect_format(root)
-    if found is None:
-        raise DataNotFoundError(f"load_cifar10: expected CIFAR-10 (cifar-10-batches-py/ or "
-                                f"train/ + test/ folders) in {root.resolve()}, found neither")
-    fmt, where = found
+    fmt, where = _located(root, split, "load_cifar10")
     if fmt == "batches":
         files = [where / n for n in _BATCH_FILES[split]]
         classes = CIFAR10_CLASSES
@@ -460,14 +467,7 @@ def load_cifar10_image(root: str | os.PathLike, index: int, split: str = "test")
     up to the one holding row ``index`` (all of them for a negative ``index``, which counts from
     the end as for a tensor) and reshape that row only.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"load_cifar10_image: expected split 'train' or 'test', got {split!r}")
-    root = Path(root)
-    found = _detect_format(root)
-    if found is None:
-        raise DataNotFoundError(f"load_cifar10_image: expected CIFAR-10 (cifar-10-batches-py/ or "
-                                f"train/ + test/ folders) in {root.resolve()}, found neither")
-    fmt, where = found
+    fmt, where = _located(Path(root), split, "load_cifar10_image")
     if fmt == "folder":
         files, _ = _folder_files(where, split, _folder_classes(where), None)
         parts = [files]
