@@ -15,7 +15,7 @@ See docs/nets.md.
 from . import compose
 from .checkpoint import load, save
 from .compose import Layer, Net, as_net, leaves, serial
-from .cut import block_ends, child, cut, layer_names, leaf_keys, leaf_names
+from .cut import block_ends, child, cut, layer_names, leaf_keys, leaf_names, outputs_at
 from .jax_interop import from_jax, to_jax
 from .model_a import model_a
 from .model_b import model_b
@@ -29,7 +29,7 @@ from .vgg_like import vgg_like
 __all__ = [
     "Layer", "Net", "Row", "Summary", "as_net", "block_ends", "child", "compose", "cut",
     "from_jax", "layer_names", "leaf_keys", "leaf_names", "leaves", "load",
-    "load_torchvision_weights", "model_a", "model_b", "model_c", "save", "serial", "small_vgg16",
+    "load_torchvision_weights", "outputs_at", "model_a", "model_b", "model_c", "save", "serial", "small_vgg16",
     "summary",
     "to_jax", "vgg16", "vgg_like",
 ]

@@ -35,7 +35,7 @@ import torch
 
 from .compose import Layer, Net, as_net, chain, leaves
 
-__all__ = ["block_ends", "child", "cut", "layer_names", "leaf_keys", "leaf_names"]
+__all__ = ["block_ends", "child", "cut", "layer_names", "leaf_keys", "leaf_names", "outputs_at"]
 
 
 def _layer(net: Union[Net, Layer], where: str) -> Tuple[Layer, str]:
@@ -184,3 +184,33 @@ def cut(net: Net, *, upto: Optional[str] = None, after: Optional[str] = None) ->
                          f"after={after!r}, which leaves nothing")
     part = _pruned(net.layer, frozenset(kept))
     return as_net(part, name=f"{net.name}[upto {upto}]" if after is None else f"{net.name}[after {after}]")
+
+
+def outputs_at(net: Net, params, state, x: torch.Tensor, names=None) -> list:
+    """The eval-mode output of each layer in ``names`` (default :func:`block_ends`: the pooled
+    map of every block), from one forward pass cut at each of them, under ``no_grad``.
+
+    ``params`` and ``state`` are the whole net's (each part takes the entries it owns); ``names``
+    must be in the order ``apply`` runs them. Returns one tensor per name, e.g.
+    ``[(N, C_k, H_k, W_k), ...]`` for the blocks of a VGG-style net.
+    """
+    where = "outputs_at"
+    names = list(block_ends(net) if names is None else names)
+    order = leaf_names(net)
+    for n in names:
+        if n not in layer_names(net):
+            raise _unknown(net.layer, net.name, n, where)
+    ends = [max(i for i, leaf in enumerate(order) if leaf == n or leaf.startswith(n + "."))
+            for n in names]
+    if ends != sorted(ends) or len(set(ends)) != len(ends):
+        raise ValueError(f"{where}: expected names in the order {net.name} runs them, got {names}")
+    outs, rest = [], net
+    with torch.no_grad():
+        for k, name in enumerate(names):
+            part = cut(rest, upto=name)
+            x = part.apply({n: params[n] for n in part.layer.param_shapes},
+                           {n: state[n] for n in part.layer.state_shapes}, x, train=False)[0]
+            outs.append(x)
+            if k + 1 < len(names):
+                rest = cut(rest, after=name)
+    return outs

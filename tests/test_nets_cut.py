@@ -281,3 +281,29 @@ def test_cut_takes_exactly_one_of_upto_and_after_and_refuses_to_cut_after_the_en
     assert nets.cut(net, upto="head").layer is net.layer
     assert nets.cut(net, upto="features.1.2").name == "nested[upto features.1.2]"
     assert nets.cut(net, after="features.1.2").name == "nested[after features.1.2]"
+
+
+def test_outputs_at_block_ends_equal_the_truncated_vgg16_of_each_block():
+    # The 224 shapes of every block are tests/test_nets_vgg16.py's
+    # test_truncation_after_each_block_halves_the_side_and_follows_the_widths; here the values.
+    g = torch.Generator().manual_seed(0)
+    net = nets.vgg16(truncate_after_block=3)
+    params = {k: torch.randn(s, generator=g) * (0.1 if k.endswith("weight") else 0.01)
+              for k, s in net.layer.param_shapes.items()}
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    outs = nets.outputs_at(net, params, {}, x)
+    assert [tuple(o.shape) for o in outs] == [(2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4)]
+    for k in (1, 2, 3):
+        sub = nets.vgg16(truncate_after_block=k)
+        y, _ = sub.apply({n: params[n] for n in sub.layer.param_shapes}, {}, x, train=False)
+        assert torch.equal(outs[k - 1], y)
+
+
+def test_outputs_at_refuses_unknown_or_unordered_names():
+    net = nets.model_b()
+    params, state = net.init(jr.key(0))
+    x = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="outputs_at: expected the torch name of a layer"):
+        nets.outputs_at(net, params, state, x, ["features.99"])
+    with pytest.raises(ValueError, match="in the order"):
+        nets.outputs_at(net, params, state, x, ["features.10", "features.3"])

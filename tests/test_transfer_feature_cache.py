@@ -128,22 +128,6 @@ def test_cut_at_an_unknown_layer_names_the_layers():
                    {}, torch.zeros(1, 24), train=True)
 
 
-def test_block_outputs_equal_the_truncated_vgg16_of_each_block():
-    # The 224 shapes of every block are tests/test_nets_vgg16.py's
-    # test_truncation_after_each_block_halves_the_side_and_follows_the_widths; here the values.
-    g = torch.Generator().manual_seed(0)
-    net = nets.vgg16(truncate_after_block=3)
-    params = {k: torch.randn(s, generator=g) * (0.1 if k.endswith("weight") else 0.01)
-              for k, s in net.layer.param_shapes.items()}
-    x = torch.randn(2, 3, 32, 32, generator=g)
-    outs = fc.block_outputs(net, params, {}, x)
-    assert [tuple(o.shape) for o in outs] == [(2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4)]
-    for k in (1, 2, 3):
-        sub = nets.vgg16(truncate_after_block=k)
-        y, _ = sub.apply({n: params[n] for n in sub.layer.param_shapes}, {}, x, train=False)
-        assert torch.equal(outs[k - 1], y)
-
-
 # ------------------------------------------------------------------------------------------ cache
 
 def test_cached_computes_once_then_reads_the_same_tensors(tmp_path):

@@ -27,6 +27,7 @@ histogram figure is exactly ``figsize * dpi`` pixels.
 """
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -35,10 +36,11 @@ import numpy as np
 import torch
 
 import nets
+from nets.checkpoint import atomic_write
 
 from ..train.runs import (MODELS, build_model, check_finite, checkpoint_path, load_run,
                           num_classes_of)
-from ..transfer import feature_cache as fc
+from .plots import save_figure
 
 __all__ = ["grid_size", "tile_grid", "first_layer_filters", "last_conv_filters", "titled_size",
            "titled", "filter_title", "filter_figures", "weight_histograms", "feature_maps",
@@ -215,7 +217,7 @@ def feature_maps(net: nets.Net, params, state, image: torch.Tensor,
     if bad:
         raise ValueError(f"feature_maps: expected leaf layer names of {net.name} (e.g. {names[:4]}), "
                          f"got {bad}")
-    outs = fc.block_outputs(net, params, state, image[None], order)
+    outs = nets.outputs_at(net, params, state, image[None], order)
     return {n: o[0] for n, o in zip(order, outs)}
 
 
@@ -247,8 +249,7 @@ def weight_histograms(params: Mapping[str, torch.Tensor], path: str | Path, *, c
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    save_figure(fig, path, dpi=dpi)
     return round(rows * panel[1] * dpi), round(cols * panel[0] * dpi)
 
 
@@ -263,7 +264,9 @@ def save_png(image: np.ndarray, path: str | Path, *, title: str = "") -> Path:
     info = PngInfo()
     if title:
         info.add_text("Title", title)
-    Image.fromarray(np.ascontiguousarray(image)).save(path, optimize=True, pnginfo=info)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", optimize=True, pnginfo=info)
+    atomic_write(path, buf.getvalue())
     return path
 
 

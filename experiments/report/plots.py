@@ -2,6 +2,7 @@
 for the train / val / test splits, and a confusion matrix."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -12,9 +13,23 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-__all__ = ["plot_curves", "plot_confusion"]
+from nets.checkpoint import atomic_write  # noqa: E402
+
+__all__ = ["plot_curves", "plot_confusion", "save_figure"]
 
 _SPLITS = (("train", "tab:blue"), ("val", "tab:orange"), ("test", "tab:green"))
+
+
+def save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
+    """Render ``fig`` to PNG and write it atomically (a killed run leaves the old picture, never
+    half of a new one); the figure is closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig_kwargs)
+    plt.close(fig)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buf.getvalue())
+    return path
 
 
 def _curve(history: Sequence[Mapping], metric: str, path: Path, ylabel: str, title: str) -> None:
@@ -32,8 +47,7 @@ def _curve(history: Sequence[Mapping], metric: str, path: Path, ylabel: str, tit
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_curves(history: Sequence[Mapping], out_dir: str | Path, title: str = "") -> list[Path]:
@@ -77,6 +91,5 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: str | 
     ax.set_title(f"{title} (accuracy {100 * acc:.2f}%)")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     return path

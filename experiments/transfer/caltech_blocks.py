@@ -13,7 +13,7 @@ Two studies on frozen ImageNet VGG16 convolutions (the split and weights of
 
 The convolutions have no dropout and no batch norm (``vgg16``), so their features are the same
 in train and eval mode; they are computed once in one forward pass cut after every block
-(:func:`experiments.feature_cache.block_outputs`) and cached, keyed by the weights, the files
+(:func:`nets.outputs_at`) and cached, keyed by the weights, the files
 and the preprocessing. The flat block-3 and block-4 maps are large: for 10 240 images they take
 8.2 GB and 4.1 GB in float32, half in ``--cache-dtype float16`` (the default for them; they are
 widened batch by batch while training). Pooled features are cached in float32.
@@ -39,6 +39,7 @@ from ..data import caltech256 as cd
 from ..data.cifar10 import cache_dir
 from ..train import fit_tensors, score_net
 from ..train.progress import ProgressBar
+from ..report.plots import save_figure
 from ..train.runs import write_json
 from . import feature_cache as fc
 from .caltech_head import split_and_weights
@@ -62,7 +63,7 @@ def block_features(net, params, state, x: torch.Tensor, flat_blocks: Sequence[in
                    flat_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """``pooled{k}`` ``(N, C_k)`` for every block and ``block{k}`` ``(N, C_k H_k W_k)`` (in
     ``flat_dtype``) for ``k`` in ``flat_blocks``, from one eval-mode forward pass."""
-    outs = fc.block_outputs(net, params, state, x)
+    outs = nets.outputs_at(net, params, state, x)
     feats = {f"pooled{k + 1}": o.mean((2, 3)) for k, o in enumerate(outs)}
     feats.update({f"block{k}": outs[k - 1].flatten(1).to(flat_dtype) for k in flat_blocks})
     return feats
@@ -122,8 +123,7 @@ def _plot_probes(rows: dict, path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(args: argparse.Namespace, stream=None) -> dict:

@@ -47,6 +47,7 @@ from typing import Sequence
 import torch
 
 import nets
+from nets.checkpoint import atomic_write
 from nets.small_vgg16 import SMALL_VGG16_WIDTHS
 from layers import random as jr
 from nets.compose import Flatten, Linear, ReLU, as_net, serial
@@ -56,6 +57,7 @@ from ..data.cifar10 import CIFAR10_CLASSES, cache_dir
 from ..data.dataset import Dataset
 from ..train import CHECKPOINT, fit, fit_tensors, score_net
 from ..train.build import build_loss, build_optimizer
+from ..report.plots import save_figure
 from ..train.runs import write_json
 from . import feature_cache as fc
 
@@ -115,8 +117,8 @@ def draw_per_class(labels: torch.Tensor, n: int, seed: int, num_classes: int) ->
 
 def block_features(net: nets.Net, params, state, x: torch.Tensor) -> list[torch.Tensor]:
     """The output of every block (eval mode) for a normalised batch ``x``
-    (:func:`experiments.feature_cache.block_outputs`)."""
-    return fc.block_outputs(net, params, state, x)
+    (:func:`nets.outputs_at`)."""
+    return nets.outputs_at(net, params, state, x)
 
 
 def _features(net, params, state, images, *, batch_size, progress) -> dict:
@@ -289,7 +291,7 @@ def run_study(train: Dataset, test: Dataset, out: str | Path, *, shots: Sequence
                 log(f"{cell}: test {100 * s.accuracy:.2f}% (mean recall {100 * s.mean_recall:.2f}%),"
                     f" train {100 * train_acc:.2f}%, {time.perf_counter() - t1:.1f} s")
     table = format_table(results, shots, methods)
-    (out / "table.md").write_text(table + "\n")
+    atomic_write(out / "table.md", table + "\n")
     plot_transferability(results, shots, out / "transferability.png")
     log(table)
     return results
@@ -354,5 +356,4 @@ def plot_transferability(results: dict, shots: Sequence[int], path: str | Path) 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

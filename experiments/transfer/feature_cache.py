@@ -52,7 +52,7 @@ from ..train.progress import ProgressBar
 
 
 __all__ = [
-    "prefix_apply", "suffix_net", "block_outputs", "extract",
+    "prefix_apply", "suffix_net", "extract",
     "tree_digest", "cache_key", "cached", "batches_of", "standardize",
 ]
 
@@ -103,27 +103,6 @@ def suffix_net(net: Net, through: str, frozen_params: Mapping | None = None) -> 
         return suffix.apply({k: full[k] for k in p_names}, state, h, train=train, key=key)
 
     return Net(init, apply, suffix.layer, suffix.name)
-
-
-def block_outputs(net: Net, params: Mapping, state: Mapping, x: torch.Tensor,
-                  ends: Sequence[str] | None = None) -> list[torch.Tensor]:
-    """The output of each layer in ``ends`` (default :func:`nets.block_ends`) in eval mode, from
-    one forward pass cut at each of them: a list of ``(N, C_k, H_k, W_k)`` for VGG blocks."""
-    ends = list(nets.block_ends(net) if ends is None else ends)
-    order = nets.leaf_names(net)
-    positions = [order.index(e) if e in order else -1 for e in ends]
-    if positions != sorted(positions) or len(set(positions)) != len(positions):
-        raise ValueError(f"block_outputs: expected `ends` in the order the net runs them, got {ends}")
-    outs, rest = [], net
-    with torch.no_grad():
-        for k, end in enumerate(ends):
-            part = nets.cut(rest, upto=end)
-            x = part.apply({n: params[n] for n in part.layer.param_shapes},
-                           {n: state[n] for n in part.layer.state_shapes}, x, train=False)[0]
-            outs.append(x)
-            if k + 1 < len(ends):
-                rest = nets.cut(rest, after=end)
-    return outs
 
 
 def extract(fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[torch.Tensor], *,
