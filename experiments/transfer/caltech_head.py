@@ -24,7 +24,7 @@ Pipeline:
    * ``train``: the cache holds ``classifier.1``'s output (after the first FC and its ReLU);
      every step runs ``classifier.2`` (dropout), ``.3`` (frozen FC), ``.4``, ``.5`` (dropout)
      and ``.6`` in train mode with the keys the whole net would draw. This is *exactly* the
-     report's training through the frozen net in train mode (tests/test_caltech.py checks the
+     report's training through the frozen net in train mode (tests/test_transfer_caltech.py checks the
      parameters are equal), still ~40x cheaper than the convolutions.
 5. Training accuracy (of the last epoch, dropout as trained), test accuracy and mean per-class
    recall are printed and written to ``OUT/results.json``.
