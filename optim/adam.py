@@ -33,10 +33,21 @@ from typing import NamedTuple
 import torch
 from torch.utils import _pytree as pytree
 
-from .base import (GradientTransformation, Tree, count_tensor, flatten_like, foreach, rate_tensor,
-                   tensor_leaves, transformation, unflatten)
+from .base import (GradientTransformation, Tree, count_tensor, flatten_like, foreach, is_tensor_hyper,
+                   rate_tensor, step_count, tensor_leaves, transformation, unflatten)
 from .masks import resolve_labels
 from .schedules import as_schedule
+
+
+def _as64(x) -> torch.Tensor:
+    """A beta as a float64 tensor (a Python float or a member's tensor under ``vmap``), so that
+    ``beta ** t`` with a tensor count keeps double precision as the host path does."""
+    return x.to(torch.float64) if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64)
+
+
+def _tensors(scalars: list) -> bool:
+    """Whether a per-leaf scalar list holds tensors (the tensor path), not Python floats."""
+    return any(isinstance(x, torch.Tensor) for x in scalars)
 
 
 class ScaleByAdamState(NamedTuple):
@@ -59,10 +70,15 @@ class AdamMoments(NamedTuple):
     state: ScaleByAdamState
 
 
-def scale_by_adam(lr=1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                  amsgrad: bool = False, weight_decay: float = 0.0,
+def scale_by_adam(lr=1e-3, b1=0.9, b2=0.999, eps: float = 1e-8,
+                  amsgrad: bool = False, weight_decay=0.0,
                   weight_decay_mask=None) -> GradientTransformation:
     """Adam's moment estimates, bias correction, learning rate and decoupled weight decay.
+
+    ``lr``, ``b1``, ``b2`` and ``weight_decay`` may be 0-d tensors (a member's values under
+    ``vmap``): the count then stays a tensor and the bias corrections are computed on the device
+    in float64 (the tensor path; with float betas it gives the scalar path's bits, the tensor step
+    size folded into ``addcdiv(p, step_size * m, denom)`` in torch's own order of operations).
 
     weight_decay here is AdamW's decoupled decay; Adam's L2 decay is ``add_decayed_weights``
     chained before this stage. weight_decay_mask: tree of bools / callable, False = no decay.
@@ -80,20 +96,25 @@ def scale_by_adam(lr=1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
         of ``state``'s moments (``mu_old``, ... are its leaves) when ``donate``."""
         mu = foreach("lerp", mu_old, g, 1 - b1, in_place=donate)
         nu = foreach("mul", nu_old, b2, in_place=donate)
-        torch._foreach_addcmul_(nu, g, g, 1 - b2)
-        bias_correction1 = [1 - b1 ** t for _ in g]
-        bias_correction2 = [1 - b2 ** t for _ in g]
+        nu = foreach("addcmul", nu, g, g, value=1 - b2, in_place=True)
+        if isinstance(t, torch.Tensor):   # the tensor path: bias corrections on the device, in float64
+            bias_correction1 = [1 - _as64(b1) ** t for _ in g]
+            bias_correction2 = [1 - _as64(b2) ** t for _ in g]
+        else:
+            bias_correction1 = [1 - b1 ** t for _ in g]
+            bias_correction2 = [1 - b2 ** t for _ in g]
         step_sizes = [(rate / bc) * -1 for bc in bias_correction1]
         bias_correction2_sqrt = [bc ** 0.5 for bc in bias_correction2]
         if amsgrad:
             nu_max = foreach("maximum", nu_max_old, nu, in_place=donate)
-            denom = torch._foreach_sqrt(nu_max)
+            denom = foreach("sqrt", nu_max, in_place=False)
             nu_max_tree = unflatten(nu_max, spec, state.nu_max, donate)
         else:
-            denom = torch._foreach_sqrt(nu)
+            denom = foreach("sqrt", nu, in_place=False)
             nu_max_tree = ()
-        torch._foreach_div_(denom, bias_correction2_sqrt)
-        torch._foreach_add_(denom, eps)
+        denom = foreach("div", denom, bias_correction2_sqrt, in_place=True,
+                        leafwise=_tensors(bias_correction2_sqrt))
+        denom = foreach("add", denom, eps, in_place=True)
         new_state = ScaleByAdamState(count_tensor(t), rate_tensor(schedule(t)),
                                      unflatten(mu, spec, state.mu, donate),
                                      unflatten(nu, spec, state.nu, donate), nu_max_tree)
@@ -102,11 +123,12 @@ def scale_by_adam(lr=1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
     def updates_from(p, m: AdamMoments, rate, decayed):
         """``(-lr_t lambda) p + step_size * m / denom`` (``step_size * m / denom`` is the term
         addcdiv adds, so ``p + u`` equals torch's addcdiv): always new tensors."""
-        out = torch._foreach_mul(m.mu, m.step_sizes)
-        torch._foreach_div_(out, m.denom)
+        out = foreach("mul", m.mu, m.step_sizes, in_place=False, leafwise=_tensors(m.step_sizes))
+        out = foreach("div", out, m.denom, in_place=True)
         if decayed:
-            torch._foreach_add_([out[i] for i in decayed],
-                                torch._foreach_mul([p[i] for i in decayed], -rate * weight_decay))
+            decay = foreach("mul", [p[i] for i in decayed], -rate * weight_decay, in_place=False)
+            for i, x in zip(decayed, foreach("add", [out[i] for i in decayed], decay, in_place=True)):
+                out[i] = x
         return out
 
     def params_from(p, m: AdamMoments, rate, decayed, donate):
@@ -121,7 +143,8 @@ def scale_by_adam(lr=1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
             idx = [i for i, w in enumerate(writable) if w == in_place]
             pick = lambda xs: [xs[i] for i in idx]
             for i, x in zip(idx, foreach("addcdiv", pick(new_p), pick(m.mu), pick(m.denom),
-                                         pick(m.step_sizes), in_place=in_place)):
+                                         pick(m.step_sizes), in_place=in_place,
+                                         leafwise=_tensors(m.step_sizes))):
                 new_p[i] = x
         return new_p
 
@@ -135,10 +158,11 @@ def scale_by_adam(lr=1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
         if len(mu_old) != len(g) or len(nu_old) != len(g):
             raise ValueError(f"{fn}: expected moments for {len(g)} leaves, got {len(mu_old)}: was "
                              "the state made by init on these params?")
-        count = int(state.count)
-        rate = float(schedule(count))
+        count = step_count(state.count, lr, b1, b2, weight_decay)
+        rate = schedule(count)
+        rate = rate if isinstance(rate, torch.Tensor) else float(rate)
         decayed = []
-        if weight_decay != 0:
+        if is_tensor_hyper(weight_decay) or weight_decay != 0:
             decay = (resolve_labels(fn, weight_decay_mask, params) if weight_decay_mask is not None
                      else [True] * len(p))
             decayed = [i for i, d in enumerate(decay) if d]

@@ -133,15 +133,31 @@ def tensor_leaves(fn: str, name: str, tree: Tree):
     return leaves, spec
 
 
-def count_tensor(n: int = 0) -> torch.Tensor:
-    """A step counter as a 0-d int64 tensor (saveable like any other state leaf)."""
+def count_tensor(n=0) -> torch.Tensor:
+    """A step counter as a 0-d int64 tensor (saveable like any other state leaf); a tensor
+    ``n`` (a count computed on the device, under ``vmap``) is returned as int64 without a host
+    read."""
+    if isinstance(n, torch.Tensor):
+        return n.to(torch.int64)
     return torch.tensor(n, dtype=torch.int64)
 
 
-def rate_tensor(rate: float) -> torch.Tensor:
+def rate_tensor(rate) -> torch.Tensor:
     """A learning rate as a 0-d float64 tensor (the ``lr`` field of a state, as torch's
-    ``param_groups[0]["lr"]`` holds it)."""
+    ``param_groups[0]["lr"]`` holds it); a tensor rate is converted without a host read."""
+    if isinstance(rate, torch.Tensor):
+        return rate.to(torch.float64)
     return torch.tensor(float(rate), dtype=torch.float64)
+
+
+def step_count(count: torch.Tensor, *hypers):
+    """The number of updates done, ``count``, as a Python int where it can be read on the host
+    (the scalar path: bit-identical to torch.optim's), else the tensor itself: under a torch.func
+    transform, or when a hyperparameter is a tensor (the tensor path, which never reads a value
+    on the host)."""
+    if is_traced(count) or any(is_tensor_hyper(h) for h in hypers):
+        return count
+    return int(count)
 
 
 class Mode(NamedTuple):
@@ -164,17 +180,88 @@ class Mode(NamedTuple):
         return f"{stage}.step" if self.new_params else f"{stage}.update"
 
 
-def foreach(op: str, tensors: list, *args, in_place: bool, **kwargs) -> list:
+def is_traced(x) -> bool:
+    """True for a tensor wrapped by a torch.func transform (``vmap``, ``grad``, ...): its value
+    cannot be read on the host (no ``int(x)``, no ``float(x)``) and foreach ops have no batching
+    rule for it."""
+    return isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def is_tensor_hyper(x) -> bool:
+    """True for a hyperparameter given as a tensor (a learning rate, momentum, beta or weight
+    decay per ensemble member under ``vmap``, as optax's ``inject_hyperparams``)."""
+    return isinstance(x, torch.Tensor)
+
+
+def _leaf_op(op: str, t: torch.Tensor, args: tuple, kwargs: dict, in_place: bool) -> torch.Tensor:
+    """One leaf of ``foreach``: ``torch.<op>`` (or the in-place method).
+
+    A 0-d tensor scalar (a tensor hyperparameter, a float64 bias correction) is cast to the leaf's
+    dtype first, as torch casts a Python scalar to the op's compute type: the same value, the
+    same bits. A tensor ``alpha`` of ``add`` becomes ``addcmul(t, other, alpha)`` (one rounding,
+    as ``add``'s scalar alpha: the same bits); a tensor ``value`` of ``addcdiv`` becomes
+    ``addcdiv(t, value * a, b)`` (torch's own order of operations) and of ``addcmul``
+    ``t + a * b * value`` (a rounding apart).
+    """
+    def cast(x):
+        if isinstance(x, torch.Tensor) and x.dim() == 0 and x.dtype != t.dtype and t.is_floating_point():
+            return x.to(t.dtype)
+        return x
+
+    if op == "addcdiv" and len(args) == 3:   # torch's per-leaf scalar list entry
+        args, kwargs = args[:2], dict(kwargs, value=args[2])
+    args = tuple(cast(a) for a in args)
+    kwargs = {k: cast(v) for k, v in kwargs.items()}
+    if is_traced(t) or any(is_traced(a) for a in (*args, *kwargs.values())):
+        in_place = False   # under vmap nothing is donated, and out-of-place ops have batching rules
+    alpha, value = kwargs.get("alpha"), kwargs.get("value")
+    if op == "add" and isinstance(alpha, torch.Tensor):
+        return t.addcmul_(args[0], alpha) if in_place else torch.addcmul(t, args[0], alpha)
+    if op == "addcdiv" and isinstance(value, torch.Tensor):
+        # torch's CPU kernel computes t + (value * a) / b: the same with value folded into a
+        a, b = args
+        return t.addcdiv_(value * a, b) if in_place else torch.addcdiv(t, value * a, b)
+    if op == "addcmul" and isinstance(value, torch.Tensor):
+        out = args[0] * args[1] * value
+        return t.add_(out) if in_place else t + out
+    if in_place and hasattr(t, f"{op}_"):
+        return getattr(t, f"{op}_")(*args, **kwargs)
+    if in_place:   # e.g. maximum, which has no in-place method
+        return getattr(torch, op)(t, *args, out=t, **kwargs)
+    return getattr(torch, op)(t, *args, **kwargs)
+
+
+def foreach(op: str, tensors: list, *args, in_place: bool, leafwise: bool = False,
+            **kwargs) -> list:
     """``torch._foreach_<op>(tensors, *args, **kwargs)``: new tensors, or, when ``in_place``,
     written into ``tensors`` by ``torch._foreach_<op>_`` (and ``tensors`` returned). The same
     arithmetic either way, which keeps the pure and the donated step bit-identical. ``[]`` for
-    an empty list (torch's foreach ops refuse one)."""
+    an empty list (torch's foreach ops refuse one).
+
+    Leaf by leaf instead (the same ops one tensor at a time, which is what torch's foreach does on
+    the CPU) when ``leafwise`` (the tensor path: a per-leaf scalar list of tensors), when a tensor
+    is wrapped by a torch.func transform (foreach ops have no vmap rule) or when a scalar argument
+    is a tensor hyperparameter. An argument that is a list (another tensor list, or torch's
+    per-leaf scalar list) is taken element by element.
+    """
     if not tensors:
         return []
-    if in_place:
-        getattr(torch, f"_foreach_{op}_")(tensors, *args, **kwargs)
-        return tensors
-    return getattr(torch, f"_foreach_{op}")(tensors, *args, **kwargs)
+    scalars = list(args) + list(kwargs.values())
+    per_leaf = (leafwise or any(is_traced(t) for t in tensors)
+                or any(isinstance(a, torch.Tensor) for a in scalars)
+                or any(isinstance(a, list) and any(is_traced(x) for x in a) for a in scalars))
+    if not per_leaf:
+        if in_place:
+            getattr(torch, f"_foreach_{op}_")(tensors, *args, **kwargs)
+            return tensors
+        return list(getattr(torch, f"_foreach_{op}")(tensors, *args, **kwargs))
+    out = []
+    for i, t in enumerate(tensors):
+        a = tuple(x[i] if isinstance(x, list) else x for x in args)
+        k = {n: (v[i] if isinstance(v, list) else v) for n, v in kwargs.items()}
+        out.append(_leaf_op(op, t, a, k, in_place))
+    # (in place, each entry is the very tensor written into; under vmap it may be a new one)
+    return out
 
 
 def unflatten(leaves: list, spec, original: Tree, in_place: bool) -> Tree:

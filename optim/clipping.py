@@ -11,7 +11,8 @@ from numbers import Real
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from .base import GradientTransformation, no_state, tensor_leaves, transformation, unflatten
+from .base import (GradientTransformation, is_traced, no_state, tensor_leaves, transformation,
+                   unflatten)
 
 
 def _groups(leaves):
@@ -24,7 +25,9 @@ def global_norm(leaves: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of all leaves together, summed in torch's order (per-leaf norms grouped by
     device and dtype as torch groups them, then the norm of the stacked norms)."""
     norms = []
-    for _, idx in _groups(leaves):
+    if any(is_traced(x) for x in leaves):   # foreach ops have no vmap rule: leaf by leaf
+        norms = [torch.linalg.vector_norm(x, 2.0) for x in leaves]
+    for _, idx in ([] if norms else _groups(leaves)):
         norms.extend(torch._foreach_norm([leaves[i] for i in idx], 2.0))
     first_device = leaves[0].device
     return torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), 2.0)
@@ -57,7 +60,10 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
             # the leaf (0-d float32 leaves are computed in float64), so copy (unless the updates
             # are temporaries of a donated step) and do exactly that.
             group = [leaves[i] if mode.updates_owned else leaves[i].clone() for i in idx]
-            torch._foreach_mul_(group, clip_coef_clamped.to(device))
+            if any(is_traced(x) for x in group):   # under vmap: leaf by leaf, the same product
+                group = [x.mul_(clip_coef_clamped.to(device)) for x in group]
+            else:
+                torch._foreach_mul_(group, clip_coef_clamped.to(device))
             for i, y in zip(idx, group):
                 out[i] = y
         return unflatten(out, spec, updates, mode.updates_owned), state, True

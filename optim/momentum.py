@@ -20,8 +20,8 @@ from typing import NamedTuple
 import torch
 from torch.utils import _pytree as pytree
 
-from .base import (GradientTransformation, Tree, count_tensor, foreach, tensor_leaves, transformation,
-                   unflatten)
+from .base import (GradientTransformation, Tree, count_tensor, foreach, step_count, tensor_leaves,
+                   transformation, unflatten)
 
 
 class TraceState(NamedTuple):
@@ -30,8 +30,12 @@ class TraceState(NamedTuple):
     momentum_buffer: Tree
 
 
-def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> GradientTransformation:
-    """Momentum buffer update with torch.optim.SGD's order of operations (foreach path)."""
+def trace(momentum, dampening: float = 0.0, nesterov: bool = False) -> GradientTransformation:
+    """Momentum buffer update with torch.optim.SGD's order of operations (foreach path).
+
+    ``momentum`` may be a 0-d tensor (a member's value under ``vmap``): the tensor path then
+    selects ``b_1 = g`` with ``torch.where(count == 0, ...)`` instead of reading the count, and
+    gives the same bits as the scalar path."""
     def init(params):
         leaves, spec = tensor_leaves("trace.init", "params", params)
         return TraceState(count_tensor(0), pytree.tree_unflatten([torch.zeros_like(x) for x in leaves], spec))
@@ -43,17 +47,23 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
         if len(bufs_old) != len(g):
             raise ValueError(f"{fn}: expected a momentum buffer per update leaf ({len(g)}), "
                              f"got {len(bufs_old)}: was the state made by init on these params?")
-        t = int(state.count)
+        t = step_count(state.count, momentum)
         if not g:
             return updates, TraceState(count_tensor(t + 1), state.momentum_buffer), mode.updates_owned
-        if t == 0 and mode.donate:   # b_1 = g, copied into the donated buffer
+        if isinstance(t, torch.Tensor):   # the tensor path: no host read of the count
+            later = foreach("mul", bufs_old, momentum, in_place=False)
+            later = foreach("add", later, g, alpha=1 - dampening, in_place=True)
+            bufs = [torch.where(t == 0, gi, li) for gi, li in zip(g, later)]
+            if mode.donate:
+                bufs = foreach("copy", bufs_old, bufs, in_place=True)
+        elif t == 0 and mode.donate:   # b_1 = g, copied into the donated buffer
             bufs = bufs_old
             torch._foreach_copy_(bufs, g)
         elif t == 0:                 # b_1 = g, a clone as torch's
             bufs = [x.clone() for x in g]
         else:                        # b_t = mu b_{t-1} + (1 - dampening) g
             bufs = foreach("mul", bufs_old, momentum, in_place=mode.donate)
-            torch._foreach_add_(bufs, g, alpha=1 - dampening)
+            bufs = foreach("add", bufs, g, alpha=1 - dampening, in_place=True)
         new_state = TraceState(count_tensor(t + 1),
                                unflatten(bufs, spec, state.momentum_buffer, mode.donate))
         if not nesterov:

@@ -15,7 +15,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .base import (GradientTransformation, count_tensor, flatten_like, foreach, no_state, rate_tensor,
-                   tensor_leaves, transformation, unflatten)
+                   step_count, tensor_leaves, transformation, unflatten)
 from .schedules import as_schedule
 
 
@@ -38,6 +38,10 @@ class LearningRateState(NamedTuple):
 def scale_by_learning_rate(lr) -> GradientTransformation:
     """``u = -lr_t * d`` with ``lr_t = lr`` or ``lr(t)`` for a schedule, t = updates done so far.
 
+    ``lr`` may be a 0-d tensor (a member's rate under ``vmap``, as optax's inject_hyperparams);
+    under a torch.func transform the count stays a tensor and a schedule is evaluated on it
+    (:mod:`optim.schedules` accepts tensor steps). Nothing is read on the host then.
+
     The fused step writes ``p + (-lr_t) * d`` in one ``torch._foreach_add(p, d, alpha=-lr_t)``
     (``_foreach_add_`` into donated params), the last operation of torch.optim.SGD's foreach step.
     """
@@ -52,8 +56,9 @@ def scale_by_learning_rate(lr) -> GradientTransformation:
             d, p, spec = flatten_like(fn, "updates", updates, "params", params)
         else:
             d, spec = tensor_leaves(fn, "updates", updates)
-        t = int(state.count)
-        rate = float(schedule(t))
+        t = step_count(state.count, lr)
+        rate = schedule(t)
+        rate = rate if isinstance(rate, torch.Tensor) else float(rate)
         new_state = LearningRateState(count_tensor(t + 1), rate_tensor(schedule(t + 1)))
         if mode.new_params:   # p + (-lr_t) d
             return unflatten(foreach("add", p, d, alpha=-rate, in_place=mode.donate), spec, params,

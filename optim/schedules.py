@@ -15,6 +15,11 @@ ulps rather than bit for bit.
     one_cycle_schedule(max_lr, T, ...)                                              OneCycleLR
     join_schedules([s0, s1, ...], [b1, ...])(t) = s_i(t - b_i) for b_i <= t < b_{i+1}  SequentialLR
     warmup_cosine_schedule(...)                = join(linear warm-up, cosine)
+
+Every schedule also takes the step as a 0-d int64 tensor (a member's count under ``vmap``) and
+then returns a 0-d float64 tensor computed on the device with the same formula, branches
+written as ``torch.where``: nothing is read on the host, so the schedule runs inside
+``torch.func.vmap`` (docs/sweeps.md). Values agree with the integer step to a few ulps.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ import bisect
 import math
 from numbers import Integral, Real
 from typing import Callable, Sequence
+
+import torch
 
 Schedule = Callable[[int], float]
 
@@ -38,16 +45,40 @@ def _int(fn: str, name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def _step(fn: str, t) -> int:
+def _step(fn: str, t):
+    """The step as an int, or a 0-d integer tensor as it is (not checked: its value may not be
+    readable on the host)."""
+    if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dtype != torch.bool:
+        return t
     if isinstance(t, bool) or not isinstance(t, Integral) or t < 0:
         raise ValueError(f"{fn}: expected the step to be an integer >= 0, got {t!r}")
     return int(t)
 
 
+def _f64(x) -> torch.Tensor:
+    return x.to(torch.float64) if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64)
+
+
+def _pow(base: float, k):
+    """``base ** k``; a tensor ``k`` in float64 (a Python float base against an int64 tensor would
+    give float32)."""
+    return _f64(base) ** k if isinstance(k, torch.Tensor) else base ** k
+
+
+def _cos(x):
+    return torch.cos(_f64(x)) if isinstance(x, torch.Tensor) else math.cos(x)
+
+
 def as_schedule(fn: str, lr) -> Schedule:
-    """A float lr becomes a constant schedule; a callable is returned as it is."""
+    """A float lr becomes a constant schedule; a callable is returned as it is; a 0-d tensor lr
+    (a member's rate under ``vmap``) becomes ``t -> lr``."""
     if callable(lr):
         return lr
+    if isinstance(lr, torch.Tensor):
+        if lr.dim() != 0 or not lr.is_floating_point():
+            raise TypeError(f"{fn}: expected a tensor lr to be a 0-d floating tensor, got "
+                            f"{lr.dtype} of shape {tuple(lr.shape)}")
+        return lambda t: lr
     return constant_schedule(_real(fn, "lr (a float or a schedule step -> lr)", lr))
 
 
@@ -68,7 +99,7 @@ def step_decay_schedule(init_value: float, step_size: int, gamma: float = 0.1) -
     gamma = _real("step_decay_schedule", "gamma", gamma)
 
     def schedule(t: int) -> float:
-        return init_value * gamma ** (_step("step_decay_schedule", t) // step_size)
+        return init_value * _pow(gamma, _step("step_decay_schedule", t) // step_size)
     return schedule
 
 
@@ -80,7 +111,11 @@ def multistep_schedule(init_value: float, milestones: Sequence[int], gamma: floa
     ms = sorted(_int("multistep_schedule", "each milestone", m, 0) for m in milestones)
 
     def schedule(t: int) -> float:
-        return init_value * gamma ** bisect.bisect_right(ms, _step("multistep_schedule", t))
+        t = _step("multistep_schedule", t)
+        if isinstance(t, torch.Tensor):
+            passed = (torch.tensor(ms, dtype=torch.int64, device=t.device) <= t).sum()
+            return init_value * _pow(gamma, passed)
+        return init_value * gamma ** bisect.bisect_right(ms, t)
     return schedule
 
 
@@ -90,7 +125,7 @@ def exponential_schedule(init_value: float, gamma: float) -> Schedule:
     gamma = _real("exponential_schedule", "gamma", gamma)
 
     def schedule(t: int) -> float:
-        return init_value * gamma ** _step("exponential_schedule", t)
+        return init_value * _pow(gamma, _step("exponential_schedule", t))
     return schedule
 
 
@@ -103,7 +138,8 @@ def cosine_annealing_schedule(init_value: float, T_max: int, eta_min: float = 0.
 
     def schedule(t: int) -> float:
         t = _step("cosine_annealing_schedule", t)
-        return eta_min + (init_value - eta_min) * (1 + math.cos(math.pi * t / T_max)) / 2
+        t = _f64(t) if isinstance(t, torch.Tensor) else t   # (an int64 tensor times pi: float32)
+        return eta_min + (init_value - eta_min) * (1 + _cos(math.pi * t / T_max)) / 2
     return schedule
 
 
@@ -122,7 +158,8 @@ def linear_schedule(init_value: float, start_factor: float = 1.0 / 3, end_factor
     total_iters = _int(fn, "total_iters", total_iters, 1)
 
     def schedule(t: int) -> float:
-        t = min(total_iters, _step(fn, t))
+        t = _step(fn, t)
+        t = torch.clamp(_f64(t), max=total_iters) if isinstance(t, torch.Tensor) else min(total_iters, t)
         return init_value * (start_factor + (end_factor - start_factor) * t / total_iters)
     return schedule
 
@@ -170,11 +207,23 @@ def one_cycle_schedule(max_lr: float, total_steps: int, pct_start: float = 0.3,
 
     def anneal(start: float, end: float, pct: float) -> float:
         if anneal_strategy == "cos":
-            return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+            return end + (start - end) / 2.0 * (_cos(math.pi * pct) + 1)
         return (end - start) * pct + start
+
+    def on_device(t: torch.Tensor) -> torch.Tensor:
+        """The same phases with ``torch.where``: every phase evaluated, the right one selected."""
+        t = _f64(t)
+        value, start_step = None, 0.0
+        for i, (end_step, start, end) in enumerate(phases):
+            here = anneal(start, end, (t - start_step) / (end_step - start_step))
+            value = here if value is None else torch.where(t <= start_step, value, here)
+            start_step = end_step
+        return value
 
     def schedule(t: int) -> float:
         t = _step(fn, t)
+        if isinstance(t, torch.Tensor):
+            return on_device(t)
         if t > total_steps:
             raise ValueError(f"{fn}: stepped {t} times, expected at most total_steps={total_steps}")
         start_step = 0.0
@@ -204,6 +253,11 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
 
     def schedule(t: int) -> float:
         t = _step(fn, t)
+        if isinstance(t, torch.Tensor):   # every piece on its own clock, the right one selected
+            value = _f64(schedules[0](t))
+            for b, s in zip(bounds, schedules[1:]):
+                value = torch.where(t >= b, _f64(s(torch.clamp(t - b, min=0))), value)
+            return value
         i = bisect.bisect_right(bounds, t)
         return schedules[i](t - (bounds[i - 1] if i > 0 else 0))
     return schedule

@@ -1,0 +1,142 @@
+"""Tensor hyperparameters (optax's inject_hyperparams): every hyperparameter may be a 0-d tensor,
+batched under ``torch.func.vmap``, and nothing on that path reads a value on the host.
+
+The property: K members trained by one vmapped optimizer step equal K runs with Python-number
+hyperparameters. Equality is bit for bit: the tensor path runs the same elementwise kernels with
+the same values (a tensor scalar is cast to the leaf's dtype as torch casts a Python scalar; a
+tensor ``alpha`` becomes the single-rounding ``addcmul``; a tensor addcdiv ``value`` is folded in
+torch's own order of operations), so there is no rounding to allow for.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.func import vmap
+
+import optim
+
+SEEDS = st.integers(0, 2**31 - 1)
+F64 = dict(dtype=torch.float64)
+
+
+def _problem(seed, steps=4):
+    g = torch.Generator().manual_seed(seed)
+    params = {"conv.weight": torch.randn(4, 3, 3, 3, generator=g), "conv.bias": torch.randn(4, generator=g),
+              "fc.weight": torch.randn(2, 36, generator=g)}
+    grads = [{k: torch.randn(v.shape, generator=g) for k, v in params.items()} for _ in range(steps)]
+    return params, grads
+
+
+def _train(make, params, grads, *hypers):
+    opt = make(*hypers)
+    p, s = params, opt.init(params)
+    for g in grads:
+        p, s = optim.step(opt, g, s, p)
+    return p, s
+
+
+def _assert_members_equal(batched, runs):
+    for i, single in enumerate(runs):
+        for k, v in single.items():
+            assert torch.equal(batched[k][i], v), (i, k)
+
+
+MAKERS = {
+    "sgd": lambda lr, mom, wd: optim.sgd(lr, momentum=mom, weight_decay=wd),
+    "nesterov": lambda lr, mom, wd: optim.sgd(lr, momentum=mom, nesterov=True, weight_decay=wd),
+    "adam": lambda lr, mom, wd: optim.adam(lr, weight_decay=wd),
+    "adamw": lambda lr, mom, wd: optim.adamw(lr, weight_decay=wd),
+}
+
+
+@settings(deadline=None, max_examples=12)
+@given(seed=SEEDS, kind=st.sampled_from(sorted(MAKERS)),
+       hypers=st.lists(st.tuples(st.floats(1e-4, 0.5), st.floats(0.05, 0.99), st.floats(0, 1e-2)),
+                       min_size=1, max_size=4))
+def test_vmapped_members_equal_runs_with_number_hyperparameters(seed, kind, hypers):
+    params, grads = _problem(seed)
+    make = MAKERS[kind]
+    runs = [_train(make, params, grads, *h)[0] for h in hypers]
+    columns = [torch.tensor(c, **F64) for c in zip(*hypers)]
+    batched, state = vmap(lambda *h: _train(make, params, grads, *h))(*columns)
+    _assert_members_equal(batched, runs)
+    counts = [leaf for leaf in torch.utils._pytree.tree_leaves(state)
+              if isinstance(leaf, torch.Tensor) and leaf.dtype == torch.int64]
+    assert counts and all(torch.equal(c, torch.full((len(hypers),), len(grads))) for c in counts)
+
+
+@settings(deadline=None, max_examples=6)
+@given(seed=SEEDS, kind=st.sampled_from(sorted(MAKERS)), lr=st.floats(1e-4, 0.5),
+       mom=st.floats(0.05, 0.99), wd=st.floats(1e-5, 1e-2))
+def test_eager_tensor_hyperparameters_equal_numbers(seed, kind, lr, mom, wd):
+    params, grads = _problem(seed)
+    a = _train(MAKERS[kind], params, grads, lr, mom, wd)[0]
+    b = _train(MAKERS[kind], params, grads, *(torch.tensor(x, **F64) for x in (lr, mom, wd)))[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_tensor_momentum_of_zero_equals_plain_sgd():
+    # A tensor option keeps its stage: b_t = 0 * b + g = g, the same bits as no momentum stage.
+    params, grads = _problem(3)
+    a = _train(lambda: optim.sgd(0.1), params, grads)[0]
+    b = _train(lambda: optim.sgd(0.1, momentum=torch.tensor(0.0, **F64)), params, grads)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+SCHEDULES = {
+    "one_cycle_linear": optim.one_cycle_schedule(0.4, 60, pct_start=0.25, anneal_strategy="linear",
+                                                 div_factor=10.0, final_div_factor=100.0),
+    "one_cycle_cos": optim.one_cycle_schedule(0.1, 60, three_phase=True),
+    "cosine": optim.cosine_annealing_schedule(0.1, 20, 1e-3),
+    "step": optim.step_decay_schedule(0.1, 7, 0.5),
+    "multistep": optim.multistep_schedule(0.1, [5, 5, 30], 0.3),
+    "exponential": optim.exponential_schedule(0.1, 0.97),
+    "linear": optim.linear_schedule(0.1, 0.2, 1.0, 15),
+    "warmup_cosine": optim.warmup_cosine_schedule(0.2, 10, 40),
+    "constant": optim.constant_schedule(0.05),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_schedules_take_a_tensor_step_and_agree_with_the_integer_step(name):
+    schedule = SCHEDULES[name]
+    t = torch.arange(0, 60)
+    on_device = vmap(schedule)(t) if name != "constant" else torch.tensor([schedule(i) for i in t], **F64)
+    for i in range(60):
+        # the same formula in float64 on both sides; torch.cos and math.cos may differ in the
+        # last bit, so 4 ulps of the value
+        assert math.isclose(float(on_device[i]), schedule(i), rel_tol=4 * 2**-52, abs_tol=1e-300), (i,)
+
+
+def test_a_schedule_inside_a_vmapped_sgd_step_reads_nothing_on_the_host():
+    params, grads = _problem(1)
+    schedule = SCHEDULES["one_cycle_linear"]
+    moms = [0.5, 0.9, 0.99]
+    make = lambda mom: optim.sgd(schedule, momentum=mom, nesterov=True)   # noqa: E731
+    runs = [_train(make, params, grads, m)[0] for m in moms]
+    batched, _ = vmap(lambda m: _train(make, params, grads, m))(torch.tensor(moms, **F64))
+    _assert_members_equal(batched, runs)
+
+
+def test_clipping_runs_under_vmap_and_equals_the_unbatched_step():
+    params, grads = _problem(2)
+    make = lambda lr: optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(lr))   # noqa: E731
+    lrs = [0.1, 0.3]
+    runs = [_train(make, params, grads, lr)[0] for lr in lrs]
+    batched, _ = vmap(lambda lr: _train(make, params, grads, lr))(torch.tensor(lrs, **F64))
+    for i, single in enumerate(runs):
+        for k, v in single.items():
+            # global_norm sums the per-leaf norms in torch's grouped order eagerly and leaf by
+            # leaf under vmap: the clip factor may differ in its last bit, 2 ulps of float32
+            torch.testing.assert_close(batched[k][i], v, rtol=2.5e-7, atol=1e-7)
+
+
+def test_tensor_hyperparameters_are_validated_where_they_can_be_read():
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        optim.sgd(torch.tensor(-1.0, **F64))
+    with pytest.raises(ValueError, match="Invalid momentum"):
+        optim.sgd(0.1, momentum=torch.tensor(-0.5, **F64))
+    with pytest.raises(TypeError, match="0-d floating tensor"):
+        optim.sgd(torch.tensor([0.1, 0.2]))
