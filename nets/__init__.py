@@ -15,6 +15,7 @@ See docs/nets.md.
 from . import compose
 from .checkpoint import load, save
 from .compose import Layer, Net, as_net, leaves, serial
+from .ensemble import ensemble, stack, unstack
 from .cut import block_ends, child, cut, layer_names, leaf_keys, leaf_names, outputs_at
 from .jax_interop import from_jax, to_jax
 from .model_a import model_a
@@ -23,6 +24,7 @@ from .model_c import model_c
 from .small_vgg16 import small_vgg16
 from .summary import Row, Summary, summary
 from .torchvision_weights import load_torchvision_weights
+from .tutorial import tutorial_net
 from .vgg16 import vgg16
 from .vgg_like import vgg_like
 
@@ -31,5 +33,5 @@ __all__ = [
     "from_jax", "layer_names", "leaf_keys", "leaf_names", "leaves", "load",
     "load_torchvision_weights", "outputs_at", "model_a", "model_b", "model_c", "save", "serial", "small_vgg16",
     "summary",
-    "to_jax", "vgg16", "vgg_like",
+    "to_jax", "vgg16", "vgg_like", "ensemble", "stack", "unstack", "tutorial_net",
 ]

@@ -23,6 +23,7 @@ from .base import (EmptyState, GradientTransformation, apply_updates, current_lr
 from .clipping import clip_by_global_norm, global_norm
 from .combine import MaskedState, MultiTransformState, chain, freeze, masked, multi_transform
 from .decay import add_decayed_weights
+from .ensemble import VmappedState, member_lrs, vmapped
 from .masks import decay_mask_no_bias_or_norm
 from .momentum import TraceState, trace
 from .scale import LearningRateState, negate, scale_by_learning_rate, set_to_zero
@@ -36,7 +37,7 @@ __all__ = [
     "chain", "masked", "multi_transform", "freeze", "MaskedState", "MultiTransformState",
     "negate", "scale_by_learning_rate", "set_to_zero", "LearningRateState",
     "trace", "TraceState", "add_decayed_weights", "scale_by_adam", "ScaleByAdamState",
-    "clip_by_global_norm", "global_norm", "decay_mask_no_bias_or_norm",
+    "clip_by_global_norm", "global_norm", "decay_mask_no_bias_or_norm", "vmapped", "VmappedState", "member_lrs",
     "constant_schedule", "step_decay_schedule", "multistep_schedule", "exponential_schedule",
     "cosine_annealing_schedule", "linear_schedule", "one_cycle_schedule", "join_schedules",
     "warmup_cosine_schedule",

@@ -5,6 +5,7 @@
 See docs/training.md and docs/architecture.md.
 """
 from .device import resolve_device, retain_freed_memory
+from .ensemble import MAX_MEMBERS, ensemble_parts, member_losses
 from .keys import RunKeys, StepKeys, epoch_order, run_keys, step_keys
 from .loop import FitResult, NonFiniteLossError, check_loop_config, fit, fit_tensors
 from .metrics import EvalResult, Scores, evaluate, logits_in_batches, predict_all, score_net, scores
@@ -19,5 +20,5 @@ __all__ = [
     "Scores", "evaluate", "logits_in_batches", "predict_all", "score_net", "scores", "ProgressBar",
     "history_table", "CHECKPOINT", "MODELS", "NonFiniteCheckpointError", "build_model",
     "checkpoint_path", "load_run", "num_classes_of", "make_eval", "make_step", "to_channels_last",
-    "translate", "tta_views",
+    "translate", "tta_views", "MAX_MEMBERS", "ensemble_parts", "member_losses",
 ]

@@ -26,9 +26,9 @@ import optim
 
 from ..data.dataset import Dataset
 
-from . import keys as run_keys_mod
 from .checks import whole_number
 from .device import resolve_device
+from .members import Members, member_mean
 from .metrics import evaluate
 from .progress import LineWriter, ProgressBar, history_table
 from .runs import (CHECKPOINT, METRICS, load_run, read_history, save_checkpoint, write_config,
@@ -70,11 +70,30 @@ def check_loop_config(config: Mapping) -> None:
     resolve_device(config.get("device", "auto"))
 
 
-def _current_lr(opt_state) -> float | None:
+def _current_lr(opt_state) -> float | list | None:
+    """The rate of the next update: a float, a list (one per ensemble member), or None (an
+    optimizer without an lr field)."""
+    if isinstance(opt_state, optim.VmappedState):
+        lrs = optim.member_lrs(opt_state)
+        return None if lrs is None else lrs.tolist()
     try:
         return optim.current_lr(opt_state)
-    except ValueError:  # an optimizer without an lr field
+    except ValueError:
         return None
+
+
+def _loss_and_accuracy(result):
+    """``(loss, accuracy)`` of an EvalResult, or lists of them (one per ensemble member)."""
+    if isinstance(result, list):
+        return [r.loss for r in result], [r.accuracy for r in result]
+    return result.loss, result.accuracy
+
+
+def _diverged(opt_state, count: int) -> list[bool]:
+    """Which ensemble members are frozen because they diverged (``optim.vmapped``'s flags)."""
+    if isinstance(opt_state, optim.VmappedState):
+        return opt_state.diverged.tolist()
+    return [False] * count
 
 
 def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=None,
@@ -128,13 +147,13 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
     if steps_per_epoch < 1:
         raise ValueError(f"fit: expected at least one batch of {batch_size} examples (lower "
                          f"--batch-size), got {n} training examples")
-    keys = run_keys_mod.run_keys(int(config.get("seed", 0)))
-    train_key = keys.train if key is None else key
+    members = Members(config, key)
+    train_key = members.train_key
     ckpt_path = None if run_dir is None else run_dir / CHECKPOINT
     resume_command = resume_command or f"--resume {run_dir}"
 
     if params is None:
-        params, state = net.init(keys.init)
+        params, state = net.init(members.init_key)
     state = {} if state is None else state
     opt_state = opt.init(params)
     history: list[dict] = []
@@ -183,7 +202,7 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
             if max_epochs is not None and epoch >= max_epochs:
                 status = "stopped"
                 break
-            order = run_keys_mod.epoch_order(train_key, epoch, n).to(device)
+            order = members.order(epoch, n, device)
             bar = ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", stream=stream,
                               enabled=False if quiet else None)
             t0 = time.perf_counter() - progress["seconds"]
@@ -191,32 +210,35 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
             while s < steps_per_epoch:
                 if on_step is not None:
                     on_step(epoch, s)
-                idx = order[s * batch_size:(s + 1) * batch_size]
-                sk = run_keys_mod.step_keys(train_key, epoch, s)
-                x = net_input(sk.augment, images[idx])
+                idx = order[..., s * batch_size:(s + 1) * batch_size]
+                sk = members.step_keys(epoch, s)
+                x = members.inputs(net_input, images, idx, sk.augment)
                 lr_now = _current_lr(opt_state)
                 new_params, new_state, new_opt_state, metrics = step(
                     params, state, opt_state, (x, labels[idx]), sk.dropout.to(device))
-                loss = metrics["loss"].item()
-                if not math.isfinite(loss):
+                loss = members.values(metrics["loss"])
+                if members.all_diverged(loss) or (members.count is not None
+                                                  and all(_diverged(new_opt_state, members.count))):
                     where = (f"; stopped without saving, so {ckpt_path} still holds the last good "
                              "checkpoint" if ckpt_path is not None else "")
                     raise NonFiniteLossError(
                         f"fit: expected a finite training loss, got {loss} at epoch {epoch + 1}, "
                         f"batch {s}{where}. Lower the learning rate or check the data.")
                 s += 1
-                nxt = {"epoch": epoch, "step": s, "loss_sum": progress["loss_sum"] + loss * len(idx),
-                       "correct": progress["correct"] + int(metrics["correct"].item()),
-                       "seen": progress["seen"] + len(idx),
+                size = idx.shape[-1]
+                nxt = {"epoch": epoch, "step": s,
+                       "loss_sum": members.add(progress["loss_sum"], loss, size),
+                       "correct": members.add(progress["correct"], members.values(metrics["correct"]), 1),
+                       "seen": progress["seen"] + size,
                        "seconds": time.perf_counter() - t0, "lr": lr_now}
                 # One assignment, so a Ctrl-C never sees new parameters with old progress.
                 params, state, opt_state, progress = new_params, new_state, new_opt_state, nxt
                 if not quiet:
                     bar.update(s, (s - first_step) * batch_size,
-                               loss=progress["loss_sum"] / progress["seen"],
-                               acc=progress["correct"] / progress["seen"])
-            row = {"epoch": epoch + 1, "train_loss": progress["loss_sum"] / progress["seen"],
-                   "train_accuracy": progress["correct"] / progress["seen"],
+                               loss=member_mean(members.ratio(progress["loss_sum"], progress["seen"])),
+                               acc=member_mean(members.ratio(progress["correct"], progress["seen"])))
+            row = {"epoch": epoch + 1, "train_loss": members.ratio(progress["loss_sum"], progress["seen"]),
+                   "train_accuracy": members.ratio(progress["correct"], progress["seen"]),
                    "val_loss": None, "val_accuracy": None, "test_loss": None, "test_accuracy": None,
                    "lr": progress.get("lr"),
                    "train_seconds": time.perf_counter() - t0}
@@ -225,8 +247,9 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
                 if data is not None and len(data.labels):
                     results[split] = evaluate(predict, params, state, data, device=device,
                                               batch_size=eval_bs, prepare=prepare)
-                    row[f"{split}_loss"], row[f"{split}_accuracy"] = (results[split].loss,
-                                                                      results[split].accuracy)
+                    row[f"{split}_loss"], row[f"{split}_accuracy"] = _loss_and_accuracy(results[split])
+            if members.count is not None:
+                row["diverged"] = _diverged(opt_state, members.count)
             row["seconds"] = time.perf_counter() - t0
             history.append(row)
             epoch += 1
@@ -237,10 +260,13 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
                 write_history(run_dir / METRICS, history)
                 save(params, state, opt_state, progress)
                 _plot(run_dir, history, results, train.classes, epoch, str(config.get("name", "")))
-            summary = " ".join(f"{k} {100 * row[f'{k}_accuracy']:.2f}%" for k in ("train", "val", "test")
-                               if row[f"{k}_accuracy"] is not None)
-            line = (f"epoch {epoch}/{epochs}: loss {row['train_loss']:.4f} {summary} "
-                    f"lr {row['lr'] or float('nan'):.2e} {row['seconds']:.1f}s")
+            summary = " ".join(f"{k} {100 * member_mean(row[f'{k}_accuracy']):.2f}%"
+                               for k in ("train", "val", "test") if row[f"{k}_accuracy"] is not None)
+            if members.count is not None:
+                summary = (f"(mean of {members.count - sum(row['diverged'])} of {members.count} "
+                           f"members) {summary}")
+            line = (f"epoch {epoch}/{epochs}: loss {member_mean(row['train_loss']):.4f} {summary} "
+                    f"lr {member_mean(row['lr']) or float('nan'):.2e} {row['seconds']:.1f}s")
             if not quiet:
                 bar.close(line)
     except KeyboardInterrupt:
@@ -259,6 +285,11 @@ def _plot(run_dir: Path, history: list[dict], results: dict, classes, epoch: int
     """Curves of the history so far and the confusion matrix of the last evaluated split."""
     from ..report.plots import plot_confusion, plot_curves
 
+    if any(isinstance(row.get("train_loss"), list) for row in history):   # an ensemble: means
+        history = [{k: member_mean(v) if isinstance(v, list) else v for k, v in row.items()}
+                   for row in history]
+        plot_curves(history, run_dir, title=f"{title} (mean over the members)")
+        return
     plot_curves(history, run_dir, title=title)
     which = "test" if "test" in results else ("val" if "val" in results else None)
     if which is not None:

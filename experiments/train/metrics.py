@@ -57,21 +57,34 @@ class EvalResult:
 
 def evaluate(predict: Callable, params, state, data, *, device: torch.device | str | None = None,
              batch_size: int = 1000,
-             prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EvalResult:
+             prepare: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """Run ``predict`` over ``data`` (``.images``, ``.labels`` (N,) int64, ``.classes``) in
-    batches: plain (unsmoothed) mean cross-entropy, accuracy and the confusion matrix."""
+    batches: plain (unsmoothed) mean cross-entropy, accuracy and the confusion matrix.
+
+    Returns an :class:`EvalResult`, or a list of them, one per member, when ``predict`` gives an
+    ensemble's logits ``(K, B, classes)``.
+    """
     k = len(data.classes)
-    loss_sum, preds = 0.0, []
+    loss_sums, preds, members = None, [], None
     for i, logits in enumerate(logits_in_batches(predict, params, state, data.images,
                                                  batch_size=batch_size, prepare=prepare,
                                                  device=device)):
         y = data.labels[i * batch_size:(i + 1) * batch_size].to(logits.device)
-        loss_sum += layers.cross_entropy(logits, y, reduction="sum").item()
-        preds.append(logits.argmax(-1).cpu())
-    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
+        per_member = logits if logits.dim() == 3 else logits[None]
+        members = per_member.shape[0] if logits.dim() == 3 else None
+        sums = [layers.cross_entropy(m, y, reduction="sum").item() for m in per_member]
+        loss_sums = sums if loss_sums is None else [a + b for a, b in zip(loss_sums, sums)]
+        preds.append(per_member.argmax(-1).cpu())
     n = max(len(data.labels), 1)
-    confusion = torch.bincount(data.labels * k + pred, minlength=k * k).reshape(k, k)
-    return EvalResult(loss_sum / n, (pred == data.labels).sum().item() / n, confusion, pred)
+    if not preds:
+        return EvalResult(0.0, 0.0, torch.zeros(k, k, dtype=torch.int64),
+                          torch.zeros(0, dtype=torch.int64))
+    pred = torch.cat(preds, dim=-1)
+    results = []
+    for loss_sum, p in zip(loss_sums, pred):
+        confusion = torch.bincount(data.labels * k + p, minlength=k * k).reshape(k, k)
+        results.append(EvalResult(loss_sum / n, (p == data.labels).sum().item() / n, confusion, p))
+    return results if members is not None else results[0]
 
 
 class Scores(NamedTuple):

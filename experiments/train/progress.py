@@ -73,6 +73,10 @@ def history_table(history: list[dict]) -> str:
     def num(v):
         return f"{v:6.4f}" if v is not None else "     -"
 
+    from .members import member_mean
+
+    history = [{k: member_mean(v) if isinstance(v, list) and k != "diverged" else v
+                for k, v in h.items()} for h in history]
     lines = ["epoch  train_loss train_acc  val_loss val_acc  test_loss test_acc        lr    sec",
              "-----  ---------- ---------  -------- -------  --------- --------  -------- ------"]
     for h in history:

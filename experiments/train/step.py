@@ -59,21 +59,26 @@ def make_step(net, opt, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
       compile: ``torch.compile`` the net's forward and backward (the optimizer update stays
         eager: its schedule is host arithmetic on the step count).
 
-    ``metrics`` holds 0-d tensors ``loss`` (mean over the batch) and ``correct`` (count).
+    ``metrics`` holds 0-d tensors ``loss`` (mean over the batch) and ``correct`` (count), or
+    ``(K,)`` tensors for an ensemble (``nets.ensemble``: logits ``(K, B, classes)``, a loss per
+    member; its parameters are updated by ``optim.vmapped``).
     """
     def loss_of(params, state, x, y, key):
         with _autocast(x.device, bf16):
             logits, new_state = net.apply(params, state, x, train=True, key=key)
         logits = _widen(logits)
-        return loss_fn(logits, y), (new_state, logits)
+        loss = loss_fn(logits, y)
+        # An ensemble's loss is one per member; their sum has each member's gradient with
+        # respect to its own parameters (the members share none).
+        return (loss if loss.dim() == 0 else loss.sum()), (new_state, logits, loss)
 
     grad_and_value = torch.func.grad_and_value(loss_of, has_aux=True)
 
     def forward_backward(params, state, x, y, key):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        grads, (loss, (new_state, logits)) = grad_and_value(params, state, x, y, key)
-        return grads, new_state, {"loss": loss.detach(), "correct": (logits.argmax(-1) == y).sum()}
+        grads, (_, (new_state, logits, loss)) = grad_and_value(params, state, x, y, key)
+        return grads, new_state, {"loss": loss.detach(), "correct": (logits.argmax(-1) == y).sum(-1)}
 
     if compile:
         # Only the net's forward and backward are compiled. The optimizer stays eager: its

@@ -1,0 +1,93 @@
+"""One model or K ensemble members: what :func:`~experiments.train.loop.fit` draws and sums.
+
+A config with ``seeds = [s_1, ..., s_K]`` trains an ensemble (the net is
+``nets.ensemble(net, K)``, the optimizer ``optim.vmapped``); member k's keys are
+``run_keys(s_k)``, so member k draws for its initialisation, augmentation and dropout exactly
+what a single run with ``seed = s_k`` draws. All members see the batches of member 1's data order
+unless ``member_data_order`` gives each its own (then member k also sees the batches of the
+single run of seed s_k). A config with ``seed`` trains one model, as it always did: every
+method below then does what the loop did before ensembles existed, call for call.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping
+
+import torch
+
+from . import keys as K
+
+__all__ = ["Members"]
+
+
+class Members:
+    """The draws and sums of one model (``count is None``) or of ``count`` members."""
+
+    def __init__(self, config: Mapping, train_key: torch.Tensor | None = None):
+        seeds = config.get("seeds")
+        self.count = len(seeds) if seeds else None
+        if self.count is None:
+            self.keys = K.run_keys(int(config.get("seed", 0)))
+            self.init_key = self.keys.init
+            self.train_key = self.keys.train if train_key is None else train_key
+        else:
+            self.keys = [K.run_keys(int(s)) for s in seeds]
+            self.init_key = torch.stack([k.init for k in self.keys])
+            self.train_key = (torch.stack([k.train for k in self.keys]) if train_key is None
+                              else train_key)
+        self.own_order = bool(config.get("member_data_order"))
+
+    def _member_keys(self) -> list[torch.Tensor]:
+        return list(self.train_key)
+
+    def order(self, epoch: int, n: int, device) -> torch.Tensor:
+        """``(n,)`` (one model, or members sharing an order) or ``(K, n)`` visiting order."""
+        if self.count is None:
+            return K.epoch_order(self.train_key, epoch, n).to(device)
+        if self.own_order:
+            return torch.stack([K.epoch_order(k, epoch, n) for k in self._member_keys()]).to(device)
+        return K.epoch_order(self.train_key[0], epoch, n).to(device)
+
+    def step_keys(self, epoch: int, step: int) -> K.StepKeys:
+        """The step's keys: ``(2,)`` each, or ``(K, 2)`` (one row per member)."""
+        if self.count is None:
+            return K.step_keys(self.train_key, epoch, step)
+        per = [K.step_keys(k, epoch, step) for k in self._member_keys()]
+        return K.StepKeys(torch.stack([p.augment for p in per]), torch.stack([p.dropout for p in per]))
+
+    def inputs(self, net_input: Callable, images: torch.Tensor, idx: torch.Tensor,
+               augment_keys: torch.Tensor) -> torch.Tensor:
+        """The net's input: ``net_input(key, images[idx])``, stacked over members ``(K, B, ...)``
+        with each member's own augmentation key (and batch, with ``member_data_order``)."""
+        if self.count is None:
+            return net_input(augment_keys, images[idx])
+        rows = idx if idx.dim() == 2 else [idx] * self.count
+        return torch.stack([net_input(k, images[i]) for k, i in zip(augment_keys, rows)])
+
+    @staticmethod
+    def values(t: torch.Tensor):
+        """A metric as Python numbers: a float, or a list with one per member."""
+        return t.item() if t.dim() == 0 else t.tolist()
+
+    def add(self, total, value, weight):
+        """``total + value * weight``, member by member."""
+        if self.count is None:
+            return total + value * weight
+        total = [0.0] * self.count if not isinstance(total, list) else total
+        return [t + v * weight for t, v in zip(total, value)]
+
+    def ratio(self, total, seen):
+        return total / seen if self.count is None else [t / seen for t in total]
+
+    @staticmethod
+    def all_diverged(loss) -> bool:
+        """True when no member has a finite loss (one model: its loss is not finite)."""
+        return not any(math.isfinite(v) for v in (loss if isinstance(loss, list) else [loss]))
+
+
+def member_mean(value):
+    """A display number: the value, or the mean over the members whose value is finite."""
+    if not isinstance(value, list):
+        return value
+    finite = [v for v in value if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
