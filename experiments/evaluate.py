@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import nets
+
 from .cifar.recipes import prepare, split_train
 from .data.cifar10 import DataNotFoundError, find_data_dir, load_cifar10
 from .train import (build_model, evaluate, load_run, make_eval, num_classes_of, resolve_device,
@@ -53,6 +55,23 @@ def _load_split(args: argparse.Namespace, cfg: dict):
     return val
 
 
+def _report_members(results, cfg, opt_state, as_json: bool) -> int:
+    """One line per ensemble member: its hyperparameters, seed, accuracy and loss."""
+    # (a checkpoint read without a template gives optim.VmappedState back as a dict)
+    flags = opt_state.get("diverged") if isinstance(opt_state, dict) else getattr(opt_state, "diverged", None)
+    diverged = flags.tolist() if flags is not None else [False] * len(results)
+    rows = []
+    for k, (res, point, seed, bad) in enumerate(zip(results, cfg["points"], cfg["seeds"], diverged)):
+        hp = " ".join(f"{n} {v:g}" for n, v in point.items())
+        print(f"  member {k:3d}: {hp} seed {seed}: accuracy {100 * res.accuracy:6.2f}%  loss "
+              f"{res.loss:.4f}{'  (diverged: frozen)' if bad else ''}")
+        rows.append({**point, "seed": seed, "accuracy": res.accuracy, "loss": res.loss,
+                     "diverged": bad})
+    if as_json:
+        print(json.dumps({"members": rows}))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -73,11 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"naming its model), got {args.checkpoint}")
         data = _load_split(args, cfg)
         params, state = tree["params"], tree["state"]
-        num_classes = num_classes_of(params)
+        members = len(cfg["seeds"]) if cfg.get("seeds") else None   # an ensemble (a sweep)
+        num_classes = num_classes_of(nets.unstack(params)[0] if members else params)
         if num_classes != len(data.classes):
             raise ValueError(f"expected a data set with {num_classes} classes (as the checkpoint's "
                              f"last layer), got {len(data.classes)} classes {data.classes}")
         net = build_model(cfg["model"], num_classes, cfg)
+        if members:
+            net = nets.ensemble(net, members)
         tta = cfg.get("tta_flip", False) if args.tta_flip is None else args.tta_flip
         shift = cfg.get("tta_shift", 0) if args.tta_shift is None else args.tta_shift
         predict = make_eval(net, tta_flip=tta, tta_shift=shift, bf16=bool(cfg.get("bf16")),
@@ -92,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    prepare=prepare)
     print(f"{cfg['model']} ({cfg.get('name')}, after {progress.get('epoch')} epochs) on {args.split} "
           f"of {data.images.shape[0]} images, tta_flip={tta}, tta_shift={shift}")
+    if members:
+        return _report_members(res, cfg, tree["opt_state"], args.json)
     print(f"accuracy {100 * res.accuracy:.2f}%  loss {res.loss:.4f}")
     per_class = res.per_class_accuracy()
     for name, acc, n in zip(data.classes, per_class.tolist(), res.confusion.sum(1).tolist()):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +17,8 @@ import torch
 from nets.checkpoint import CheckpointError
 
 from ..data.cifar10 import DataNotFoundError
-from ..train import CHECKPOINT, NonFiniteLossError, fit, load_run, resolve_device, retain_freed_memory
+from ..train import (CHECKPOINT, NonFiniteLossError, fit, load_run, resolve_device,
+                     retain_freed_memory, sigterm_as_interrupt)
 from ..train.build import build_loss, build_optimizer
 from .recipes import COMMON, RECIPES, augmenter, build_net, check_config, load_data, prepare
 from .speed import benchmark
@@ -152,20 +152,6 @@ def resume_config(args: argparse.Namespace, run_dir: Path, model: str) -> tuple[
     return cfg, progress
 
 
-def _sigterm_as_ctrl_c():
-    """Let ``kill PID`` of a background run save a checkpoint the way Ctrl-C does; returns the
-    previous handler (None when handlers cannot be set from this thread)."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        return None
-
-
-
-
 def main(model: str, description: str, argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, train (or resume), print the final table; returns the exit status."""
     args = build_parser(model, description).parse_args(argv)
@@ -209,20 +195,17 @@ def main(model: str, description: str, argv: Sequence[str] | None = None) -> int
           f"{cfg['batch_size']}, lr {cfg['lr']}, bf16 {cfg['bf16']}, channels_last "
           f"{cfg['channels_last']}, run dir {run_dir}", file=sys.stderr)
     resume_cmd = f"python -m experiments.{model} --resume {run_dir}"
-    previous = _sigterm_as_ctrl_c()
     try:
-        result = fit(cfg, net=net, opt=opt, loss_fn=build_loss(cfg), train=train, val=val,
-                     test=test, augment=augmenter(cfg), prepare=prepare, run_dir=run_dir,
-                     resume=bool(args.resume), max_epochs=args.max_epochs,
-                     resume_command=resume_cmd)
+        with sigterm_as_interrupt():
+            result = fit(cfg, net=net, opt=opt, loss_fn=build_loss(cfg), train=train, val=val,
+                         test=test, augment=augmenter(cfg), prepare=prepare, run_dir=run_dir,
+                         resume=bool(args.resume), max_epochs=args.max_epochs,
+                         resume_command=resume_cmd)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except CheckpointError as err:
         return refuse(err)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     if result.status == "interrupted":
         return 130
     if result.status == "stopped":

@@ -20,6 +20,7 @@ from ..data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, find_data_dir, load_cifar1
 from ..train import run_keys
 from ..train.build import check_training_config
 from ..train.checks import whole_number
+from ..train.runs import MODELS as REGISTRY
 from ..train.runs import build_model
 
 __all__ = ["RECIPES", "MODELS", "COMMON", "check_config", "build_net", "augmenter", "prepare",
@@ -84,8 +85,8 @@ def parse_val_split(text: str | float | int | None) -> float | int:
 def check_config(cfg: dict) -> None:
     """Refuse (ValueError, one line naming the flag) a config that could not train: every
     hyperparameter is checked here, before the run folder is created."""
-    if cfg.get("model") not in MODELS:
-        raise ValueError(f"model: expected one of {MODELS}, got {cfg.get('model')!r}")
+    if cfg.get("model") not in REGISTRY:
+        raise ValueError(f"model: expected one of {sorted(REGISTRY)}, got {cfg.get('model')!r}")
     for name in ("crop", "cutout", "tta_shift"):
         whole_number(cfg.get(name), name, 0, unit=" of pixels")
     check_training_config(cfg)

@@ -11,7 +11,9 @@ and a resumed run is bit-identical on the CPU to an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,7 +37,8 @@ from .runs import (CHECKPOINT, METRICS, load_run, read_history, save_checkpoint,
                    write_history)
 from .step import make_eval, make_step, to_channels_last, tta_views
 
-__all__ = ["fit", "fit_tensors", "FitResult", "NonFiniteLossError", "check_loop_config"]
+__all__ = ["fit", "fit_tensors", "FitResult", "NonFiniteLossError", "check_loop_config",
+           "sigterm_as_interrupt"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,6 +61,25 @@ class FitResult:
         """``[{"epoch", "train_loss", "train_accuracy"}, ...]``: the history without wall-clock
         times, so two runs of the same config compare equal."""
         return [{k: row[k] for k in ("epoch", "train_loss", "train_accuracy")} for row in self.history]
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, ``kill PID`` (SIGTERM) of a background run raises KeyboardInterrupt, so
+    :func:`fit` saves a checkpoint the way Ctrl-C does; the previous handler comes back after
+    (nothing changes where handlers cannot be set: not the main thread)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def check_loop_config(config: Mapping) -> None:

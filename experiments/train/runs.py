@@ -131,6 +131,7 @@ MODELS: dict[str, Callable[[int, dict], "nets.Net"]] = {
     "cifar_model_b": lambda k, cfg: nets.model_b(k, **_vgg_like_options(cfg)),
     "cifar_model_c": lambda k, cfg: nets.model_c(k, **_vgg_like_options(cfg)),
     "cifar_transfer": lambda k, cfg: nets.small_vgg16(k),
+    "tutorial": lambda k, cfg: nets.tutorial_net(k),
     "vgg16": lambda k, cfg: nets.vgg16(k, batch_norm=bool(cfg.get("batch_norm"))),
 }
 
