@@ -45,6 +45,14 @@ def make_optimizer(optimizer: str, nesterov: bool = False) -> Callable[..., opti
     raise ValueError(f"--optimizer: expected sgd or adam, got {optimizer!r}")
 
 
+def _augment(config: Mapping):
+    """The members' augmentation, or None when the config draws none (no crop, flip or cutout:
+    the tutorial's setting), so that members sharing their batches share one input."""
+    if not (config.get("crop") or config.get("flip") or config.get("cutout")):
+        return None
+    return augmenter(config)
+
+
 def study_members(config: Mapping) -> list[Member]:
     """The members the config's ``points`` and ``seeds`` name."""
     return [Member(dict(p), s) for p, s in zip(config["points"], config["seeds"])]
@@ -64,7 +72,7 @@ def run_sweep(config: Mapping, *, train, val=None, test=None, run_dir: Path, res
                                                               bool(config.get("nesterov"))),
                                           hyper, loss)
     result = fit(config, net=net_k, opt=opt_k, loss_fn=loss_k, train=train, val=val, test=test,
-                 augment=augmenter(config), prepare=prepare, run_dir=run_dir, resume=resume,
+                 augment=_augment(config), prepare=prepare, run_dir=run_dir, resume=resume,
                  max_epochs=max_epochs, stream=stream, resume_command=resume_command)
     rows = summarize(ms, result.history[-1] if result.history else {}, list(config["grid"]))
     if result.status == "done":

@@ -234,7 +234,7 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
                     on_step(epoch, s)
                 idx = order[..., s * batch_size:(s + 1) * batch_size]
                 sk = members.step_keys(epoch, s)
-                x = members.inputs(net_input, images, idx, sk.augment)
+                x = members.inputs(net_input, images, idx, sk.augment, random=augment is not None)
                 lr_now = _current_lr(opt_state)
                 new_params, new_state, new_opt_state, metrics = step(
                     params, state, opt_state, (x, labels[idx]), sk.dropout.to(device))

@@ -56,11 +56,17 @@ class Members:
         return K.StepKeys(torch.stack([p.augment for p in per]), torch.stack([p.dropout for p in per]))
 
     def inputs(self, net_input: Callable, images: torch.Tensor, idx: torch.Tensor,
-               augment_keys: torch.Tensor) -> torch.Tensor:
+               augment_keys: torch.Tensor, *, random: bool = True) -> torch.Tensor:
         """The net's input: ``net_input(key, images[idx])``, stacked over members ``(K, B, ...)``
-        with each member's own augmentation key (and batch, with ``member_data_order``)."""
-        if self.count is None:
-            return net_input(augment_keys, images[idx])
+        with each member's own augmentation key (and batch, with ``member_data_order``).
+
+        Members that share their batches and draw nothing for their input (``random`` False: no
+        augmentation) get the one batch ``(B, ...)``: ``vmap`` then runs each convolution once
+        with the members' filters side by side instead of as a grouped convolution of K
+        groups, which is several times faster on the CPU (docs/performance.md).
+        """
+        if self.count is None or (not random and idx.dim() == 1):
+            return net_input(augment_keys if self.count is None else augment_keys[0], images[idx])
         rows = idx if idx.dim() == 2 else [idx] * self.count
         return torch.stack([net_input(k, images[i]) for k, i in zip(augment_keys, rows)])
 
