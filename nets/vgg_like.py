@@ -28,7 +28,8 @@ from .compose import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, 
 
 
 def vgg_like(blocks: Sequence[Sequence[int]], *, num_classes: int = 10, dropout: float = 0.1,
-             head_dropout: float = 0.2, in_channels: int = 3, name: str = "vgg_like") -> Net:
+             head_dropout: float = 0.2, in_channels: int = 3, name: str = "vgg_like",
+             batch_norm: bool = True, init: str = "xavier_uniform") -> Net:
     """A VGG-like net: one conv-BN-ReLU per width in each block, then 2x2 max-pool and dropout.
 
     Args:
@@ -38,6 +39,10 @@ def vgg_like(blocks: Sequence[Sequence[int]], *, num_classes: int = 10, dropout:
       dropout: drop probability after every pooled block.
       head_dropout: drop probability before the final linear layer.
       in_channels: channels of the input image.
+      batch_norm: conv-BN-ReLU (the report's B and C); False gives conv-ReLU with a conv bias
+        (nothing cancels it then), for the ablation of Table 1. The layer indices shift.
+      init: the ``layers.init`` scheme of every conv and linear weight: ``"xavier_uniform"`` (the
+        report's) or ``"torch_default"`` (torch's kaiming uniform, for the ablation).
 
     Shapes: ``(N, in_channels, H, W) -> (N, num_classes)``.
     """
@@ -48,14 +53,15 @@ def vgg_like(blocks: Sequence[Sequence[int]], *, num_classes: int = 10, dropout:
                                        below_one=True)
     if not blocks or any(len(b) == 0 for b in blocks):
         raise ValueError(f"{where}: expected at least one block of at least one width, got {blocks!r}")
+    C.check_bool(batch_norm, where, "batch_norm")
     features = []
     channels = in_channels
     for widths in blocks:
         for width in widths:
-            features += [Conv2d(channels, width, 3, padding=1, bias=False, init="xavier_uniform"),
-                         BatchNorm2d(width), ReLU()]
+            features += [Conv2d(channels, width, 3, padding=1, bias=not batch_norm, init=init)]
+            features += [BatchNorm2d(width), ReLU()] if batch_norm else [ReLU()]
             channels = width
         features += [MaxPool2d(2), Dropout(dropout)]
     classifier = serial(AdaptiveAvgPool2d(1), Flatten(), Dropout(head_dropout),
-                        Linear(channels, num_classes, init="xavier_uniform"))
+                        Linear(channels, num_classes, init=init))
     return as_net(serial(features=serial(*features), classifier=classifier), name=name)

@@ -13,11 +13,12 @@ from experiments.ensembles.grid import check_grid, members, parse_values
 
 @pytest.fixture
 def tiny_cifar(tmp_path, monkeypatch):
-    """A 32x32 PNG image-folder CIFAR-10 with 4 train and 2 test images per class."""
+    """A 32x32 PNG image-folder CIFAR-10 with 13 train and 2 test images per class (130 train
+    images: one batch of the ablation's 125)."""
     monkeypatch.setenv("PURENN_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("CIFAR10_DIR", raising=False)
     g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 4), ("test", 2)):
+    for split, n in (("train", 13), ("test", 2)):
         for c in CIFAR10_CLASSES:
             (tmp_path / "c10" / split / c).mkdir(parents=True)
             x = torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
@@ -57,7 +58,7 @@ def test_a_grid_is_the_product_of_its_lists_once_per_seed():
 def test_sweep_trains_every_member_writes_its_table_and_figures_and_resumes(tmp_path, tiny_cifar, capsys):
     argv = ["--data-dir", str(tiny_cifar), "--out", str(tmp_path / "runs"), "--name", "s",
             "--lr", "0.05,1e30", "--momentum", "0.5,0.9", "--seeds", "2", "--epochs", "2",
-            "--batch-size", "10", "--device", "cpu"]
+            "--batch-size", "10", "--device", "cpu", "--limit-per-class", "4"]
     assert sweep.main(argv + ["--max-epochs", "1"]) == 0
     run = tmp_path / "runs" / "s"
     assert not (run / "table.md").exists()                      # not finished yet
@@ -74,3 +75,33 @@ def test_sweep_trains_every_member_writes_its_table_and_figures_and_resumes(tmp_
     report = json.loads(out.strip().splitlines()[-1])["members"]
     assert len(report) == 8 and report[4]["diverged"] and not report[0]["diverged"]
     assert "member   7: lr 1e+30 momentum 0.9" in out
+
+
+def test_ablation_trains_each_variant_and_tables_the_differences(tmp_path, tiny_cifar, capsys):
+    from experiments import ablation
+    from experiments.ensembles.ablation import variants
+
+    argv = ["--model", "a", "--seeds", "2", "--epochs", "1", "--data-dir", str(tiny_cifar),
+            "--out", str(tmp_path / "runs"), "--device", "cpu"]
+    assert ablation.main(argv + ["--limit-per-class", "4"]) == 2        # batch 125 > 40 images
+    assert "variant 'batch 125'" in capsys.readouterr().err
+    assert ablation.main(argv) == 0
+    out = tmp_path / "runs" / "ablation-a"
+    rows = json.loads((out / "ablation.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == [name for name, _ in variants("cifar_model_a")]
+    assert all(r["n"] + r["diverged"] == 2 for r in rows)
+    table = (out / "ablation.md").read_text()
+    assert "| batch norm off |" in table and "| batch 125 |" in table
+    # every variant's run folder is reused by a rerun, nothing is trained twice
+    stamp = (out / "batch-norm-off" / "checkpoint.safetensors").stat().st_mtime_ns
+    assert ablation.main(argv) == 0
+    assert (out / "batch-norm-off" / "checkpoint.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_ablation_refuses_bad_flags_before_training(tmp_path, tiny_cifar, capsys):
+    from experiments import ablation
+
+    assert ablation.main(["--model", "b", "--seeds", "0", "--data-dir", str(tiny_cifar),
+                          "--out", str(tmp_path / "runs")]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

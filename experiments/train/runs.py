@@ -122,12 +122,13 @@ def write_history(path: Path, rows: list[dict]) -> None:
 
 
 def _vgg_like_options(cfg: dict) -> dict:
-    return {k: cfg[k] for k in ("dropout", "head_dropout") if k in cfg}
+    """The architecture options of Models A, B, C a config may set (the ablation sets all)."""
+    return {k: cfg[k] for k in ("dropout", "head_dropout", "batch_norm", "init") if k in cfg}
 
 
 #: The nets a run's config may name under "model": ``name -> (num_classes, config) -> Net``.
 MODELS: dict[str, Callable[[int, dict], "nets.Net"]] = {
-    "cifar_model_a": lambda k, cfg: nets.model_a(k),
+    "cifar_model_a": lambda k, cfg: nets.model_a(k, **_vgg_like_options(cfg)),
     "cifar_model_b": lambda k, cfg: nets.model_b(k, **_vgg_like_options(cfg)),
     "cifar_model_c": lambda k, cfg: nets.model_c(k, **_vgg_like_options(cfg)),
     "cifar_transfer": lambda k, cfg: nets.small_vgg16(k),
