@@ -23,6 +23,7 @@ import torch
 from nets.checkpoint import atomic_write
 
 from .benchmarks.layers import bench_layers
+from .benchmarks.ensembles import bench_ensembles, render_ensembles
 from .benchmarks.pipeline import bench_pipeline
 from .benchmarks.steps import CONFIGS, MODELS, bench_steps, kept_notes, render
 from .benchmarks.timing import machine_info, matmul_peak
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads (default: os.cpu_count(); fewer helps only when other "
                         "processes load the cores)")
     p.add_argument("--skip", default="",
-                   help="comma list of parts to leave out: steps, layers, pipeline, compile")
+                   help="comma list of parts to leave out: steps, layers, pipeline, ensembles, compile")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
     p.add_argument("--allocator", choices=("retain", "default"), default="retain",
                    help="retain: keep freed memory in the process, as the experiments do "
@@ -106,10 +107,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     layer_rows = [] if "layers" in skip else bench_layers(16 if quick else args.batch, rounds, device)
     pipeline = {} if "pipeline" in skip else bench_pipeline(1024 if quick else 10240, args.batch,
                                                             rounds, device)
+    ensembles = [] if "ensembles" in skip else bench_ensembles(
+        models=("tutorial",) if quick else ("tutorial", "a"), ks=(1, 2) if quick else (1, 2, 4, 8, 16),
+        rounds=rounds, device=device, steps=1 if quick else 3)
     command = "python -m experiments.bench" + "".join(" " + shlex.quote(a) for a in argv)
     text = render(command=command, info=info, peaks=peaks, step_peaks=step_peaks, steps=steps, layer_rows=layer_rows,
                   pipeline=pipeline, batch=args.batch, rounds=rounds,
                   seconds=time.perf_counter() - start, retained=retained)
+    if ensembles:
+        text += "\n" + "\n".join(render_ensembles(ensembles, 32, rounds))
     print(text)
     if args.write:
         out = Path(args.out or DEFAULT_OUT)

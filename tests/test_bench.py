@@ -202,3 +202,14 @@ def test_main_only_prints_the_report_unless_asked_to_write_it(tmp_path, monkeypa
         bench_cli.main([*argv, "--out", str(tmp_path / "x.md")])
     assert e.value.code == 2 and "expected --write too" in capsys.readouterr().err
     assert not (tmp_path / "x.md").exists()
+
+
+def test_ensemble_bench_times_vmapped_against_sequential_members():
+    from experiments.benchmarks.ensembles import bench_ensembles, render_ensembles
+
+    rows = bench_ensembles(models=("tutorial",), ks=(1, 2), batch=4, rounds=1, steps=1)
+    assert [(r["model"], r["k"]) for r in rows] == [("tutorial", 1), ("tutorial", 2)]
+    assert all(r["vmapped_img_s"] > 0 and r["sequential_img_s"] > 0 and r["peak_mib"] > 0 for r in rows)
+    assert all(abs(r["ratio"] - r["vmapped_img_s"] / r["sequential_img_s"]) < 1e-9 for r in rows)
+    table = "\n".join(render_ensembles(rows, 4, 1))
+    assert "| tutorial | 2 |" in table and "vmapped img/s" in table
