@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from nets.checkpoint import CheckpointError
-
 from .cifar.recipes import check_config, load_data
 from .data.cifar10 import DataNotFoundError
 from .ensembles.ablation import run_ablation, variant_config, variants
 from .ensembles.grid import check_grid
-from .train import MAX_MEMBERS, NonFiniteLossError, retain_freed_memory, sigterm_as_interrupt
+from .train import MAX_MEMBERS, retain_freed_memory
+from .train.commands import add_data_flags, guarded, refusal
 
 MODELS = {"a": "cifar_model_a", "b": "cifar_model_b", "c": "cifar_model_c"}
 
@@ -31,11 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model", choices=sorted(MODELS), required=True, help="the report's model")
     a("--seeds", type=int, default=3, help="seeds per variant, trained as one ensemble (default: 3)")
     a("--epochs", type=int, default=10, help="epochs per variant (default: 10; the report: 20)")
-    a("--val-split", default="0", help="validation images carved from train (default: 0)")
-    a("--limit-per-class", type=int, help="only the first N images of each class (smoke runs)")
-    a("--data-dir", help="CIFAR-10 folder (default: $CIFAR10_DIR, else ./data)")
-    a("--device", default="auto", help="auto, cpu, cuda, ...")
-    a("--out", default="runs", help="folder of the run folders (default: runs)")
+    add_data_flags(p)
     a("--name", help="folder of the variants (default: ablation-<model>)")
     a("--max-epochs", type=int, help="stop (resumably) after this many epochs of a variant")
     return p
@@ -62,20 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  f"in the {len(train.labels)} training images (raise "
                                  "--limit-per-class)")
     except (ValueError, FileNotFoundError, DataNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refusal(err)
     retain_freed_memory()
     out = Path(args.out) / (args.name or f"ablation-{args.model}")
-    try:
-        with sigterm_as_interrupt():
-            rows = run_ablation(model, seeds=args.seeds, epochs=args.epochs, base=base, out=out,
-                                load_data=load_data, max_epochs=args.max_epochs)
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    rows, code = guarded(lambda: run_ablation(model, seeds=args.seeds, epochs=args.epochs, base=base,
+                                              out=out, load_data=load_data, max_epochs=args.max_epochs))
+    if code is not None:
+        return code
     if (out / "ablation.md").is_file() and len(rows) == len(variants(model)):
         print((out / "ablation.md").read_text())
         return 0

@@ -14,13 +14,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from nets.checkpoint import CheckpointError
-
 from .cifar.recipes import check_config, load_data
 from .data.cifar10 import DataNotFoundError
 from .ensembles.grid import check_grid, members, parse_values
 from .ensembles.sweep import DEFAULTS, MODELS, run_sweep
-from .train import MAX_MEMBERS, NonFiniteLossError, load_run, retain_freed_memory, sigterm_as_interrupt
+from .train import MAX_MEMBERS, load_run, retain_freed_memory
+from .train.commands import add_data_flags, guarded, refusal
 
 #: The sweep's own defaults: the tutorial's training (SGD, no augmentation, batch 32, fp32).
 BASE = dict(optimizer="sgd", nesterov=False, weight_decay=0.0, decay_mask=False, schedule="constant",
@@ -50,11 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--crop", type=int, default=0, metavar="PIXELS", help="random crop padding (default: 0)")
     a("--max-members", type=int, default=MAX_MEMBERS,
       help=f"refuse grids with more members (default: {MAX_MEMBERS})")
-    a("--val-split", default="0", help="validation images carved from train (default: 0)")
-    a("--limit-per-class", type=int, help="only the first N images of each class (smoke runs)")
-    a("--data-dir", help="CIFAR-10 folder (default: $CIFAR10_DIR, else ./data)")
-    a("--device", default="auto", help="auto, cpu, cuda, ...")
-    a("--out", default="runs", help="folder of the run folders (default: runs)")
+    add_data_flags(p)
     a("--name", help="run folder name (default: sweep-<model>-<n> members)")
     a("--resume", metavar="RUN_DIR", help="continue a sweep from its checkpoint")
     a("--max-epochs", type=int, help="stop (resumably) after this many completed epochs")
@@ -87,10 +82,6 @@ def sweep_config(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    def refuse(err) -> int:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
     try:
         if args.resume:
             run_dir = Path(args.resume)
@@ -108,25 +99,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  f"{run_dir} or pick another --name")
         train, val, test = load_data(cfg)
     except (ValueError, FileNotFoundError, DataNotFoundError) as err:   # CheckpointError too
-        return refuse(err)
+        return refusal(err)
     if len(train.labels) < cfg["batch_size"]:
-        return refuse(f"--batch-size {cfg['batch_size']}: expected at most the "
+        return refusal(f"--batch-size {cfg['batch_size']}: expected at most the "
                       f"{len(train.labels)} training images")
     if cfg.get("retain_freed_memory", True):
         retain_freed_memory()
     print(f"sweep of {len(cfg['seeds'])} members ({cfg['model']}, grid "
           f"{ {k: v for k, v in cfg['grid'].items() if v != [DEFAULTS[k]]} }) -> {run_dir}",
           file=sys.stderr)
-    try:
-        with sigterm_as_interrupt():
-            result, rows = run_sweep(cfg, train=train, val=val, test=test, run_dir=run_dir,
-                                     resume=bool(args.resume), max_epochs=args.max_epochs,
-                                     resume_command=f"python -m experiments.sweep --resume {run_dir}")
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except CheckpointError as err:
-        return refuse(err)
+    done, code = guarded(lambda: run_sweep(
+        cfg, train=train, val=val, test=test, run_dir=run_dir, resume=bool(args.resume),
+        max_epochs=args.max_epochs, resume_command=f"python -m experiments.sweep --resume {run_dir}"))
+    if code is not None:
+        return code
+    result, rows = done
     if result.status == "interrupted":
         return 130
     if result.status == "done":

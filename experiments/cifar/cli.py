@@ -14,11 +14,9 @@ from typing import Sequence
 
 import torch
 
-from nets.checkpoint import CheckpointError
-
 from ..data.cifar10 import DataNotFoundError
-from ..train import (CHECKPOINT, NonFiniteLossError, fit, load_run, resolve_device,
-                     retain_freed_memory, sigterm_as_interrupt)
+from ..train import CHECKPOINT, fit, load_run, resolve_device, retain_freed_memory
+from ..train.commands import guarded, refusal
 from ..train.build import build_loss, build_optimizer
 from .recipes import COMMON, RECIPES, augmenter, build_net, check_config, load_data, prepare
 from .speed import benchmark
@@ -156,10 +154,6 @@ def main(model: str, description: str, argv: Sequence[str] | None = None) -> int
     """Parse ``argv``, train (or resume), print the final table; returns the exit status."""
     args = build_parser(model, description).parse_args(argv)
 
-    def refuse(err) -> int:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
     try:
         if args.resume:
             run_dir = Path(args.resume)
@@ -168,22 +162,22 @@ def main(model: str, description: str, argv: Sequence[str] | None = None) -> int
             cfg = resolve_config(model, args)
             run_dir = Path(args.out) / cfg["name"]
     except (ValueError, FileNotFoundError) as err:   # CheckpointError is a ValueError
-        return refuse(err)
+        return refusal(err)
     if args.benchmark:
         if cfg["retain_freed_memory"]:
             retain_freed_memory()
         print(json.dumps(benchmark(cfg, args.benchmark)))
         return 0
     if not args.resume and (run_dir / CHECKPOINT).exists():
-        return refuse(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+        return refusal(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                       "or pick another --name")
     try:
         train, val, test = load_data(cfg)
     except (DataNotFoundError, FileNotFoundError, ValueError) as err:
-        return refuse(err)
+        return refusal(err)
     steps_per_epoch = len(train.labels) // cfg["batch_size"]
     if steps_per_epoch < 1:
-        return refuse(f"--batch-size {cfg['batch_size']}: expected at most the {len(train.labels)} "
+        return refusal(f"--batch-size {cfg['batch_size']}: expected at most the {len(train.labels)} "
                       "training images (lower --batch-size, or raise --limit-per-class)")
     if cfg.get("retain_freed_memory", True):   # runs saved before the option existed: on
         retain_freed_memory()
@@ -195,17 +189,12 @@ def main(model: str, description: str, argv: Sequence[str] | None = None) -> int
           f"{cfg['batch_size']}, lr {cfg['lr']}, bf16 {cfg['bf16']}, channels_last "
           f"{cfg['channels_last']}, run dir {run_dir}", file=sys.stderr)
     resume_cmd = f"python -m experiments.{model} --resume {run_dir}"
-    try:
-        with sigterm_as_interrupt():
-            result = fit(cfg, net=net, opt=opt, loss_fn=build_loss(cfg), train=train, val=val,
-                         test=test, augment=augmenter(cfg), prepare=prepare, run_dir=run_dir,
-                         resume=bool(args.resume), max_epochs=args.max_epochs,
-                         resume_command=resume_cmd)
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except CheckpointError as err:
-        return refuse(err)
+    result, code = guarded(lambda: fit(
+        cfg, net=net, opt=opt, loss_fn=build_loss(cfg), train=train, val=val, test=test,
+        augment=augmenter(cfg), prepare=prepare, run_dir=run_dir, resume=bool(args.resume),
+        max_epochs=args.max_epochs, resume_command=resume_cmd))
+    if code is not None:
+        return code
     if result.status == "interrupted":
         return 130
     if result.status == "stopped":
