@@ -1,7 +1,9 @@
 """Stateless layer functions over parameter dicts, as pure functions of their arguments.
 
 Every layer has two formulations, ``impl="fast"`` (the fused torch primitive; the default) and
-``impl="explicit"`` (the math written out); see :mod:`layers._impl` and docs/layers.md.
+``impl="explicit"`` (the math written out, forward and backward: an ``autograd.Function`` per
+layer whose backward is the derivation in its docstring); see :mod:`layers._impl` and
+docs/layers.md.
 
     y = layers.conv2d({"weight": w, "bias": b}, x, stride=1, padding="same")
     y, state = layers.batch_norm(params, state, y, train=True)

@@ -30,7 +30,8 @@ def check_floating(x, where, name="input"):
 AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _autocasting(t):
+def autocasting(t):
+    """Whether ``torch.autocast`` is active on ``t``'s device."""
     try:
         return torch.is_autocast_enabled(t.device.type)
     except RuntimeError:            # a device type autocast does not know (meta): never autocast
@@ -49,7 +50,7 @@ def check_dtype(t, like, where, name, whose, *, autocast=False):
     if t.dtype == like.dtype:
         return
     if (autocast and t.dtype in AUTOCAST_DTYPES and like.dtype in AUTOCAST_DTYPES
-            and _autocasting(t)):
+            and autocasting(t)):
         return
     raise TypeError(f"{where}: expected {name} of dtype {like.dtype} (the {whose}), got {t.dtype}")
 

@@ -5,7 +5,9 @@ Every layer function takes ``impl=None | "fast" | "explicit"``:
 * ``"fast"`` (the default) is a thin wrapper around the fused torch primitive
   (``torch.nn.functional`` / ``torch`` ops): shape validation, then one call.
 * ``"explicit"`` writes the math out (im2col + matmul for convolution, a max over gathered
-  windows for pooling, mean/variance for batch norm, ...) for people who step through it.
+  windows for pooling, mean/variance for batch norm, ...) for people who step through it, and
+  its backward pass too: each is a ``torch.autograd.Function`` (``Explicit*``, see
+  :mod:`layers._autograd`) whose ``backward`` is the derivation in its docstring.
 
 ``impl=None`` means "the current default", which is the only piece of global state in
 ``layers``. It is read at call time, so it can be changed globally with

@@ -16,8 +16,33 @@ def relu(x, *, impl=None):
     C.check_tensor(x, where)
     if impl == "fast":
         return torch.relu(x)
-    # Select rather than clamp: clamp's gradient at the boundary is 1, torch.relu's is 0.
-    return torch.where(x <= 0, torch.zeros((), dtype=x.dtype, device=x.device), x)
+    return ExplicitReLU.apply(x)
+
+
+class ExplicitReLU(torch.autograd.Function):
+    """``relu``'s explicit formulation, ``where(x <= 0, 0, x)``, with its backward written out.
+
+        dx = where(y <= 0, 0, dy)
+
+    ``y > 0`` exactly where ``x > 0``, so the saved output decides (as torch's
+    ``threshold_backward``, which lets the input be freed): the gradient is 0 at ``x = 0``, and a
+    NaN input (``NaN <= 0`` is false) passes ``dy`` through.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        # Select rather than clamp: clamp's gradient at the boundary is 1, torch.relu's is 0.
+        return torch.where(x <= 0, torch.zeros((), dtype=x.dtype, device=x.device), x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, = ctx.saved_tensors
+        return torch.where(y <= 0, torch.zeros((), dtype=dy.dtype, device=dy.device), dy)
 
 
 def _dim(d, rank, where, name):
@@ -62,6 +87,39 @@ def log_softmax(x, dim=-1, *, impl=None):
     d = _dim(dim, x.dim(), where, "dim")
     if impl == "fast":
         return F.log_softmax(x, dim=d)
-    m = x.detach().amax(dim=d, keepdim=True)
+    return ExplicitLogSoftmax.apply(x, d)
+
+
+def log_softmax_values(x, d):
+    """``(x - m) - log(sum_j exp(x_j - m))`` along axis ``d`` (an index ``>= 0``), no checks:
+    the forward of :class:`ExplicitLogSoftmax`, also computed by the explicit cross-entropy."""
+    m = x.amax(dim=d, keepdim=True)
     shifted = x - m
     return shifted - torch.log(torch.exp(shifted).sum(dim=d, keepdim=True))
+
+
+class ExplicitLogSoftmax(torch.autograd.Function):
+    """``log_softmax``'s explicit formulation with its backward written out.
+
+    ``y_i = x_i - log sum_j exp(x_j)``, so ``dy_i / dx_k = [i = k] - softmax(x)_k`` and
+
+        dx_k = sum_i dy_i (delta_ik - p_k) = dy_k - p_k sum_i dy_i,   p = softmax(x) = exp(y)
+
+    (``m``, the max subtracted for stability, cancels out and needs no gradient). Only the output
+    is saved: ``p = exp(y)``.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, d):
+        return log_softmax_values(x, d)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.dim = inputs[1]
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, = ctx.saved_tensors
+        return dy - torch.exp(y) * dy.sum(dim=ctx.dim, keepdim=True), None

@@ -146,17 +146,145 @@ def _fast(weight, bias, state, x, train, update, momentum, eps):
 
 
 def _explicit(weight, bias, state, x, train, update, momentum, eps):
-    axes = [0] + list(range(2, x.dim()))                  # every axis but the channel axis
-    per_channel = (1, -1) + (1,) * (x.dim() - 2)           # (C,) -> broadcastable against x
     if train or not state:
-        mean = x.mean(dim=axes)
-        var = ((x - mean.reshape(per_channel)) ** 2).mean(dim=axes)   # biased: divide by n
+        y, mean, var = ExplicitBatchNormTrain.apply(x, weight, bias, eps)
     else:
-        mean, var = state["running_mean"], state["running_var"]
-    y = (x - mean.reshape(per_channel)) / torch.sqrt(var.reshape(per_channel) + eps)
-    if weight is not None:
-        y = y * weight.reshape(per_channel) + bias.reshape(per_channel)
+        y = ExplicitBatchNormEval.apply(x, weight, bias, state["running_mean"],
+                                        state["running_var"], eps)
     if not update:
         return y, state
     n = x.numel() // x.shape[1]
     return y, _updated_state(state, mean, var * (n / (n - 1)), momentum)
+
+
+def _per_channel(x):
+    """``(axes, shape)``: every axis of ``x`` but the channel axis, and the shape ``(1, C, 1, ...)``
+    that broadcasts a ``(C,)`` vector against ``x``."""
+    return [0] + list(range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
+
+
+class ExplicitBatchNormTrain(torch.autograd.Function):
+    """Batch norm with batch statistics (training, or no running statistics), written out, with
+    its backward.
+
+    Per channel, over its ``n`` values (every axis but ``C``), ``mu = mean(x)``,
+    ``var = mean((x - mu)^2)`` (biased), ``sigma = sqrt(var + eps)``, ``x_hat = (x - mu) / sigma``
+    and ``y = gamma x_hat + beta``. The statistics depend on every ``x`` of the channel, so the
+    gradient has three paths, ``dx = dx_hat / sigma + dmu / n + dvar * 2 (x - mu) / n`` with
+    ``dx_hat = gamma dy``, ``dmu = -sum(dx_hat) / sigma`` (the ``dvar`` term through ``mu``
+    vanishes: ``sum(x - mu) = 0``) and ``dvar = -sum(dx_hat x_hat) / (2 sigma^2)``. Collected:
+
+        dx    = (gamma / sigma) / n * (n dy - sum(dy) - x_hat sum(dy x_hat))
+        dgamma = sum(dy x_hat),   dbeta = sum(dy)
+
+    (sums over the channel's ``n`` values). ``forward`` returns ``(y, mu, var)``: the running
+    statistics are updated from ``mu`` and ``var`` (detached), and they are saved (with ``x`` and
+    ``gamma``) so the backward rebuilds ``sigma`` and ``x_hat``. Gradients reaching ``mu`` and
+    ``var`` as outputs add ``dmu_out / n + dvar_out * 2 (x - mu) / n``. ``weight`` and ``bias``
+    are None for no affine transform (``gamma = 1``, ``beta = 0``).
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        axes, per_channel = _per_channel(x)
+        mean = x.mean(dim=axes)
+        var = ((x - mean.reshape(per_channel)) ** 2).mean(dim=axes)   # biased: divide by n
+        y = (x - mean.reshape(per_channel)) / torch.sqrt(var.reshape(per_channel) + eps)
+        if weight is not None:
+            y = y * weight.reshape(per_channel) + bias.reshape(per_channel)
+        return y, mean, var
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, eps = inputs
+        _, mean, var = output
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps = eps
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, dy, d_mean, d_var):
+        x, weight, mean, var = ctx.saved_tensors
+        axes, per_channel = _per_channel(x)
+        n = x.numel() // x.shape[1]
+        centred = x - mean.reshape(per_channel)
+        sigma = torch.sqrt(var + ctx.eps)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = d_weight = d_bias = None
+        if dy is not None:                      # None: only mu or var reached the loss
+            x_hat = centred / sigma.reshape(per_channel)
+            sum_dy = dy.sum(dim=axes)                                  # dbeta
+            sum_dy_x_hat = (dy * x_hat).sum(dim=axes)                  # dgamma
+            if need_x:
+                gain = sigma.reciprocal() if weight is None else weight / sigma    # gamma / sigma
+                dx = (gain / n).reshape(per_channel) * (
+                    n * dy - sum_dy.reshape(per_channel) - x_hat * sum_dy_x_hat.reshape(per_channel))
+            d_weight = sum_dy_x_hat if need_w else None
+            d_bias = sum_dy if need_b else None
+        if need_x and d_mean is not None:       # mu = sum(x) / n
+            dx = _plus(dx, (d_mean / n).reshape(per_channel), x)
+        if need_x and d_var is not None:        # var = sum((x - mu)^2) / n; sum(x - mu) = 0
+            dx = _plus(dx, (d_var * (2.0 / n)).reshape(per_channel) * centred, x)
+        return dx, d_weight, d_bias, None
+
+
+def _plus(total, term, like):
+    """``total + term`` shaped like ``like``, where ``total`` may be None (no term yet)."""
+    return term.expand_as(like) if total is None else total + term
+
+
+class ExplicitBatchNormEval(torch.autograd.Function):
+    """Batch norm with given (running) statistics, written out, with its backward.
+
+    ``y = gamma (x - mu) / sigma + beta`` with ``sigma = sqrt(var + eps)``: per channel an affine
+    map of ``x`` whose coefficients do not depend on ``x``. With ``x_hat = (x - mu) / sigma``:
+
+        dx = dy gamma / sigma
+        dgamma = sum(dy x_hat),   dbeta = sum(dy)
+        dmu = -sum(dy) gamma / sigma,   dvar = -sum(dy x_hat) gamma / (2 sigma^2)
+
+    (sums over each channel's values). torch gives no gradient for the running statistics; this
+    formulation does, as plain autograd of the formula would. ``weight`` and ``bias`` are None for
+    no affine transform.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, mean, var, eps):
+        _, per_channel = _per_channel(x)
+        y = (x - mean.reshape(per_channel)) / torch.sqrt(var.reshape(per_channel) + eps)
+        if weight is not None:
+            y = y * weight.reshape(per_channel) + bias.reshape(per_channel)
+        return y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, mean, var, eps = inputs
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, var = ctx.saved_tensors
+        axes, per_channel = _per_channel(x)
+        sigma = torch.sqrt(var + ctx.eps)
+        gain = sigma.reciprocal() if weight is None else weight / sigma            # gamma / sigma
+        need_x, need_w, need_b, need_mean, need_var = ctx.needs_input_grad[:5]
+        dx = d_weight = d_bias = d_mean = d_var = None
+        if need_x:
+            dx = dy * gain.reshape(per_channel)
+        if need_w or need_var:
+            x_hat = (x - mean.reshape(per_channel)) / sigma.reshape(per_channel)
+            sum_dy_x_hat = (dy * x_hat).sum(dim=axes)
+        if need_b or need_mean:
+            sum_dy = dy.sum(dim=axes)
+        if need_w:
+            d_weight = sum_dy_x_hat
+        if need_b:
+            d_bias = sum_dy
+        if need_mean:
+            d_mean = -sum_dy * gain
+        if need_var:
+            d_var = -sum_dy_x_hat * gain / (2 * sigma)
+        return dx, d_weight, d_bias, d_mean, d_var, None

@@ -1,7 +1,9 @@
 """2-D convolution (cross-correlation, as torch) over ``(N, C, H, W)`` inputs with OIHW weights."""
+import torch
 import torch.nn.functional as F
 
 from . import _checks as C
+from ._autograd import autocast_as, autocast_of
 from ._impl import resolve
 
 
@@ -42,6 +44,104 @@ def im2col(x, kernel, stride, dilation, pads):
     n, c, ho, wo = taps.shape[:4]
     cols = taps.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, ho * wo)
     return cols, (ho, wo)
+
+
+def col2im(cols, size, kernel, stride, dilation, pads):
+    """The adjoint of :func:`im2col`: ``(N, C * kh * kw, Ho * Wo) -> (N, C, H, W)``.
+
+    ``im2col`` copies pixel ``x_pad[n, c, oh * sh + i * dh, ow * sw + j * dw]`` into row
+    ``c * kh * kw + i * kw + j`` of column ``(oh, ow)``; ``col2im`` adds every entry of ``cols``
+    back onto the pixel it was copied from (a pixel in several windows receives the sum), then
+    drops the padding. ``size`` is the input's ``(H, W)``. Same layout as ``F.fold``.
+    """
+    (h, w), (kh, kw), (sh, sw), (dh, dw) = size, kernel, stride, dilation
+    (pt, pb), (pl, pr) = pads
+    hp, wp = h + pt + pb, w + pl + pr
+    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    n, c = cols.shape[0], cols.shape[1] // (kh * kw)
+    rows = torch.arange(kh, device=cols.device) * dh
+    rows = rows.reshape(kh, 1, 1, 1) + (torch.arange(ho, device=cols.device) * sh).reshape(1, 1, ho, 1)
+    across = torch.arange(kw, device=cols.device) * dw
+    across = across.reshape(1, kw, 1, 1) + (torch.arange(wo, device=cols.device) * sw).reshape(1, 1, 1, wo)
+    pixel = (rows * wp + across).reshape(-1)       # padded pixel of each entry, in cols' order
+    x_pad = cols.new_zeros(n, c, hp * wp).index_add(2, pixel, cols.reshape(n, c, kh * kw * ho * wo))
+    return x_pad.reshape(n, c, hp, wp)[:, :, pt:pt + h, pl:pl + w]
+
+
+class ExplicitConv2d(torch.autograd.Function):
+    """``conv2d``'s explicit formulation, im2col + matmul, with its backward written out.
+
+    Per group ``g`` (``G`` groups, ``K = C/G * kh * kw`` taps, ``L = Ho * Wo`` positions) and
+    sample ``n``, with ``X_n = im2col(x)_n`` restricted to the group's rows, ``(K, L)``, and
+    ``W_g`` the group's weight as ``(O/G, K)``:
+
+        Y_n = W_g X_n + b                                     forward
+
+    so for an output gradient ``dY_n`` (``(O/G, L)``):
+
+        db  = sum over n, i, j of dY[n, o, i, j]              (b is added at every position)
+        dW_g = sum_n dY_n X_n^T                               (output gradient x im2col(x)^T,
+                                                               summed over the batch)
+        dX_n = W_g^T dY_n,   dx = col2im(dX_n)                (the adjoint of im2col)
+
+    ``col2im`` adds each of ``dX``'s entries back onto the input pixel ``im2col`` copied it from
+    and drops the padding (including an asymmetric ``"same"`` padding's extra bottom/right
+    row), which makes ``dx`` the *transposed convolution* of ``dy`` with ``W``:
+    ``F.conv_transpose2d(dy, W, stride=s, dilation=d, groups=G)``, zero-filled to the padded size
+    and with the padding cropped (a test checks this). Stride spreads the output gradient out
+    (rows no window reached get 0), dilation spaces the
+    taps, groups make ``W`` block-diagonal so each group's gradients stay in its own channels.
+
+    Inputs ``x`` 4-D; ``pads`` is ``((top, bottom), (left, right))``. Only ``x`` and ``weight``
+    are saved: ``dW`` recomputes ``im2col(x)``. Under ``torch.autocast`` the backward re-enters
+    the forward's autocast, so its matmuls run in the forward's precision.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, stride, dilation, pads, groups):
+        out_ch, in_per_group, kh, kw = weight.shape
+        cols, (ho, wo) = im2col(x, (kh, kw), stride, dilation, pads)      # (N, C*kh*kw, L)
+        n = x.shape[0]
+        # Group g sees rows [g * C/G * kh * kw, (g + 1) * C/G * kh * kw) of the columns.
+        cols = cols.reshape(n, groups, in_per_group * kh * kw, ho * wo)
+        w = weight.reshape(groups, out_ch // groups, in_per_group * kh * kw)
+        y = (w @ cols).reshape(n, out_ch, ho, wo)                          # (N, G, O/G, L) matmul
+        if bias is not None:
+            y = y + bias.reshape(1, out_ch, 1, 1)
+        return y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, stride, dilation, pads, groups = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.hyper = stride, dilation, pads, groups
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.autocast = autocast_of(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        stride, dilation, pads, groups = ctx.hyper
+        out_ch, in_per_group, kh, kw = weight.shape
+        n, _, ho, wo = dy.shape
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        with autocast_as(ctx.autocast):
+            dy_g = dy.reshape(n, groups, out_ch // groups, ho * wo)        # dY_n per group
+            if need_x:
+                w = weight.reshape(groups, out_ch // groups, in_per_group * kh * kw)
+                d_cols = w.transpose(1, 2) @ dy_g                          # W_g^T dY_n: (N, G, K, L)
+                d_cols = d_cols.reshape(n, groups * in_per_group * kh * kw, ho * wo)
+                dx = col2im(d_cols, x.shape[-2:], (kh, kw), stride, dilation, pads).to(x.dtype)
+            if need_w:
+                cols, _ = im2col(x, (kh, kw), stride, dilation, pads)
+                cols = cols.reshape(n, groups, in_per_group * kh * kw, ho * wo)
+                dw = (dy_g @ cols.transpose(2, 3)).sum(0)                   # sum_n dY_n X_n^T
+                dw = dw.reshape(weight.shape).to(weight.dtype)
+            if need_b:
+                db = dy.sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
+        return dx, dw, db, None, None, None, None
 
 
 def conv2d(params, x, *, stride=1, padding=0, dilation=1, groups=1, impl=None):
@@ -96,16 +196,7 @@ def conv2d(params, x, *, stride=1, padding=0, dilation=1, groups=1, impl=None):
 
     if impl == "fast":
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-    unbatched = x.dim() == 3
-    if unbatched:
-        x = x.unsqueeze(0)
-    cols, (ho, wo) = im2col(x, (kh, kw), stride, dilation, pads)    # (N, C*kh*kw, L)
-    n = x.shape[0]
-    # Group g sees rows [g * C/G * kh * kw, (g + 1) * C/G * kh * kw) of the columns.
-    cols = cols.reshape(n, groups, in_per_group * kh * kw, ho * wo)
-    w = weight.reshape(groups, out_ch // groups, in_per_group * kh * kw)
-    y = (w @ cols).reshape(n, out_ch, ho, wo)                          # (N, G, O/G, L) matmul
-    if bias is not None:
-        y = y + bias.reshape(1, out_ch, 1, 1)
-    return y.squeeze(0) if unbatched else y
+    if x.dim() == 3:
+        return ExplicitConv2d.apply(x.unsqueeze(0), weight, bias, stride, dilation, pads,
+                                    groups).squeeze(0)
+    return ExplicitConv2d.apply(x, weight, bias, stride, dilation, pads, groups)

@@ -38,13 +38,43 @@ def dropout(x, *, p, train, key=None, impl=None):
         raise ValueError(f"{where}: expected a random key (layers.random.key) when train=True "
                          f"and p={p} > 0, got key=None")
     jr.check_key(key, where)
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
     if p == 1.0:
         # Select, never multiply: inf * 0 would be NaN, and so would the gradient of x / 0.
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
         return torch.where(torch.zeros_like(x, dtype=torch.bool), x, zero)
     keep_prob = 1.0 - p
     keep = jr.bernoulli(key, keep_prob, x.shape, device=x.device, resolution_bits=16)
 
     if impl == "fast":
         return x * (keep.to(x.dtype) * (1.0 / keep_prob))      # one fused multiply by the scaled mask
-    return torch.where(keep, x / keep_prob, zero)
+    return ExplicitDropout.apply(x, keep, keep_prob)
+
+
+class ExplicitDropout(torch.autograd.Function):
+    """``dropout``'s explicit formulation, ``where(m, x / (1 - p), 0)``, with its backward written out.
+
+    ``y`` is linear in ``x`` with the diagonal Jacobian ``m / (1 - p)``, so
+
+        dx = where(m, dy / (1 - p), 0)
+
+    the same mask, the same scale: a dropped element gets no gradient (a select, so not even an
+    infinite ``dy`` leaks through as NaN). ``keep`` (the boolean mask ``m``) is an input and is
+    saved; ``keep_prob = 1 - p`` is a Python float.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, keep, keep_prob):
+        return torch.where(keep, x / keep_prob, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, keep, keep_prob = inputs
+        ctx.save_for_backward(keep)
+        ctx.keep_prob = keep_prob
+
+    @staticmethod
+    def backward(ctx, dy):
+        keep, = ctx.saved_tensors
+        zero = torch.zeros((), dtype=dy.dtype, device=dy.device)
+        return torch.where(keep, dy / ctx.keep_prob, zero), None, None

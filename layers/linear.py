@@ -1,7 +1,9 @@
 """Fully connected layer: ``y = x W^T + b``."""
+import torch
 import torch.nn.functional as F
 
 from . import _checks as C
+from ._autograd import autocast_as, autocast_of
 from ._impl import resolve
 
 
@@ -32,7 +34,49 @@ def linear(params, x, *, impl=None):
 
     if impl == "fast":
         return F.linear(x, weight, bias)
-    y = x @ weight.T
-    if bias is not None:
-        y = y + bias
-    return y
+    return ExplicitLinear.apply(x, weight, bias)
+
+
+class ExplicitLinear(torch.autograd.Function):
+    """``linear``'s explicit formulation, ``y = x W^T + b``, with its backward written out.
+
+    With the leading axes of ``x`` flattened into ``B`` rows, ``X`` ``(B, in)`` and the output
+    gradient ``dY`` ``(B, out)``:
+
+        dX = dY W              (B, out) @ (out, in)
+        dW = dY^T X            (out, B) @ (B, in): one outer product per row, summed
+        db = sum_rows dY
+
+    Under ``torch.autocast`` the backward re-enters the forward's autocast, so its matmuls run in
+    the forward's precision; each gradient is returned in its input's dtype.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias):
+        y = x @ weight.T
+        if bias is not None:
+            y = y + bias
+        return y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.autocast = autocast_of(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        dx = dw = db = None
+        with autocast_as(ctx.autocast):
+            rows = dy.reshape(-1, weight.shape[0])                          # dY: (B, out)
+            if need_x:
+                dx = (dy @ weight).to(x.dtype)
+            if need_w:
+                dw = (rows.T @ x.reshape(-1, weight.shape[1])).to(weight.dtype)
+            if need_b:
+                db = rows.sum(0).to(ctx.bias_dtype)
+        return dx, dw, db

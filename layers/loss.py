@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from . import _checks as C
 from ._impl import resolve
-from .activations import log_softmax
+from .activations import log_softmax_values
 
 REDUCTIONS = ("mean", "sum", "none")
 #: Class-index target dtypes, those ``F.cross_entropy`` takes (it refuses int32, int16, int8).
@@ -81,31 +81,116 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
         return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index,
                                reduction=reduction, label_smoothing=label_smoothing)
 
-    eps = float(label_smoothing)
-    logp = log_softmax(logits, dim=class_dim, impl="explicit")
-    w = torch.ones(classes, dtype=logits.dtype, device=logits.device) if weight is None else weight
-    w_b = w.reshape((classes,) + (1,) * (logits.dim() - class_dim - 1))   # broadcasts on logp
+    return ExplicitCrossEntropy.apply(logits, target, weight, class_dim, probabilities, ignore_index,
+                                      reduction, float(label_smoothing))
 
-    if probabilities:
-        q = target * (1 - eps) + eps / classes if eps > 0 else target
-        per_element = -(logp * q * w_b).sum(dim=class_dim)
+
+def _class_weights(weight, logits, class_dim):
+    """``(w, w_b)``: the class weights (ones for None) and their view broadcasting on logits."""
+    classes = logits.shape[class_dim]
+    w = torch.ones(classes, dtype=logits.dtype, device=logits.device) if weight is None else weight
+    return w, w.reshape((classes,) + (1,) * (logits.dim() - class_dim - 1))
+
+
+def _valid_targets(target, ignore_index):
+    """``(valid, safe)``: where the class index is not ignored, and the indices with the ignored
+    ones replaced by 0 (so they can index; their terms are zeroed by ``valid``)."""
+    target = target.long()     # uint8 indices would index w[...] as a boolean mask
+    valid = target != ignore_index
+    return valid, torch.where(valid, target, torch.zeros((), dtype=target.dtype, device=target.device))
+
+
+class ExplicitCrossEntropy(torch.autograd.Function):
+    """``cross_entropy``'s explicit formulation with its backward written out.
+
+    Both kinds of target are one formula. Let ``a[i, c]`` be the target distribution after
+    smoothing: ``(1 - eps) q[i, c] + eps / K`` for class probabilities, and for class indices
+    ``valid_i ((1 - eps) [c = t_i] + eps / K)`` (``valid_i = 0`` where ``t_i`` is ignored). Then
+    ``l_i = -sum_c w_c a[i, c] logp[i, c]``. With ``p = softmax(logits)`` and
+    ``dlogp_c / dz_k = [c = k] - p_k`` (log-softmax's Jacobian):
+
+        dl_i / dz[i, k] = p[i, k] S_i - w_k a[i, k],      S_i = sum_c w_c a[i, c]
+
+    "softmax minus the target", each scaled: without class weights ``S_i = valid_i`` and it is
+    ``valid_i p - a``. The reduction multiplies by the output gradient ``g``: per element
+    (``"none"``), the same for all (``"sum"``), or ``g / D`` for ``"mean"``, ``D = sum_i w[t_i]
+    valid_i`` (class indices) or the number of elements (probabilities). Further:
+
+        d q[i, c] = -g_i (1 - eps) w_c logp[i, c]                      (probability targets)
+        d w_c = -sum_i g_i a[i, c] logp[i, c]  - [indices, "mean"] g L count_c / D
+
+    where ``count_c`` is the number of non-ignored targets of class ``c``: the mean's
+    denominator ``D`` holds the weights too (torch gives no gradient for ``weight`` with class
+    indices; plain autograd of this formula does, and so does this backward).
+
+    ``logp`` is recomputed from the logits in the backward rather than saved.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, target, weight, class_dim, probabilities, ignore_index, reduction, eps):
+        classes = logits.shape[class_dim]
+        logp = log_softmax_values(logits, class_dim)
+        w, w_b = _class_weights(weight, logits, class_dim)
+        if probabilities:
+            q = target * (1 - eps) + eps / classes if eps > 0 else target
+            per_element = -(logp * q * w_b).sum(dim=class_dim)
+            if reduction == "none":
+                return per_element
+            total = per_element.sum()
+            return total / (logp.numel() // classes) if reduction == "mean" else total
+
+        valid, safe = _valid_targets(target, ignore_index)
+        picked = logp.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)   # logp[i, t_i]
+        w_t = w[safe] * valid.to(w.dtype)                     # w[t_i], 0 where ignored
+        nll = -w_t * picked
+        if eps > 0:
+            smooth = -(logp * w_b).sum(dim=class_dim) * valid.to(logp.dtype)
+            per_element = (1 - eps) * nll + (eps / classes) * smooth
+        else:
+            per_element = nll
         if reduction == "none":
             return per_element
         total = per_element.sum()
-        return total / (logp.numel() // classes) if reduction == "mean" else total
+        return total / w_t.sum() if reduction == "mean" else total
 
-    target = target.long()     # uint8 indices would index w[...] as a boolean mask
-    valid = target != ignore_index
-    safe = torch.where(valid, target, torch.zeros((), dtype=target.dtype, device=target.device))
-    picked = logp.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)   # logp[i, t_i]
-    w_t = w[safe] * valid.to(w.dtype)                     # w[t_i], 0 where ignored
-    nll = -w_t * picked
-    if eps > 0:
-        smooth = -(logp * w_b).sum(dim=class_dim) * valid.to(logp.dtype)
-        per_element = (1 - eps) * nll + (eps / classes) * smooth
-    else:
-        per_element = nll
-    if reduction == "none":
-        return per_element
-    total = per_element.sum()
-    return total / w_t.sum() if reduction == "mean" else total
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, *hyper = inputs
+        ctx.save_for_backward(logits, target, weight, output)
+        ctx.hyper = hyper
+
+    @staticmethod
+    def backward(ctx, d_loss):
+        logits, target, weight, loss = ctx.saved_tensors
+        class_dim, probabilities, ignore_index, reduction, eps = ctx.hyper
+        classes = logits.shape[class_dim]
+        logp = log_softmax_values(logits, class_dim)
+        w, w_b = _class_weights(weight, logits, class_dim)
+        if probabilities:
+            a = target * (1 - eps) + eps / classes
+            denominator = logp.numel() // classes
+        else:
+            valid, safe = _valid_targets(target, ignore_index)
+            class_ids = torch.arange(classes, device=logits.device).reshape(w_b.shape)
+            one_hot = (class_ids == safe.unsqueeze(class_dim)).to(logits.dtype)      # [c = t_i]
+            a = ((1 - eps) * one_hot + eps / classes) * valid.unsqueeze(class_dim).to(logits.dtype)
+            denominator = (w[safe] * valid.to(w.dtype)).sum()                         # D
+        g = d_loss / denominator if reduction == "mean" else d_loss
+        g = g.unsqueeze(class_dim) if reduction == "none" else g                      # per element
+        weighted = w_b * a                                                            # w_c a[i, c]
+        need_logits, need_target, need_weight = ctx.needs_input_grad[:3]
+        d_logits = d_target = d_weight = None
+        if need_logits:
+            d_logits = g * (torch.exp(logp) * weighted.sum(dim=class_dim, keepdim=True) - weighted)
+        if need_target:
+            d_target = -g * (1 - eps) * w_b * logp
+        if need_weight:
+            others = [i for i in range(logits.dim()) if i != class_dim]
+            # sum(dim=[]) would sum every axis: an unbatched (C,) input has nothing to sum.
+            per_class = (lambda t: t.sum(dim=others)) if others else (lambda t: t)    # noqa: E731
+            d_weight = -per_class(g * a * logp)
+            if reduction == "mean" and not probabilities:      # D = sum_i w[t_i] valid_i
+                counts = per_class(one_hot * valid.unsqueeze(class_dim).to(logits.dtype))
+                d_weight = d_weight - d_loss * loss / denominator * counts
+        return d_logits, d_target, d_weight, None, None, None, None, None

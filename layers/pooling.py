@@ -78,23 +78,78 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
 
     if impl == "fast":
         return F.max_pool2d(x, kernel, stride_, pad, dil, ceil_mode)
+    if x.dim() == 3:
+        y, _ = ExplicitMaxPool2d.apply(x.unsqueeze(0), kernel, stride_, pad, dil, tuple(out))
+        return y.squeeze(0)
+    y, _ = ExplicitMaxPool2d.apply(x, kernel, stride_, pad, dil, tuple(out))
+    return y
 
-    unbatched = x.dim() == 3
-    if unbatched:
-        x = x.unsqueeze(0)
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo) = kernel, stride_, pad, dil, out
-    # Pad with -inf so padding never wins; in ceil mode the last window may reach past the right
-    # padding, so pad on the right until every one of the ho (wo) windows fits.
-    right_h = max(ph, (ho - 1) * sh + dh * (kh - 1) + 1 - x.shape[-2] - ph)
-    right_w = max(pw, (wo - 1) * sw + dw * (kw - 1) + 1 - x.shape[-1] - pw)
-    xp = F.pad(x, (pw, right_w, ph, right_h), value=float("-inf"))
-    windows = xp.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
-    taps = windows[:, :, :ho, :wo, ::dh, ::dw]                       # (N, C, Ho, Wo, kh, kw)
-    taps = taps.reshape(taps.shape[:4] + (kh * kw,))                 # row-major window order
-    # argmax returns the first maximum; gathering at it routes the gradient there alone.
-    first_max = taps.argmax(dim=-1, keepdim=True)
-    y = taps.gather(-1, first_max).squeeze(-1)
-    return y.squeeze(0) if unbatched else y
+
+def _right_padding(size, k, s, p, d, out):
+    """The right (bottom) padding that fits all ``out`` windows: ``p``, or more in ceil mode,
+    where the last window may reach past the right padding."""
+    return max(p, (out - 1) * s + d * (k - 1) + 1 - size - p)
+
+
+class ExplicitMaxPool2d(torch.autograd.Function):
+    """``max_pool2d``'s explicit formulation, a max over gathered windows, with its backward
+    written out.
+
+    Each output is one of its window's taps, ``y[n, c, i, j] = x_pad[n, c, r, q]`` with
+    ``(r, q) = (i sh + u* dh, j sw + v* dw)`` and ``(u*, v*)`` the window's first maximum in
+    row-major order (``argmax`` returns the first). So the Jacobian has one 1 per output and
+
+        dx_pad[n, c, r, q] += dy[n, c, i, j]      at each window's first maximum (r, q)
+
+    summed where windows overlap and share their maximum, then the padding is dropped. Ties send
+    everything to the first maximum, as torch's kernels do; ``-inf`` padding never wins while a
+    window holds an input value, and ``max_pool2d`` refuses windows of padding only.
+
+    Inputs ``x`` 4-D, ``out = (Ho, Wo)``. ``forward`` returns ``(y, first_max)``: the
+    ``(N, C, Ho, Wo, 1)`` tap index of each window's maximum, a non-differentiable extra output
+    so that ``setup_context`` can save it (the torch.func rule), like the indices
+    ``F.max_pool2d_with_indices`` returns.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, kernel, stride, padding, dilation, out):
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo) = kernel, stride, padding, dilation, out
+        # Pad with -inf so padding never wins; in ceil mode the last window may reach past the
+        # right padding, so pad on the right until every one of the ho (wo) windows fits.
+        right_h = _right_padding(x.shape[-2], kh, sh, ph, dh, ho)
+        right_w = _right_padding(x.shape[-1], kw, sw, pw, dw, wo)
+        xp = F.pad(x, (pw, right_w, ph, right_h), value=float("-inf"))
+        windows = xp.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+        taps = windows[:, :, :ho, :wo, ::dh, ::dw]                       # (N, C, Ho, Wo, kh, kw)
+        taps = taps.reshape(taps.shape[:4] + (kh * kw,))                 # row-major window order
+        # argmax returns the first maximum (torch's tie rule); the backward routes dy there alone.
+        first_max = taps.argmax(dim=-1, keepdim=True)
+        return taps.gather(-1, first_max).squeeze(-1), first_max
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, *hyper = inputs
+        _, first_max = output
+        ctx.mark_non_differentiable(first_max)
+        ctx.save_for_backward(first_max)
+        ctx.size = tuple(x.shape[-2:])
+        ctx.hyper = hyper
+
+    @staticmethod
+    def backward(ctx, dy, _):
+        first_max, = ctx.saved_tensors
+        (h, w), ((kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo)) = ctx.size, ctx.hyper
+        hp = ph + h + _right_padding(h, kh, sh, ph, dh, ho)
+        wp = pw + w + _right_padding(w, kw, sw, pw, dw, wo)
+        tap = first_max.squeeze(-1)                                      # u* kw + v*
+        device = dy.device
+        row = (torch.arange(ho, device=device) * sh).reshape(ho, 1) + (tap // kw) * dh
+        col = (torch.arange(wo, device=device) * sw).reshape(1, wo) + (tap % kw) * dw
+        n, c = dy.shape[:2]
+        pixel = (row * wp + col).reshape(n, c, ho * wo)                  # the maximum's padded pixel
+        dx_pad = dy.new_zeros(n, c, hp * wp).scatter_add(2, pixel, dy.reshape(n, c, ho * wo))
+        return dx_pad.reshape(n, c, hp, wp)[:, :, ph:ph + h, pw:pw + w], None, None, None, None, None
 
 
 def _adaptive_size(output_size, in_hw, where):
@@ -147,6 +202,37 @@ def adaptive_avg_pool2d(x, output_size, *, impl=None):
 
     if impl == "fast":
         return F.adaptive_avg_pool2d(x, size)
-    rows = _averaging_matrix(size[0], x.shape[-2], x)     # (Ho, H)
-    cols = _averaging_matrix(size[1], x.shape[-1], x)     # (Wo, W)
-    return rows @ x @ cols.T
+    return ExplicitAdaptiveAvgPool2d.apply(x, size)
+
+
+class ExplicitAdaptiveAvgPool2d(torch.autograd.Function):
+    """``adaptive_avg_pool2d``'s explicit formulation, ``Y = A_h X A_w^T``, with its backward
+    written out.
+
+    ``A_h`` ``(Ho, H)`` and ``A_w`` ``(Wo, W)`` are constant averaging matrices (row ``i`` holds
+    ``1 / len`` over window ``i``), so ``Y`` is linear in ``X`` and
+
+        dX = A_h^T dY A_w
+
+    each output's gradient shared equally among its window's pixels (a pixel in two overlapping
+    windows receives from both). Nothing is saved but the sizes: the matrices are rebuilt.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, size):
+        rows = _averaging_matrix(size[0], x.shape[-2], x)     # (Ho, H)
+        cols = _averaging_matrix(size[1], x.shape[-1], x)     # (Wo, W)
+        return rows @ x @ cols.T
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, size = inputs
+        ctx.sizes = tuple(x.shape[-2:]), size
+
+    @staticmethod
+    def backward(ctx, dy):
+        (h, w), (ho, wo) = ctx.sizes
+        rows = _averaging_matrix(ho, h, dy)
+        cols = _averaging_matrix(wo, w, dy)
+        return rows.T @ dy @ cols, None

@@ -8,11 +8,13 @@
 module. Build new nets with :mod:`nets.compose` (``serial`` and the layer records); print their
 architecture with :func:`summary`; cut them at a named layer and look layers up by their torch
 names with :func:`cut` and :func:`child` (:mod:`nets.cut`); save and load any tree with
-:func:`save` / :func:`load` (safetensors), and move trees to JAX and back with :func:`to_jax` /
-:func:`from_jax`.
+:func:`save` / :func:`load` (safetensors); take any layer's activation and its gradient out of
+``apply`` with :func:`capture` and :func:`capture_grads` (:mod:`nets.capture`); and move trees
+to JAX and back with :func:`to_jax` / :func:`from_jax`.
 See docs/nets.md.
 """
 from . import compose
+from .capture import Capture, GradCapture, capture, capture_grads, captured_names
 from .checkpoint import load, save
 from .compose import Layer, Net, as_net, leaves, serial
 from .ensemble import ensemble, stack, unstack
@@ -29,6 +31,7 @@ from .vgg16 import vgg16
 from .vgg_like import vgg_like
 
 __all__ = [
+    "Capture", "GradCapture", "capture", "capture_grads", "captured_names",
     "Layer", "Net", "Row", "Summary", "as_net", "block_ends", "child", "compose", "cut",
     "from_jax", "layer_names", "leaf_keys", "leaf_names", "leaves", "load",
     "load_torchvision_weights", "outputs_at", "model_a", "model_b", "model_c", "save", "serial", "small_vgg16",
