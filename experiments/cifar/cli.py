@@ -18,6 +18,7 @@ from ..data.cifar10 import DataNotFoundError
 from ..train import CHECKPOINT, fit, load_run, resolve_device, retain_freed_memory
 from ..train.commands import guarded, refusal
 from ..train.build import build_loss, build_optimizer
+from ..train.telemetry import DEFAULT_EVERY
 from .recipes import COMMON, RECIPES, augmenter, build_net, check_config, load_data, prepare
 from .speed import benchmark
 
@@ -72,6 +73,9 @@ def build_parser(model: str, description: str) -> argparse.ArgumentParser:
       help="keep freed memory in the process (glibc; no page faults per step, see "
            "experiments/train/device.py)")
     a("--max-epochs", type=int, help="stop (resumably) after this many completed epochs")
+    a("--telemetry", type=int, nargs="?", const=DEFAULT_EVERY, metavar="N",
+      help=f"every N steps (default N: {DEFAULT_EVERY}) write per-layer statistics to "
+           "runs/<name>/telemetry.jsonl (python -m experiments.inspect draws them); off by default")
     a("--no-test", action="store_true", help="do not evaluate on the test split each epoch")
     a("--benchmark", type=int, metavar="STEPS",
       help="time STEPS training steps (at the recipe's batch size, on random images) for fp32, "
@@ -92,7 +96,7 @@ def resolve_config(model: str, args: argparse.Namespace) -> dict:
                  "channels_last": args.channels_last, "compile": args.compile,
                  "crop": args.crop, "flip": args.flip,
                  "tta_flip": args.tta_flip, "tta_shift": args.tta_shift, "cutout": args.cutout,
-                 "retain_freed_memory": args.retain_freed_memory}
+                 "retain_freed_memory": args.retain_freed_memory, "telemetry": args.telemetry}
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size: expected a whole number >= 1, got {args.batch_size}")
     if args.batch_size is not None and args.lr is None and cfg["optimizer"] == "sgd":

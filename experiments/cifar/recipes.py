@@ -31,7 +31,7 @@ MODELS = ("cifar_model_a", "cifar_model_b", "cifar_model_c")
 # Settings every recipe shares unless it says otherwise.
 COMMON = dict(seed=0, device="auto", val_split="5000", limit_per_class=None, eval_batch_size=1000,
                bf16=True, channels_last=True, compile=False, crop=4, flip=True,
-               retain_freed_memory=True, tta_shift=0, cutout=0)
+               retain_freed_memory=True, tta_shift=0, cutout=0, telemetry=0)
 
 # "report": the report's conditions as far as its text states them; the rest is our default.
 # Its data section names two dataloader transforms, "normalization of pixel values, random

@@ -36,6 +36,7 @@ from .progress import LineWriter, ProgressBar, history_table
 from .runs import (CHECKPOINT, METRICS, load_run, read_history, save_checkpoint, write_config,
                    write_history)
 from .step import make_eval, make_step, to_channels_last, tta_views
+from .telemetry import TELEMETRY, layer_stats, read_telemetry, update_stats, write_telemetry
 
 __all__ = ["fit", "fit_tensors", "FitResult", "NonFiniteLossError", "check_loop_config",
            "sigterm_as_interrupt"]
@@ -56,6 +57,7 @@ class FitResult:
     opt_state: Any
     history: list = field(default_factory=list)
     run_dir: Path | None = None
+    telemetry: list = field(default_factory=list)
 
     def training_curve(self) -> list[dict]:
         """``[{"epoch", "train_loss", "train_accuracy"}, ...]``: the history without wall-clock
@@ -90,6 +92,10 @@ def check_loop_config(config: Mapping) -> None:
     whole_number(config.get("eval_batch_size", 1000), "eval_batch_size")
     tta_views(False, config.get("tta_shift", 0))
     resolve_device(config.get("device", "auto"))
+    if config.get("telemetry"):
+        whole_number(config["telemetry"], "telemetry")
+        if config.get("seeds"):
+            raise ValueError("--telemetry: expected one model, got an ensemble (seeds)")
 
 
 def _current_lr(opt_state) -> float | list | None:
@@ -179,6 +185,7 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
     state = {} if state is None else state
     opt_state = opt.init(params)
     history: list[dict] = []
+    tel_every, tel_rows, tel_state = int(config.get("telemetry") or 0), [], None
     progress = {"epoch": 0, "step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
     if resume:
         tree, progress, _ = load_run(run_dir, like={"params": params, "state": state,
@@ -188,6 +195,7 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
             raise ValueError(f"fit: expected the checkpoint's key to derive from seed "
                              f"{config.get('seed', 0)}, got a different key in {ckpt_path}")
         history = read_history(run_dir / METRICS, progress["epoch"])
+        tel_rows = read_telemetry(run_dir / TELEMETRY, progress["epoch"] + 1, progress["step"])
         write_config(run_dir, config)   # the caller may have changed epochs, device or data
         say(f"resuming {run_dir} at epoch {progress['epoch'] + 1}, batch {progress['step']}")
     elif run_dir is not None:
@@ -236,8 +244,15 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
                 sk = members.step_keys(epoch, s)
                 x = members.inputs(net_input, images, idx, sk.augment, random=augment is not None)
                 lr_now = _current_lr(opt_state)
+                watch = tel_every and (epoch * steps_per_epoch + s) % tel_every == 0
+                if watch:
+                    stats = layer_stats(net, params, state, x, labels[idx], loss_fn, sk.dropout.to(device))
                 new_params, new_state, new_opt_state, metrics = step(
                     params, state, opt_state, (x, labels[idx]), sk.dropout.to(device))
+                if watch:
+                    tel_rows.append({"epoch": epoch + 1, "step": s, "layers": update_stats(
+                        stats, params, new_params, tel_state, new_state)})
+                    tel_state = new_state
                 loss = members.values(metrics["loss"])
                 if members.all_diverged(loss) or (members.count is not None
                                                   and all(_diverged(new_opt_state, members.count))):
@@ -280,6 +295,8 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
             if run_dir is not None:
                 # History first, then the checkpoint: a resume drops rows past the checkpoint's epoch.
                 write_history(run_dir / METRICS, history)
+                if tel_every:
+                    write_telemetry(run_dir / TELEMETRY, tel_rows)
                 save(params, state, opt_state, progress)
                 _plot(run_dir, history, results, train.classes, epoch, str(config.get("name", "")))
             summary = " ".join(f"{k} {100 * member_mean(row[f'{k}_accuracy']):.2f}%"
@@ -297,10 +314,12 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
         save(params, state, opt_state, progress)
         say(f"\ninterrupted: checkpoint saved at epoch {progress['epoch'] + 1}, batch "
             f"{progress['step']} in {ckpt_path}.\nresume with: {resume_command}")
-        return FitResult("interrupted", params, state, opt_state, history, run_dir)
+        if tel_every:
+            write_telemetry(run_dir / TELEMETRY, tel_rows)
+        return FitResult("interrupted", params, state, opt_state, history, run_dir, tel_rows)
     if status == "done" and run_dir is not None:
         say(history_table(history))
-    return FitResult(status, params, state, opt_state, history, run_dir)
+    return FitResult(status, params, state, opt_state, history, run_dir, tel_rows)
 
 
 def _plot(run_dir: Path, history: list[dict], results: dict, classes, epoch: int, title: str) -> None:
