@@ -136,7 +136,10 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
     Args:
       config: ``epochs``, ``batch_size`` and, optionally, ``seed`` (0), ``device`` ("auto"),
         ``bf16``, ``channels_last``, ``compile``, ``tta_flip``, ``tta_shift`` (0),
-        ``eval_batch_size`` (1000), ``name``. JSON-able: it is written to the run folder.
+        ``eval_batch_size`` (1000), ``name``, ``telemetry`` (every N steps, 0: off;
+        :mod:`experiments.train.telemetry`), and for an ensemble ``seeds`` (one per member) and
+        ``member_data_order`` (:mod:`experiments.train.members`). JSON-able: it is written to
+        the run folder.
       net, opt, loss_fn: the ``Net``, the ``GradientTransformation`` and ``(logits, y) -> loss``.
       train, val, test: splits with ``.images``, ``.labels`` and ``.classes``
         (:class:`experiments.data.dataset.Dataset`); val and test are evaluated after each epoch.
