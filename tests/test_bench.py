@@ -172,7 +172,7 @@ def test_targets_are_judged_from_the_rows():
 
 def test_quick_main_writes_the_table_machine_and_command(tmp_path, capsys):
     out = tmp_path / "perf.md"
-    argv = ["--quick", "--batch", "2", "--reps", "1", "--skip", "layers,pipeline", "--write",
+    argv = ["--quick", "--batch", "2", "--reps", "1", "--skip", "layers,pipeline,ensembles", "--write",
             "--out", str(out)]
     assert bench_cli.main(argv) == 0
     text = out.read_text()
@@ -186,7 +186,7 @@ def test_quick_main_writes_the_table_machine_and_command(tmp_path, capsys):
 
 def test_main_only_prints_the_report_unless_asked_to_write_it(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)                  # docs/performance.md here is not the committed one
-    argv = ["--quick", "--reps", "1", "--skip", "steps,layers,pipeline"]
+    argv = ["--quick", "--reps", "1", "--skip", "steps,layers,pipeline,ensembles"]
     assert bench_cli.main(argv) == 0
     assert "# Performance" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
