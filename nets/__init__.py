@@ -20,6 +20,7 @@ from .compose import Layer, Net, as_net, leaves, serial
 from .ensemble import ensemble, stack, unstack
 from .cut import block_ends, child, cut, layer_names, leaf_keys, leaf_names, outputs_at
 from .jax_interop import from_jax, to_jax
+from .jax_torchax import jax_apply
 from .model_a import model_a
 from .model_b import model_b
 from .model_c import model_c
@@ -31,6 +32,7 @@ from .vgg16 import vgg16
 from .vgg_like import vgg_like
 
 __all__ = [
+    "jax_apply",
     "Capture", "GradCapture", "capture", "capture_grads", "captured_names",
     "Layer", "Net", "Row", "Summary", "as_net", "block_ends", "child", "compose", "cut",
     "from_jax", "layer_names", "leaf_keys", "leaf_names", "leaves", "load",

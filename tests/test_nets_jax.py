@@ -4,7 +4,6 @@ Everything but the first test needs jax (the optional extra ``purenn[jax]``) and
 cleanly without it.
 """
 
-import contextlib
 import math
 import sys
 from typing import NamedTuple
@@ -14,6 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from jax_support import x64
 from nets.jax_interop import from_jax, to_jax
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64,
@@ -49,17 +49,6 @@ def test_without_jax_both_directions_raise_import_error_naming_the_extra(monkeyp
 @pytest.fixture
 def jax():
     return pytest.importorskip("jax")
-
-
-@contextlib.contextmanager
-def x64(jax, enabled=True):
-    """jax with float64 / int64 switched on (or off) inside the block, restored afterwards."""
-    before = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", enabled)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", before)
 
 
 @st.composite
