@@ -4,7 +4,8 @@ equals the torch run, batch-norm running statistics included.
 Needs the optional extra ``purenn[torchax]`` (jax, optax, torchax); skipped only when it is
 absent. The nets here are small members of the Model B / C family (every layer type of Models
 B and C: conv, batch norm, ReLU, max-pool, dropout, global average pool, linear) so that each
-compilation takes a second or two; experiments/jax_train.py checks Model B itself.
+compilation takes a second or two; the last test runs experiments.jax_train's library (Model B,
+optax in jax.jit) on a synthetic data set against the torch step.
 
 Importing torchax changes torch for the rest of the process (it renames the ``privateuse1``
 backend to ``"jax"``, which torch then takes for the current accelerator: ``torch.compile`` and
@@ -216,3 +217,30 @@ def test_compatibility_shim_is_still_needed_and_stands_in_only_for_ops_torch_lac
     # Outside torchax's modules nothing changed: a missing op still raises.
     with pytest.raises(AttributeError):
         torch.ops.aten.cholesky
+
+
+# ------------------------------------------------------------------- experiments.jax_train
+
+
+@in_own_process
+def test_jax_train_follows_the_torch_step_in_float64_and_reports_its_numbers(jax, monkeypatch):
+    """The command's library on a synthetic 8x8 data set (Model B pools 32 -> 4, and 8 -> 1):
+    the optax step in jax.jit equals the torch step (torch.func + optim.sgd) to float64 rounding."""
+    from experiments.data.dataset import Dataset
+    from experiments.jax import train as jax_train
+    g = torch.Generator().manual_seed(0)
+
+    def fake_split(root, split, limit_per_class=None):
+        n = 80 if split == "train" else 20
+        return Dataset(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g),
+                       torch.randint(0, 10, (n,), generator=g), tuple("abcdefghij"))
+    monkeypatch.setattr(jax_train, "find_data_dir", lambda data_dir: "synthetic")
+    monkeypatch.setattr(jax_train, "load_cifar10", fake_split)
+    record = jax_train.run(jax_train.JaxTrainConfig(epochs=1, batch_size=16, check_steps=2,
+                                                    dtype="float64", eval_batch_size=16))
+    assert record["steps_per_epoch"] == 5 and len(record["check"]) == 2
+    for row in record["check"]:
+        assert row["params_rel_diff"] < 1e-12 and row["state_rel_diff"] < 1e-12, row
+        assert abs(row["loss_jax"] - row["loss_torch"]) < 1e-12, row
+    assert 0 <= record["epochs"][0]["test_accuracy"] <= 1
+    assert record["compile_s"] > 0 and record["jax_images_per_s"] > 0 and record["torch_images_per_s"] > 0

@@ -42,7 +42,8 @@ def _tree_relative(got: dict, want: dict) -> float:
 
 def net_agreement(name: str, *, dtype: torch.dtype = torch.float64, batch: int = 4,
                   seed: int = 0, impl: str = "fast") -> dict[str, Any]:
-    """``{"logits", "grads", "state"}`` relative differences and ``compile_s`` for ``NETS[name]``."""
+    """``{"logits", "grads", "state"}`` relative differences (``state`` None for a net without
+    running statistics) and ``compile_s`` for ``NETS[name]``."""
     import jax
     import optax
     jax.config.update("jax_enable_x64", True)
@@ -77,7 +78,7 @@ def net_agreement(name: str, *, dtype: torch.dtype = torch.float64, batch: int =
             "logits": _relative(nets.from_jax(j_logits), logits),
             "grads": _tree_relative(nets.from_jax(j_grads), grads),
             "state": _tree_relative({k: nets.from_jax(j_state[k]) for k in float_state},
-                                    {k: new_state[k] for k in float_state}) if float_state else 0.0,
+                                    {k: new_state[k] for k in float_state}) if float_state else None,
             "compile_s": compile_s}
 
 
@@ -94,6 +95,7 @@ def agreement_table(names=()) -> list[dict[str, Any]]:
         for dtype in (torch.float64, torch.float32):
             r = net_agreement(name, dtype=dtype)
             rows.append(r)
-            print(f"| {name} | {r['dtype']} | {r['logits']:.1e} | {r['grads']:.1e} | {r['state']:.1e} "
+            state = "no state" if r["state"] is None else f"{r['state']:.1e}"
+            print(f"| {name} | {r['dtype']} | {r['logits']:.1e} | {r['grads']:.1e} | {state} "
                   f"| {r['compile_s']:.1f} |", flush=True)
     return rows
