@@ -124,8 +124,9 @@ def _import_torchax(where: str):
             import torchax
             import torchax.tensor  # noqa: F401
     except ImportError as e:
-        raise ImportError(f"{where}: expected torchax to be installed (an optional dependency of "
-                          f"purenn), got ImportError: {e}. Install it with: {_EXTRA}") from e
+        raise ImportError(f"{where}: expected jax and torchax to be installed (optional "
+                          f"dependencies of purenn), got ImportError: {e}. Install them with: "
+                          f"{_EXTRA}") from e
     return jax, torchax
 
 

@@ -34,6 +34,7 @@ import optim
 
 from ..data.augment import augment_batch, normalize
 from ..data.cifar10 import find_data_dir, load_cifar10
+from ..train.device import retain_freed_memory
 from ..train.keys import epoch_order, run_keys, step_keys
 from ..cifar.recipes import RECIPES
 
@@ -182,6 +183,9 @@ def run(cfg: JaxTrainConfig) -> dict[str, Any]:
     cfg.check()
     import jax
     jax.config.update("jax_enable_x64", True)     # keys and step counts are int64
+    # As the torch trainer does (docs/performance.md): no page faults for freed and re-allocated
+    # step buffers, which the torch step would otherwise pay and XLA's own allocator does not.
+    retain_freed_memory()
     dtype = getattr(torch, cfg.dtype)
     root = find_data_dir(cfg.data_dir)
     train = load_cifar10(root, "train", limit_per_class=cfg.limit_per_class)
