@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from . import _checks as C
 from ._autograd import autocast_as, autocast_of
 from ._impl import resolve
+from ._members import member_conv2d
 
 
 def _padding(padding, kernel, dilation, stride, where):
@@ -194,8 +195,8 @@ def conv2d(params, x, *, stride=1, padding=0, dilation=1, groups=1, impl=None):
                              f"{d * (k - 1) + 1} (weight is {C.shape_str(weight)}, dilation={dilation}, "
                              f"padding={padding!r}), got {C.shape_str(x)}")
 
-    if impl == "fast":
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if impl == "fast":   # F.conv2d; one call per member under an ensemble's vmap (_members.py)
+        return member_conv2d(x, weight, bias, stride, padding, dilation, groups)
     if x.dim() == 3:
         return ExplicitConv2d.apply(x.unsqueeze(0), weight, bias, stride, dilation, pads,
                                     groups).squeeze(0)

@@ -44,11 +44,17 @@ def member_lrs(state: VmappedState) -> torch.Tensor | None:
     return _find_field(state.inner, "lr")
 
 
-def _all_finite(tree) -> torch.Tensor:
-    leaves = [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor) and x.is_floating_point()]
-    if not leaves:
-        return torch.tensor(True)
-    return torch.stack([torch.isfinite(x).all() for x in leaves]).all()
+def _member_finite(tree, members: int) -> torch.Tensor:
+    """``(K,)`` bool: member k's floating leaves hold no NaN and no infinity.
+
+    One pass per leaf: the sum over a member's elements, accumulated in float64, is finite exactly
+    when every element is (a NaN or an infinity propagates; float32 or narrower values cannot
+    overflow a float64 sum, float64 leaves only past 1e308)."""
+    sums = [x.double() if x.dim() == 1 else x.sum(dim=tuple(range(1, x.dim())), dtype=torch.float64)
+            for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    if not sums:
+        return torch.ones(members, dtype=torch.bool)
+    return torch.isfinite(torch.stack(sums).sum(0))
 
 
 def vmapped(make: Callable[..., GradientTransformation], **hyperparams: torch.Tensor) -> GradientTransformation:
@@ -69,11 +75,16 @@ def vmapped(make: Callable[..., GradientTransformation], **hyperparams: torch.Te
         inner = torch.func.vmap(lambda p, h: member_opt(h).init(p))(params, dict(hyperparams))
         return VmappedState(inner, dict(hyperparams), torch.zeros(members, dtype=torch.bool))
 
-    def member_step(g, s, p, h, diverged):
-        new_p, new_s = step(member_opt(h), g, s, p)
-        ok = _all_finite(g) & _all_finite(new_p) & ~diverged
-        keep = lambda new, old: torch.where(ok, new, old) if isinstance(new, torch.Tensor) else new  # noqa: E731
-        return (pytree.tree_map(keep, new_p, p), pytree.tree_map(keep, new_s, s), ~ok)
+    def member_step(g, s, p, h):
+        return step(member_opt(h), g, s, p)
+
+    def freeze(new, old, ok):
+        """Member k's ``new`` leaves where ``ok[k]``, else its ``old`` ones."""
+        def keep(n, o):
+            if not isinstance(n, torch.Tensor):
+                return n
+            return torch.where(ok.to(n.device).view((members,) + (1,) * (n.dim() - 1)), n, o)
+        return pytree.tree_map(keep, new, old)
 
     def kernel(updates, state, params, mode):
         fn = mode.name("vmapped")
@@ -84,9 +95,14 @@ def vmapped(make: Callable[..., GradientTransformation], **hyperparams: torch.Te
             raise ValueError(f"{fn}: expected params, got None")
         flatten_like(fn, "updates", updates, "params", params)
         h = {name: state.hyperparams[name] for name in names}
-        new_p, new_inner, bad = torch.func.vmap(member_step)(updates, state.inner, params, h,
-                                                             state.diverged)
-        new_state = VmappedState(new_inner, state.hyperparams, state.diverged | bad)
+        new_p, new_inner = torch.func.vmap(member_step)(updates, state.inner, params, h)
+        ok = _member_finite(updates, members) & _member_finite(new_p, members)
+        ok = ok & ~state.diverged.to(ok.device)
+        # One host read a step: while every member is finite (the usual case) the new values
+        # are taken as they are, and the freezing pass over every leaf is skipped.
+        if not bool(ok.all()):
+            new_p, new_inner = freeze(new_p, params, ok), freeze(new_inner, state.inner, ok)
+        new_state = VmappedState(new_inner, state.hyperparams, state.diverged | ~ok.to(state.diverged.device))
         if mode.new_params:
             return new_p, new_state, False
         return pytree.tree_map(torch.sub, new_p, params), new_state, True

@@ -1,0 +1,81 @@
+"""Convolution over ensemble members: one convolution per member under ``torch.func.vmap``.
+
+When ``vmap`` maps a convolution whose input *and* weight both carry the member dimension
+(K members of ``nets.ensemble``, each with its own activations and filters), torch's batching
+rule folds the members into channel groups:
+
+    y = conv2d(x (N, K*C, H, W), w (K*O, C, kh, kw), groups=K)      -> (N, K*O, Ho, Wo)
+
+On CPU (oneDNN) a grouped convolution of K groups, forward and backward, runs slower than the K
+convolutions it stands for, and it leaves the channels-last and bfloat16 fast paths
+(docs/performance.md, "Ensembles"). :func:`member_conv2d` is the same map written as the loop:
+
+    y[k] = conv2d(x[k] (N, C, H, W), w[k] (O, C, kh, kw), b[k])      k = 1 .. K
+
+so every member runs the kernel a single model runs, and autograd (outside the ``vmap``, as in
+the trainer's ``grad(vmap(net))``) differentiates the K calls. Each member's arithmetic is the
+single model's: a member's values never enter another's.
+
+Outside ``vmap``, or with an unbatched input (the ensemble's shared first batch: one convolution
+with K*O output channels) or an unbatched weight (per-sample gradients), torch's own rule is the
+fast one and :func:`member_conv2d` is ``F.conv2d``.
+"""
+import torch
+import torch.nn.functional as F
+
+__all__ = ["member_conv2d", "is_batched"]
+
+
+def is_batched(t) -> bool:
+    """True when ``t`` carries a ``vmap`` dimension at the innermost transform level.
+
+    ``torch._C._functorch.is_batchedtensor`` is the test torch's own vmap code uses; it is False
+    for plain tensors and for tensors of an inner ``grad`` (``vmap(grad(f))``), where torch's rule
+    applies."""
+    return isinstance(t, torch.Tensor) and torch._C._functorch.is_batchedtensor(t)
+
+
+class _MemberConv2d(torch.autograd.Function):
+    """``F.conv2d`` with a per-member vmap rule (module docstring). Its own forward and backward
+    only run where it is called outside ``vmap``, which :func:`member_conv2d` never does; they
+    are ``F.conv2d`` and ``aten.convolution_backward`` all the same."""
+
+    @staticmethod
+    def forward(x, weight, bias, stride, padding, dilation, groups):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (stride, padding, dilation, groups, bias is not None)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conf
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation,
+            False, [0, 0], groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias])
+        return gx, gw, gb, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, stride, padding, dilation, groups):
+        members = info.batch_size
+
+        def split(t, dim):
+            if t is None:
+                return [None] * members
+            return t.movedim(dim, 0).unbind(0) if dim is not None else [t] * members
+
+        xs, ws, bs = (split(t, d) for t, d in zip((x, weight, bias), in_dims[:3]))
+        ys = [F.conv2d(xk, wk, bk, stride, padding, dilation, groups) for xk, wk, bk in zip(xs, ws, bs)]
+        return torch.stack(ys), 0
+
+
+def member_conv2d(x, weight, bias, stride, padding, dilation, groups):
+    """``F.conv2d(x, weight, bias, ...)``, as one convolution per ensemble member when ``x`` and
+    ``weight`` are both batched by ``vmap`` (module docstring)."""
+    if is_batched(x) and is_batched(weight):
+        return _MemberConv2d.apply(x, weight, bias, stride, padding, dilation, groups)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)

@@ -1,0 +1,94 @@
+"""layers._members: under vmap, a convolution whose input and weight both carry the member
+dimension runs as one convolution per member; values and gradients equal torch's own vmap rule
+(the grouped convolution) and the per-member loop written by hand."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch.func import grad, vmap
+
+import layers
+from layers._members import _MemberConv2d, is_batched
+
+D = torch.float64
+# float64; the member loop and torch's grouped convolution add the same products in different
+# orders (oneDNN's blocking), over at most 4 * 3 * 3 = 36 terms per output, so 1e-10 is generous.
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
+
+
+@st.composite
+def cases(draw):
+    k, n = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    groups = draw(st.sampled_from([1, 2]))
+    c, o = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    size = draw(st.integers(5, 7))   # >= the dilated kernel (2 * (3 - 1) + 1)
+    padding = draw(st.sampled_from([0, 1, (1, 0), "same"]))
+    stride = 1 if padding == "same" else draw(st.sampled_from([1, 2]))
+    dilation = draw(st.sampled_from([1, 2]))
+    bias = draw(st.sampled_from(["batched", "shared", None]))
+    return dict(k=k, n=n, c=c, o=o, kh=kh, kw=kw, size=size, padding=padding, stride=stride,
+                dilation=dilation, groups=groups, bias=bias, seed=draw(st.integers(0, 2**16)))
+
+
+def tensors(case):
+    g = torch.Generator().manual_seed(case["seed"])
+    r = lambda *s: torch.randn(s, generator=g, dtype=D)   # noqa: E731
+    x = r(case["k"], case["n"], case["c"], case["size"], case["size"])
+    w = r(case["k"], case["o"], case["c"] // case["groups"], case["kh"], case["kw"])
+    b = {"batched": r(case["k"], case["o"]), "shared": r(case["o"]), None: None}[case["bias"]]
+    return x, w, b
+
+
+def conv_args(case):
+    return dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
+                groups=case["groups"])
+
+
+@settings(max_examples=25)
+@given(case=cases())
+def test_member_loop_equals_per_member_conv_and_torchs_rule_with_gradients(case):
+    x, w, b = tensors(case)
+    kw = conv_args(case)
+    b_dim = 0 if case["bias"] == "batched" else None
+
+    def ours(x, w, b):
+        params = {"weight": w} if b is None else {"weight": w, "bias": b}
+        return layers.conv2d(params, x, impl="fast", **kw)
+
+    def torchs(x, w, b):
+        return F.conv2d(x, w, b, **kw)
+
+    def loss(conv, x, w, b):
+        y = vmap(conv, in_dims=(0, 0, b_dim))(x, w, b)
+        return (y * y.detach().cos()).sum()
+
+    y_ours = vmap(ours, in_dims=(0, 0, b_dim))(x, w, b)
+    by_hand = torch.stack([F.conv2d(x[i], w[i], None if b is None else (b[i] if b_dim == 0 else b),
+                                    **kw) for i in range(case["k"])])
+    torch.testing.assert_close(y_ours, by_hand, **TOL)
+    torch.testing.assert_close(y_ours, vmap(torchs, in_dims=(0, 0, b_dim))(x, w, b), **TOL)
+    argnums = (1, 2, 3) if b is not None else (1, 2)
+    for g_ours, g_torch in zip(grad(loss, argnums=argnums)(ours, x, w, b),
+                               grad(loss, argnums=argnums)(torchs, x, w, b)):
+        torch.testing.assert_close(g_ours, g_torch, **TOL)
+
+
+def test_the_member_loop_runs_only_when_input_and_weight_are_both_batched(monkeypatch):
+    calls = []
+    real = _MemberConv2d.vmap
+    monkeypatch.setattr(_MemberConv2d, "vmap", staticmethod(
+        lambda *a, **k: calls.append(1) or real(*a, **k)))
+    x, w = torch.randn(2, 3, 2, 5, 5, dtype=D), torch.randn(2, 4, 2, 3, 3, dtype=D)
+    conv = lambda x, w: layers.conv2d({"weight": w}, x, impl="fast")   # noqa: E731
+    vmap(conv, in_dims=(None, 0))(x[0], w)          # shared input: torch's rule, one conv
+    vmap(conv, in_dims=(0, None))(x, w[0])          # shared weight (per-sample): torch's rule
+    assert calls == []
+    vmap(conv)(x, w)
+    assert calls == [1]
+    # per-sample gradients of a member loop: grad inside vmap sees unbatched tensors
+    vmap(grad(lambda x, w: conv(x, w).sum(), argnums=1))(x, w)
+    assert calls == [1]
+    assert not is_batched(x) and not is_batched(None)
