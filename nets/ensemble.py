@@ -20,6 +20,8 @@ from typing import Any, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
+from trees import as_members, first_member
+
 from .compose import Net
 
 __all__ = ["stack", "unstack", "ensemble"]
@@ -76,6 +78,13 @@ def ensemble(net: Net, members: int, *, input_rank: int = 4) -> Net:
         if x_dim == 0 and x.shape[0] != members:
             raise ValueError(f"{where}.apply: expected x (N, ...) or ({members}, N, ...), got "
                              f"{tuple(x.shape)}")
+        if members == 1:
+            # vmap over one member is the member itself: run it without the batching rules'
+            # per-op cost (the member dimension squeezed off and put back, views both ways).
+            logits, new_state = net.apply(first_member(params), first_member(state),
+                                          x[0] if x_dim == 0 else x, train=train,
+                                          **({} if key is None else {"key": key[0]}))
+            return logits.unsqueeze(0), as_members(new_state)
         if key is None:
             return torch.func.vmap(lambda p, s, xx: net.apply(p, s, xx, train=train),
                                    in_dims=(0, 0, x_dim))(params, state, x)

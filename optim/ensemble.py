@@ -24,6 +24,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch.utils import _pytree as pytree
 
+from trees import as_members, first_member
+
 from .base import GradientTransformation, Tree, flatten_like, step, transformation
 
 __all__ = ["VmappedState", "vmapped", "member_lrs"]
@@ -95,7 +97,10 @@ def vmapped(make: Callable[..., GradientTransformation], **hyperparams: torch.Te
             raise ValueError(f"{fn}: expected params, got None")
         flatten_like(fn, "updates", updates, "params", params)
         h = {name: state.hyperparams[name] for name in names}
-        new_p, new_inner = torch.func.vmap(member_step)(updates, state.inner, params, h)
+        if members == 1:   # vmap over one member is the member itself (trees.members)
+            new_p, new_inner = as_members(member_step(*first_member((updates, state.inner, params, h))))
+        else:
+            new_p, new_inner = torch.func.vmap(member_step)(updates, state.inner, params, h)
         ok = _member_finite(updates, members) & _member_finite(new_p, members)
         ok = ok & ~state.diverged.to(ok.device)
         # One host read a step: while every member is finite (the usual case) the new values

@@ -21,9 +21,10 @@ F64 = torch.float64
 
 
 def tiny_net(classes=3):
-    """conv - BN - ReLU - pool - dropout - linear: state, randomness and both kinds of layer."""
+    """conv - BN - ReLU - conv - pool - dropout - linear: state, randomness, both kinds of layer,
+    and both ways vmap runs a convolution (the shared input batch; each member's own input)."""
     return as_net(serial(features=serial(Conv2d(3, 4, 3, padding=1), BatchNorm2d(4), ReLU(),
-                                         MaxPool2d(2), Dropout(0.25)),
+                                         Conv2d(4, 4, 3, padding=1), MaxPool2d(2), Dropout(0.25)),
                          classifier=serial(Flatten(), Linear(4 * 4 * 4, classes))), name="tiny")
 
 
@@ -67,14 +68,21 @@ def test_members_equal_separate_runs_with_their_seeds_and_hyperparameters():
     for k, (s, lr, m) in enumerate(zip(seeds, lrs, moms)):
         one = _single(s, lr, m)
         for name, v in one.params.items():
-            # float64; vmap batches the members' convolutions into one grouped convolution, whose
-            # reductions may sum in another order than a single convolution's: 6 steps of SGD
-            # move such 1e-16 differences to ~1e-13 at most
+            # float64; vmap runs the first convolution of the members as one with K times the
+            # output channels, whose reductions may sum in another order than a single
+            # convolution's: 6 steps of SGD move such 1e-16 differences to ~1e-13 at most
             torch.testing.assert_close(ens.params[name][k], v, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(torch.tensor(ens.history[-1]["train_loss"][k], dtype=F64),
                                    torch.tensor(one.history[-1]["train_loss"], dtype=F64),
                                    rtol=1e-10, atol=1e-12)
         assert ens.history[-1]["test_accuracy"][k] == one.history[-1]["test_accuracy"]
+
+
+def test_an_ensemble_of_one_is_the_single_run_bit_for_bit():
+    ens, one = _ensemble([3], [0.05], [0.9]), _single(3, 0.05, 0.9)
+    for name, v in one.params.items():
+        assert torch.equal(ens.params[name][0], v), name
+    assert ens.history[-1]["train_loss"][0] == one.history[-1]["train_loss"]
 
 
 def test_a_diverging_member_is_frozen_and_leaves_the_others_bit_identical():

@@ -31,6 +31,8 @@ MAX_MEMBERS = 64
 def member_losses(loss_fn: Callable) -> Callable:
     """``(logits (K, B, C), y (B,) or (K, B)) -> (K,)``: ``loss_fn`` of every member."""
     def loss(logits, y):
+        if logits.shape[0] == 1:   # one member: itself, without vmap (trees.members)
+            return loss_fn(logits[0], y[0] if y.dim() == 2 else y).unsqueeze(0)
         return torch.func.vmap(loss_fn, in_dims=(0, 0 if y.dim() == 2 else None))(logits, y)
     return loss
 
