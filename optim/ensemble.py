@@ -49,14 +49,19 @@ def member_lrs(state: VmappedState) -> torch.Tensor | None:
 def _member_finite(tree, members: int) -> torch.Tensor:
     """``(K,)`` bool: member k's floating leaves hold no NaN and no infinity.
 
-    One pass per leaf: the sum over a member's elements, accumulated in float64, is finite exactly
-    when every element is (a NaN or an infinity propagates; float32 or narrower values cannot
-    overflow a float64 sum, float64 leaves only past 1e308)."""
-    sums = [x.double() if x.dim() == 1 else x.sum(dim=tuple(range(1, x.dim())), dtype=torch.float64)
-            for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor) and x.is_floating_point()]
-    if not sums:
+    Two reductions per leaf, the largest and the smallest of each member's elements: both are
+    finite exactly when every element is (a NaN propagates through ``amax`` / ``amin``, +inf
+    reaches the largest and -inf the smallest). No value is summed, so nothing can overflow, and
+    neither reduction allocates a temporary of the leaf's size (``isfinite(x).all()`` does)."""
+    ends = []
+    for x in pytree.tree_leaves(tree):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            dims = tuple(range(1, x.dim()))
+            ends += [torch.isfinite(x)] if not dims else [torch.isfinite(x.amax(dims)),
+                                                          torch.isfinite(x.amin(dims))]
+    if not ends:
         return torch.ones(members, dtype=torch.bool)
-    return torch.isfinite(torch.stack(sums).sum(0))
+    return torch.stack(ends).all(0)
 
 
 def vmapped(make: Callable[..., GradientTransformation], **hyperparams: torch.Tensor) -> GradientTransformation:
