@@ -101,8 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps[model], step_peaks[model] = bench_steps(model, args.batch, rounds, device, configs,
                                                       matmul_n=n)
         for r in steps[model]:
-            print(f"  model {model.upper()} {r['label']:>38}: {r['img_s']:8.1f} img/s "
-                  f"{r['ratio']:5.2f}x (1), {100 * r['peak_fraction']:3.0f}% of {r['dtype']} peak",
+            print(f"  model {model.upper()} {r['label']:>48}: {r['img_s']:8.1f} img/s "
+                  f"{r['ratio']:5.2f}x (1), {r['peer_ratio']:5.2f}x best torch.nn, {100 * r['peak_fraction']:3.0f}% of {r['dtype']} peak",
                   file=sys.stderr)
     layer_rows = [] if "layers" in skip else bench_layers(16 if quick else args.batch, rounds, device)
     pipeline = {} if "pipeline" in skip else bench_pipeline(1024 if quick else 10240, args.batch,

@@ -10,6 +10,9 @@
     loss.backward()
     opt.step()            # torch.optim.SGD(nesterov, momentum, weight_decay), foreach default
 
+with the speed tricks of the pure step available to it too (channels_last, bf16 autocast,
+torch.compile), so that the benchmark compares with the strongest torch.nn peer.
+
 These twins are written from the architecture descriptions in ``nets/model_a.py`` and
 ``nets/model_b.py`` / ``nets/model_c.py`` (the test suite keeps its own independent twins in tests/reference_modules.py).
 """
@@ -72,13 +75,24 @@ class ReferenceLoop:
 
     ``loop.step(x, y) -> loss`` (a 0-d tensor, detached) runs zero_grad, forward, cross-entropy
     with label smoothing, backward and ``SGD.step`` on ``module`` in place.
+
+    The same speed options as the pure step, the way a torch.nn user applies them:
+    ``channels_last`` (``module.to(memory_format=torch.channels_last)`` and channels-last
+    inputs), ``bf16`` (the forward under ``torch.autocast(bfloat16)``, the loss in float32) and
+    ``compile`` (``torch.compile(module)``; the optimizer step stays eager, as in the pure step).
     """
 
     def __init__(self, module: nn.Module, tree: Mapping[str, torch.Tensor], *, lr: float,
                  momentum: float, weight_decay: float, label_smoothing: float,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", channels_last: bool = False,
+                 bf16: bool = False, compile: bool = False):
         module.load_state_dict(dict(tree))
         self.module = module.to(device).train()
+        if channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.device = torch.device(device)
+        self.channels_last, self.bf16 = channels_last, bf16
+        self.forward = torch.compile(self.module) if compile else self.module
         self.label_smoothing = label_smoothing
         self.opt = torch.optim.SGD(self.module.parameters(), lr=lr, momentum=momentum,
                                    nesterov=True, weight_decay=weight_decay)
@@ -86,7 +100,13 @@ class ReferenceLoop:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One training step on the batch ``x (N, 3, H, W)``, ``y (N,)``; returns the loss."""
         self.opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.module(x), y, label_smoothing=self.label_smoothing)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.forward(x)
+        if logits.dtype in (torch.bfloat16, torch.float16):   # the loss in float32, as the pure step
+            logits = logits.float()
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         loss.backward()
         self.opt.step()
         return loss.detach()
