@@ -9,7 +9,7 @@ docs/layers.md.
     y, state = layers.batch_norm(params, state, y, train=True)
     y = layers.dropout(layers.relu(y), p=0.5, train=True, key=k)
 """
-from . import init, random
+from . import init, parallel, random
 from ._impl import default_impl, get_default_impl, set_default_impl
 from .activations import flatten, log_softmax, relu
 from .batch_norm import batch_norm
@@ -21,6 +21,7 @@ from .pooling import adaptive_avg_pool2d, max_pool2d
 
 __all__ = [
     "adaptive_avg_pool2d", "batch_norm", "conv2d", "cross_entropy", "default_impl", "dropout",
-    "flatten", "get_default_impl", "init", "linear", "log_softmax", "max_pool2d", "random", "relu",
+    "flatten", "get_default_impl", "init", "linear", "log_softmax", "max_pool2d", "parallel",
+    "random", "relu",
     "set_default_impl",
 ]

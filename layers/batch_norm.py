@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
+from . import parallel
 from ._impl import resolve
 
 STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
@@ -105,6 +106,10 @@ def batch_norm(params, state, x, *, train, momentum=0.1, eps=1e-5, impl=None):
       train: use (and update) batch statistics.
       impl: ``"fast"`` (``F.batch_norm``), ``"explicit"`` (the formula) or None (the default).
 
+    Inside :func:`layers.parallel.batch_axis` with an ``all_reduce`` (synchronised batch norm),
+    ``x`` is this process's rows and the batch statistics are those of the global batch
+    (:func:`_synced`, one formulation for both ``impl``); without ``all_reduce`` they are local.
+
     Returns:
       ``(y, new_state)``, ``y`` shaped like ``x``. Nothing passed in is modified.
     """
@@ -113,6 +118,10 @@ def batch_norm(params, state, x, *, train, momentum=0.1, eps=1e-5, impl=None):
     dtype = _check(params, state, x, train, momentum, eps, where)
     weight, bias = params.get("weight"), params.get("bias")
     update = train and bool(state)
+    axis = parallel.current()
+    if axis is not None and axis.all_reduce is not None and (train or not state):
+        y, new_state = _synced(weight, bias, state, x.to(dtype), update, momentum, eps, axis)
+        return y.to(x.dtype), new_state
     if impl == "fast":
         return _fast(weight, bias, state, x, train, update, momentum, eps)
     y, new_state = _explicit(weight, bias, state, x.to(dtype), train, update, momentum, eps)
@@ -154,6 +163,32 @@ def _explicit(weight, bias, state, x, train, update, momentum, eps):
     if not update:
         return y, state
     n = x.numel() // x.shape[1]
+    return y, _updated_state(state, mean, var * (n / (n - 1)), momentum)
+
+
+def _synced(weight, bias, state, x, update, momentum, eps, axis):
+    """Batch norm over the global batch of a data-parallel axis, differentiable through
+    ``axis.all_reduce``.
+
+    With ``n`` values per channel over every process (``n_local * total / rows``: the processes
+    hold equal slices), ``mean = all_reduce(sum(x)) / n`` and, in a second pass for the accuracy
+    of a centred sum, ``var = all_reduce(sum((x - mean)^2)) / n`` (biased); then
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` and the running update of
+    :func:`_updated_state` with ``var * n / (n - 1)``. Written in autograd ops: the gradient
+    reaches every process's ``x`` through the statistics because ``all_reduce``'s backward sums
+    the incoming gradients over the processes (as torch's ``SyncBatchNorm``).
+    """
+    axes, per_channel = _per_channel(x)
+    n_local = x.numel() // x.shape[1]
+    n = n_local * axis.total // axis.rows
+    mean = axis.all_reduce(x.sum(dim=axes)) / n
+    centred = x - mean.reshape(per_channel)
+    var = axis.all_reduce((centred * centred).sum(dim=axes)) / n
+    y = centred * torch.rsqrt(var + eps).reshape(per_channel)
+    if weight is not None:
+        y = y * weight.reshape(per_channel) + bias.reshape(per_channel)
+    if not update:
+        return y, state
     return y, _updated_state(state, mean, var * (n / (n - 1)), momentum)
 
 

@@ -2,6 +2,7 @@
 import torch
 
 from . import _checks as C
+from . import parallel
 from . import random as jr
 from ._impl import resolve
 
@@ -12,7 +13,9 @@ def dropout(x, *, p, train, key=None, impl=None):
     ``y = x * m / (1 - p)`` with ``m ~ Bernoulli(1 - p)`` drawn elementwise from ``key``
     (``layers.random.bernoulli(key, 1 - p, x.shape, resolution_bits=16)``: two draws per hashed
     32-bit word, the keep probability rounded to a multiple of ``2**-16``), so ``E[y] = x`` up to
-    that rounding (at most ``7.7e-6``; the scale is the exact ``1 / (1 - p)``). ``p = 1`` gives exact
+    that rounding (at most ``7.7e-6``; the scale is the exact ``1 / (1 - p)``). Inside
+    :func:`layers.parallel.batch_axis` ``x`` is this process's rows of the batch, and they get
+    their rows of the global batch's mask. ``p = 1`` gives exact
     zeros (no ``0 / 0``, even for infinite ``x``); ``train=False`` or ``p = 0`` returns ``x`` unchanged. The same key gives
     the same mask, in both formulations and on every device.
 
@@ -43,7 +46,9 @@ def dropout(x, *, p, train, key=None, impl=None):
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         return torch.where(torch.zeros_like(x, dtype=torch.bool), x, zero)
     keep_prob = 1.0 - p
-    keep = jr.bernoulli(key, keep_prob, x.shape, device=x.device, resolution_bits=16)
+    # Inside a data-parallel batch axis this process draws its rows' part of the global mask.
+    keep = jr.bernoulli(key, keep_prob, x.shape, device=x.device, resolution_bits=16,
+                        offset=parallel.row_offset(x.shape, where))
 
     if impl == "fast":
         return x * (keep.to(x.dtype) * (1.0 / keep_prob))      # one fused multiply by the scaled mask

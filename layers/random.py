@@ -119,8 +119,8 @@ def fold_in(key: Key, data: Union[int, torch.Tensor]) -> Key:
     return _hash(k0, key[1] ^ _FOLD, counter)
 
 
-def _hashed(key: Key, n: int, device: torch.device, finish=None) -> torch.Tensor:
-    """Words ``_hash(key, 0 .. n-1)`` as a flat int64 tensor, or ``finish(words)`` of them.
+def _hashed(key: Key, n: int, device: torch.device, finish=None, offset: int = 0) -> torch.Tensor:
+    """Words ``_hash(key, offset .. offset+n-1)`` as a flat int64 tensor, or ``finish(words)`` of them.
 
     ``finish`` maps a flat block of words to a flat block of outputs; it is applied chunk by
     chunk on the CPU, while the words are still in cache.
@@ -129,31 +129,40 @@ def _hashed(key: Key, n: int, device: torch.device, finish=None) -> torch.Tensor
     k0, k1 = key[0], key[1]
     finish = finish or (lambda words: words)
     if device.type != "cpu" or n <= _CHUNK or torch.compiler.is_compiling():
-        return finish(_hash(k0, k1, torch.arange(n, dtype=torch.int64, device=device)))
+        return finish(_hash(k0, k1, torch.arange(offset, offset + n, dtype=torch.int64, device=device)))
     # On the CPU, hash in chunks of 2**17: each of the ~30 integer passes then stays in cache and
     # still splits over the threads. On the 2-core machine the three dropout masks of a Model B
     # step (3.7M words) took 19 ms this way against 44 ms whole-tensor and 46 ms in 2**14 chunks
     # (too many small dispatches); F.dropout on the same tensors took 27 ms.
-    return torch.cat([finish(_hash(k0, k1, torch.arange(start, min(n, start + _CHUNK),
+    return torch.cat([finish(_hash(k0, k1, torch.arange(offset + start, offset + min(n, start + _CHUNK),
                                                         dtype=torch.int64)))
                       for start in range(0, n, _CHUNK)])
 
 
-def _request(where: str, key: Key, shape: Shape, device, most: int, what: str):
-    """Check a sampling request: ``(shape tuple, device, element count)``, at most ``most``."""
+def _request(where: str, key: Key, shape: Shape, device, most: int, what: str, offset: int = 0):
+    """Check a sampling request: ``(shape tuple, device, element count)``, at most ``most``
+    elements counted from the stream's start (``offset`` included)."""
     check_key(key, where)
     shape = _shape(shape)
     device = key.device if device is None else torch.device(device)
     n = math.prod(shape)
-    if n >= most:
-        raise ValueError(f"{where}: at most {what} per key, asked for {n}; split the key")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"{where}: expected offset a whole number >= 0, got {offset!r}")
+    if offset + n >= most:
+        raise ValueError(f"{where}: at most {what} per key, asked for {offset + n}; split the key")
     return shape, device, n
 
 
-def bits(key: Key, shape: Shape, *, device: Union[str, torch.device, None] = None) -> torch.Tensor:
-    """Uniform 32-bit words, int64 tensor of ``shape`` with values in [0, 2**32)."""
-    shape, device, n = _request("random.bits", key, shape, device, 2**32, "2**32 numbers")
-    return _hashed(key, n, device).reshape(shape)
+def bits(key: Key, shape: Shape, *, device: Union[str, torch.device, None] = None,
+         offset: int = 0) -> torch.Tensor:
+    """Uniform 32-bit words, int64 tensor of ``shape`` with values in [0, 2**32).
+
+    ``offset`` skips that many words of the key's stream: ``bits(k, (b, ...), offset=r * m)``
+    (``m`` words per row) equals rows ``r .. r+b-1`` of ``bits(k, (B, ...))``, so a process
+    holding a slice of a batch draws exactly that slice's numbers (:mod:`layers.parallel`).
+    """
+    shape, device, n = _request("random.bits", key, shape, device, 2**32, "2**32 numbers", offset)
+    return _hashed(key, n, device, offset=offset).reshape(shape)
 
 
 def uniform(key: Key, shape: Shape = (), *, dtype: torch.dtype = torch.float32,
@@ -181,26 +190,27 @@ def uniform(key: Key, shape: Shape = (), *, dtype: torch.dtype = torch.float32,
 
 def bernoulli(key: Key, p: Union[float, torch.Tensor], shape: Shape,
               *, device: Union[str, torch.device, None] = None,
-              resolution_bits: int = 32) -> torch.Tensor:
+              resolution_bits: int = 32, offset: int = 0) -> torch.Tensor:
     """Bool tensor of ``shape``, each element True with probability ``p``.
 
     ``resolution_bits=32`` (the default): element ``i`` is ``bits[i] < round(p * 2**32)``.
     ``resolution_bits=16``: each 32-bit word makes two draws, element ``2j`` from its low half
     and ``2j + 1`` from its high half, ``half < round(p * 2**16)``: half the hashing, and the
     probability is ``p`` rounded to a multiple of ``2**-16`` (off by at most ``7.7e-6``).
-    Both are exact for ``p = 0`` (never) and ``p = 1`` (always).
+    Both are exact for ``p = 0`` (never) and ``p = 1`` (always). ``offset`` skips that many
+    draws (as :func:`bits`): the result is elements ``offset ..`` of the flat draw.
     """
     if isinstance(p, (int, float)) and not 0.0 <= p <= 1.0:
         raise ValueError(f"random.bernoulli: expected p in [0, 1], got {p}")
     if resolution_bits not in (16, 32):
         raise ValueError(f"random.bernoulli: expected resolution_bits 16 or 32, got {resolution_bits!r}")
     if resolution_bits == 32:
-        words = bits(key, shape, device=device)
+        words = bits(key, shape, device=device, offset=offset)
         if isinstance(p, (int, float)):
             return words < round(p * 4294967296.0)
         return words.to(torch.float64) < (p * 4294967296.0)
     shape, device, n = _request("random.bernoulli", key, shape, device, 2**33,
-                                "2**33 draws at 16 bits")
+                                "2**33 draws at 16 bits", offset)
     if isinstance(p, (int, float)):
         threshold = round(p * 65536.0)
     else:
@@ -212,7 +222,11 @@ def bernoulli(key: Key, p: Union[float, torch.Tensor], shape: Shape,
     def two_draws(words):   # (m,) words -> (2m,) draws: low half, high half, interleaved
         return torch.stack([(words & 0xFFFF) < threshold, (words >> 16) < threshold], dim=-1).reshape(-1)
 
-    return _hashed(key, (n + 1) // 2, device, two_draws)[:n].reshape(shape)
+    # Draw e of the flat stream is half e % 2 of word e // 2: hash the words holding draws
+    # offset .. offset+n-1 and drop the high half of the first word when offset is odd.
+    skip = offset % 2
+    words = (skip + n + 1) // 2
+    return _hashed(key, words, device, two_draws, offset // 2)[skip:skip + n].reshape(shape)
 
 
 def normal(key: Key, shape: Shape = (), *, dtype: torch.dtype = torch.float32,
@@ -246,15 +260,16 @@ def truncated_normal(key: Key, shape: Shape = (), *, lower: float = -2.0, upper:
 
 
 def randint(key: Key, shape: Shape, low: int, high: int,
-            *, device: Union[str, torch.device, None] = None) -> torch.Tensor:
-    """Integers in ``[low, high)`` (int64); the range must be below 2**32."""
+            *, device: Union[str, torch.device, None] = None, offset: int = 0) -> torch.Tensor:
+    """Integers in ``[low, high)`` (int64); the range must be below 2**32. ``offset`` skips that
+    many draws (as :func:`bits`)."""
     if high <= low:
         raise ValueError(f"random.randint: expected low < high, got [{low}, {high})")
     span = high - low
     if span > 2**32:
         raise ValueError(f"random.randint: range must be at most 2**32, got {span}")
     # Multiply-shift maps a 32-bit word onto [0, span) with bias below span / 2**32.
-    words = bits(key, shape, device=device)
+    words = bits(key, shape, device=device, offset=offset)
     if span <= 2**31:
         return ((words * span) >> 32) + low
     return (words % span) + low

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ..data.cifar10 import DataNotFoundError
-from ..train import CHECKPOINT, fit, load_run, resolve_device, retain_freed_memory
+from ..train import CHECKPOINT, distributed, fit, load_run, resolve_device, retain_freed_memory
 from ..train.commands import guarded, refusal
 from ..train.build import build_loss, build_optimizer
 from ..train.telemetry import DEFAULT_EVERY
@@ -26,7 +26,7 @@ __all__ = ["build_parser", "resolve_config", "resume_config", "main"]
 
 #: Flags a resumed run may take; every other flag would be ignored (the run's saved config is
 #: used), so it is refused instead.
-RESUME_FLAGS = ("data_dir", "device", "epochs", "max_epochs")
+RESUME_FLAGS = ("data_dir", "device", "epochs", "max_epochs", "dist_backend", "dist_timeout")
 
 
 def build_parser(model: str, description: str) -> argparse.ArgumentParser:
@@ -77,6 +77,14 @@ def build_parser(model: str, description: str) -> argparse.ArgumentParser:
       help=f"every N steps (default N: {DEFAULT_EVERY}) write per-layer statistics to "
            "runs/<name>/telemetry.jsonl (python -m experiments.inspect draws them); off by default")
     a("--no-test", action="store_true", help="do not evaluate on the test split each epoch")
+    a("--sync-bn", action="store_true", default=None,
+      help="under torchrun: batch norm takes the statistics of the global batch, summed over the "
+           "processes (default: each process's own slice, as torch's DDP); docs/distributed.md")
+    a("--dist-backend", choices=distributed.BACKENDS,
+      help="under torchrun: the torch.distributed backend (default: nccl on CUDA, gloo on the CPU)")
+    a("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S, metavar="SECONDS",
+      help="under torchrun: how long a process waits for the others to start (and for any one "
+           f"collective); default {distributed.DEFAULT_TIMEOUT_S}")
     a("--benchmark", type=int, metavar="STEPS",
       help="time STEPS training steps (at the recipe's batch size, on random images) for fp32, "
            "channels_last, bf16 and bf16+channels_last, interleaved in rounds, then exit")
@@ -96,7 +104,8 @@ def resolve_config(model: str, args: argparse.Namespace) -> dict:
                  "channels_last": args.channels_last, "compile": args.compile,
                  "crop": args.crop, "flip": args.flip,
                  "tta_flip": args.tta_flip, "tta_shift": args.tta_shift, "cutout": args.cutout,
-                 "retain_freed_memory": args.retain_freed_memory, "telemetry": args.telemetry}
+                 "retain_freed_memory": args.retain_freed_memory, "telemetry": args.telemetry,
+                 "sync_bn": args.sync_bn}
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size: expected a whole number >= 1, got {args.batch_size}")
     if args.batch_size is not None and args.lr is None and cfg["optimizer"] == "sgd":
@@ -154,17 +163,42 @@ def resume_config(args: argparse.Namespace, run_dir: Path, model: str) -> tuple[
     return cfg, progress
 
 
+def restarted_config(cfg: dict, run_dir: Path) -> dict | None:
+    """The saved config of ``run_dir`` when torchrun restarted the workers
+    (``--max-restarts``) after this run wrote its checkpoint: the restart then resumes it. None
+    on a first attempt or without a checkpoint; ValueError when the checkpoint is of a run with
+    another config (a first attempt refused to clobber it)."""
+    if distributed.restart_count() == 0 or not (run_dir / CHECKPOINT).exists():
+        return None
+    _, _, saved = load_run(run_dir)
+    where = ("data_dir", "device")
+    if {k: v for k, v in saved.items() if k not in where} != {k: v for k, v in cfg.items()
+                                                               if k not in where}:
+        raise ValueError(f"torchrun restart: expected {run_dir} to hold this command's run to "
+                         f"resume, got a run with another config; pick another --name")
+    print(f"torchrun restart {distributed.restart_count()}: resuming {run_dir}", file=sys.stderr)
+    return saved
+
+
 def main(model: str, description: str, argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, train (or resume), print the final table; returns the exit status."""
+    """Parse ``argv``, train (or resume), print the final table; returns the exit status.
+
+    Under ``torchrun`` every process runs this: all of them train, rank 0 alone writes and
+    prints (docs/distributed.md).
+    """
     args = build_parser(model, description).parse_args(argv)
 
     try:
+        resume = bool(args.resume)
         if args.resume:
             run_dir = Path(args.resume)
             cfg, _ = resume_config(args, run_dir, model)
         else:
             cfg = resolve_config(model, args)
             run_dir = Path(args.out) / cfg["name"]
+            restarted = restarted_config(cfg, run_dir)
+            if restarted is not None:
+                cfg, resume = restarted, True
     except (ValueError, FileNotFoundError) as err:   # CheckpointError is a ValueError
         return refusal(err)
     if args.benchmark:
@@ -172,35 +206,58 @@ def main(model: str, description: str, argv: Sequence[str] | None = None) -> int
             retain_freed_memory()
         print(json.dumps(benchmark(cfg, args.benchmark)))
         return 0
-    if not args.resume and (run_dir / CHECKPOINT).exists():
-        return refusal(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                      "or pick another --name")
     try:
-        train, val, test = load_data(cfg)
-    except (DataNotFoundError, FileNotFoundError, ValueError) as err:
+        parallel = distributed.start(cfg, backend=args.dist_backend, timeout_s=args.dist_timeout)
+    except (ValueError, distributed.StartError) as err:
         return refusal(err)
+    try:
+        return _train(model, args, cfg, run_dir, resume, parallel)
+    finally:
+        distributed.stop(parallel)
+
+
+def _train(model: str, args, cfg: dict, run_dir: Path, resume: bool, parallel) -> int:
+    """Load the data, build the run's parts and call :func:`fit`; the exit status."""
+    problem = None
+    if not resume and (run_dir / CHECKPOINT).exists():
+        problem = (f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                   "or pick another --name")
+    else:
+        try:
+            train, val, test = load_data(cfg)
+        except (DataNotFoundError, FileNotFoundError, ValueError) as err:
+            problem = err
+    if problem is None and len(train.labels) // cfg["batch_size"] < 1:
+        problem = (f"--batch-size {cfg['batch_size']}: expected at most the {len(train.labels)} "
+                   "training images (lower --batch-size, or raise --limit-per-class)")
+    # Every rank decides before any writes: one that refuses stops them all.
+    if parallel is not None and not parallel.all_ok(problem is None) and problem is None:
+        problem = f"distributed: rank {parallel.rank} stops: another rank refused (its error is above)"
+    if problem is not None:
+        return refusal(problem)
     steps_per_epoch = len(train.labels) // cfg["batch_size"]
-    if steps_per_epoch < 1:
-        return refusal(f"--batch-size {cfg['batch_size']}: expected at most the {len(train.labels)} "
-                      "training images (lower --batch-size, or raise --limit-per-class)")
     if cfg.get("retain_freed_memory", True):   # runs saved before the option existed: on
         retain_freed_memory()
     net = build_net(cfg, len(train.classes))
     opt = build_optimizer(cfg, steps_per_epoch)
-    device = resolve_device(cfg["device"])
+    device = resolve_device(cfg["device"]) if parallel is None else parallel.device
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    print(f"{model} recipe {cfg['recipe']} on {device}: epochs {cfg['epochs']}, batch "
-          f"{cfg['batch_size']}, lr {cfg['lr']}, bf16 {cfg['bf16']}, channels_last "
-          f"{cfg['channels_last']}, run dir {run_dir}", file=sys.stderr)
+    if parallel is None or parallel.writes:
+        procs = "" if parallel is None else f" x {parallel.world} processes"
+        print(f"{model} recipe {cfg['recipe']} on {device}{procs}: epochs {cfg['epochs']}, batch "
+              f"{cfg['batch_size']}, lr {cfg['lr']}, bf16 {cfg['bf16']}, channels_last "
+              f"{cfg['channels_last']}, run dir {run_dir}", file=sys.stderr)
     resume_cmd = f"python -m experiments.{model} --resume {run_dir}"
     result, code = guarded(lambda: fit(
         cfg, net=net, opt=opt, loss_fn=build_loss(cfg), train=train, val=val, test=test,
-        augment=augmenter(cfg), prepare=prepare, run_dir=run_dir, resume=bool(args.resume),
-        max_epochs=args.max_epochs, resume_command=resume_cmd))
+        augment=augmenter(cfg), prepare=prepare, run_dir=run_dir, resume=resume,
+        max_epochs=args.max_epochs, resume_command=resume_cmd, parallel=parallel))
     if code is not None:
         return code
     if result.status == "interrupted":
         return 130
+    if parallel is not None and not parallel.writes:
+        return 0
     if result.status == "stopped":
         print(f"stopped after epoch {args.max_epochs}; continue with: {resume_cmd}", file=sys.stderr)
     else:

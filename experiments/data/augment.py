@@ -6,6 +6,9 @@ The usual CIFAR pipeline (``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip(
 ``ToTensor()``, ``Normalize(mean, std)``) applied to a whole ``(N, C, H, W)`` batch at once, and
 cutout (DeVries & Taylor, 2017: one square per image set to 0 after normalisation, i.e. to the
 data set's mean colour).
+
+Inside :func:`layers.parallel.batch_axis` a batch is this process's rows of the global batch,
+and each row gets the draws the global batch gives it (the offsets of :mod:`layers.random`).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from layers import parallel
 from layers import random as jr
 
 from .cifar10 import CIFAR10_MEAN, CIFAR10_STD
@@ -29,12 +33,13 @@ def _check_batch(fn: str, x: torch.Tensor) -> None:
 
 def crop_offsets(key: torch.Tensor, n: int, padding: int) -> torch.Tensor:
     """``(n, 2)`` int64 crop corners ``(dy, dx)``, each uniform on ``{0, ..., 2 * padding}``."""
-    return jr.randint(key, (n, 2), 0, 2 * padding + 1)
+    return jr.randint(key, (n, 2), 0, 2 * padding + 1,
+                      offset=parallel.row_offset((n, 2), "crop_offsets"))
 
 
 def flip_mask(key: torch.Tensor, n: int) -> torch.Tensor:
     """``(n,)`` bool, each true with probability 1/2: which images get mirrored."""
-    return jr.bernoulli(key, 0.5, (n,))
+    return jr.bernoulli(key, 0.5, (n,), offset=parallel.row_offset((n,), "flip_mask"))
 
 
 def random_crop(key: torch.Tensor, x: torch.Tensor, padding: int = 4) -> torch.Tensor:
@@ -73,8 +78,9 @@ def cutout_mask(key: torch.Tensor, n: int, h: int, w: int, size: int,
     its centre ``(cy, cx)`` uniform on ``{0..h-1} x {0..w-1}``, so near the border only part of it
     lies in the image, as in the paper.
     """
-    cy = jr.randint(jr.fold_in(key, 0), (n,), 0, h, device=device)
-    cx = jr.randint(jr.fold_in(key, 1), (n,), 0, w, device=device)
+    first = parallel.row_offset((n,), "cutout_mask")
+    cy = jr.randint(jr.fold_in(key, 0), (n,), 0, h, device=device, offset=first)
+    cx = jr.randint(jr.fold_in(key, 1), (n,), 0, w, device=device, offset=first)
     # (n, h) and (n, w): each pixel's offset into its image's square
     rows = torch.arange(h, device=cy.device)[None, :] - (cy - size // 2)[:, None]
     cols = torch.arange(w, device=cx.device)[None, :] - (cx - size // 2)[:, None]

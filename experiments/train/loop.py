@@ -130,7 +130,7 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
         params=None, state=None, key: torch.Tensor | None = None, drop_last: bool = True,
         run_dir: str | Path | None = None, resume: bool = False, max_epochs: int | None = None,
         on_step: Callable[[int, int], None] | None = None, stream=None, quiet: bool = False,
-        resume_command: str | None = None) -> FitResult:
+        resume_command: str | None = None, parallel=None) -> FitResult:
     """Train ``net`` on ``train`` for ``config["epochs"]`` epochs.
 
     Args:
@@ -155,6 +155,9 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
       max_epochs: stop after that many completed epochs (status ``"stopped"``).
       on_step: ``on_step(epoch, step)`` before every step (a test hook).
       quiet: print nothing (the per-epoch lines and the final table go to ``stream`` otherwise).
+      parallel: a :class:`~experiments.train.distributed.DataParallel` (torchrun): this process
+        trains on its slice of every global batch of ``batch_size``, the gradients are averaged
+        over the processes, and only rank 0 writes or prints. None: one process.
 
     Returns a :class:`FitResult`; ``history`` has one row per epoch (``train_loss``,
     ``train_accuracy``, ``val_*``, ``test_*``, ``lr``, ``seconds``).
@@ -165,12 +168,16 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
     """
     config = dict(config)
     check_loop_config(config)
+    if parallel is not None:
+        parallel.check_fit(config, drop_last)
+    writes = parallel is None or parallel.writes
+    quiet = quiet or not writes
     stream = sys.stderr if stream is None else stream
     say = (lambda text: None) if quiet else (lambda text: print(text, file=stream))
     run_dir = None if run_dir is None else Path(run_dir)
     if resume and run_dir is None:
         raise ValueError("fit: expected a run_dir to resume from, got resume=True without one")
-    device = resolve_device(config.get("device", "auto"))
+    device = resolve_device(config.get("device", "auto")) if parallel is None else parallel.device
     batch_size, epochs = config["batch_size"], config["epochs"]
     channels_last, bf16 = bool(config.get("channels_last")), bool(config.get("bf16"))
     n = len(train.labels)
@@ -181,6 +188,7 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
     members = Members(config, key)
     train_key = members.train_key
     ckpt_path = None if run_dir is None else run_dir / CHECKPOINT
+    out_dir = run_dir if writes else None   # where this process writes: rank 0 only
     resume_command = resume_command or f"--resume {run_dir}"
 
     if params is None:
@@ -199,9 +207,10 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
                              f"{config.get('seed', 0)}, got a different key in {ckpt_path}")
         history = read_history(run_dir / METRICS, progress["epoch"])
         tel_rows = read_telemetry(run_dir / TELEMETRY, progress["epoch"] + 1, progress["step"])
-        write_config(run_dir, config)   # the caller may have changed epochs, device or data
+        if out_dir is not None:
+            write_config(run_dir, config)   # the caller may have changed epochs, device or data
         say(f"resuming {run_dir} at epoch {progress['epoch'] + 1}, batch {progress['step']}")
-    elif run_dir is not None:
+    elif out_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, config)
         write_history(run_dir / METRICS, history)
@@ -212,7 +221,10 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
     if channels_last:
         params, opt_state = to_channels_last(params), to_channels_last(opt_state)
     step = make_step(net, opt, loss_fn, bf16=bf16, channels_last=channels_last,
-                     compile=bool(config.get("compile")))
+                     compile=bool(config.get("compile")),
+                     reduce=None if parallel is None else parallel.reduce)
+    # The step's batch axis: this process's rows of the global batch (layers.parallel).
+    scope = contextlib.nullcontext if parallel is None else (lambda: parallel.scope(batch_size))
     predict = make_eval(net, tta_flip=bool(config.get("tta_flip")),
                         tta_shift=config.get("tta_shift", 0), bf16=bf16,
                         channels_last=channels_last)
@@ -220,7 +232,7 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
     eval_bs = int(config.get("eval_batch_size", 1000))
 
     def save(p, s, o, prog):
-        if ckpt_path is not None:
+        if out_dir is not None:
             save_checkpoint(ckpt_path, p, s, o, train_key, prog, config)
 
     def net_input(k, xb):
@@ -244,14 +256,19 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
                 if on_step is not None:
                     on_step(epoch, s)
                 idx = order[..., s * batch_size:(s + 1) * batch_size]
+                size = idx.shape[-1]
+                if parallel is not None:
+                    idx = parallel.local(idx)
                 sk = members.step_keys(epoch, s)
-                x = members.inputs(net_input, images, idx, sk.augment, random=augment is not None)
                 lr_now = _current_lr(opt_state)
                 watch = tel_every and (epoch * steps_per_epoch + s) % tel_every == 0
-                if watch:
-                    stats = layer_stats(net, params, state, x, labels[idx], loss_fn, sk.dropout.to(device))
-                new_params, new_state, new_opt_state, metrics = step(
-                    params, state, opt_state, (x, labels[idx]), sk.dropout.to(device))
+                with scope():
+                    x = members.inputs(net_input, images, idx, sk.augment, random=augment is not None)
+                    if watch:
+                        stats = layer_stats(net, params, state, x, labels[idx], loss_fn,
+                                            sk.dropout.to(device))
+                    new_params, new_state, new_opt_state, metrics = step(
+                        params, state, opt_state, (x, labels[idx]), sk.dropout.to(device))
                 if watch:
                     tel_rows.append({"epoch": epoch + 1, "step": s, "layers": update_stats(
                         stats, params, new_params, tel_state, new_state)})
@@ -265,7 +282,6 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
                         f"fit: expected a finite training loss, got {loss} at epoch {epoch + 1}, "
                         f"batch {s}{where}. Lower the learning rate or check the data.")
                 s += 1
-                size = idx.shape[-1]
                 nxt = {"epoch": epoch, "step": s,
                        "loss_sum": members.add(progress["loss_sum"], loss, size),
                        "correct": members.add(progress["correct"], members.values(metrics["correct"]), 1),
@@ -273,10 +289,14 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
                        "seconds": time.perf_counter() - t0, "lr": lr_now}
                 # One assignment, so a Ctrl-C never sees new parameters with old progress.
                 params, state, opt_state, progress = new_params, new_state, new_opt_state, nxt
+                if parallel is not None:
+                    parallel.after_step(params, opt_state, epoch, s)
                 if not quiet:
                     bar.update(s, (s - first_step) * batch_size,
                                loss=member_mean(members.ratio(progress["loss_sum"], progress["seen"])),
                                acc=member_mean(members.ratio(progress["correct"], progress["seen"])))
+            if parallel is not None:
+                state = parallel.epoch_end(params, state, opt_state, epoch)
             row = {"epoch": epoch + 1, "train_loss": members.ratio(progress["loss_sum"], progress["seen"]),
                    "train_accuracy": members.ratio(progress["correct"], progress["seen"]),
                    "val_loss": None, "val_accuracy": None, "test_loss": None, "test_accuracy": None,
@@ -284,7 +304,7 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
                    "train_seconds": time.perf_counter() - t0}
             results = {}
             for split, data in (("val", val), ("test", test)):
-                if data is not None and len(data.labels):
+                if data is not None and len(data.labels) and writes:
                     results[split] = evaluate(predict, params, state, data, device=device,
                                               batch_size=eval_bs, prepare=prepare)
                     row[f"{split}_loss"], row[f"{split}_accuracy"] = _loss_and_accuracy(results[split])
@@ -295,7 +315,7 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
             epoch += 1
             progress = {"epoch": epoch, "step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0,
                         "seconds": 0.0}
-            if run_dir is not None:
+            if out_dir is not None:
                 # History first, then the checkpoint: a resume drops rows past the checkpoint's epoch.
                 write_history(run_dir / METRICS, history)
                 if tel_every:
@@ -314,10 +334,12 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
     except KeyboardInterrupt:
         if ckpt_path is None:
             raise
+        # A rank of a data-parallel run saves nothing but rank 0, whose parameters are every
+        # rank's up to the last completed step (its running statistics are its own).
         save(params, state, opt_state, progress)
         say(f"\ninterrupted: checkpoint saved at epoch {progress['epoch'] + 1}, batch "
             f"{progress['step']} in {ckpt_path}.\nresume with: {resume_command}")
-        if tel_every:
+        if tel_every and out_dir is not None:
             write_telemetry(run_dir / TELEMETRY, tel_rows)
         return FitResult("interrupted", params, state, opt_state, history, run_dir, tel_rows)
     if status == "done" and run_dir is not None:

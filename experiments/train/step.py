@@ -42,7 +42,8 @@ def _widen(logits: torch.Tensor) -> torch.Tensor:
 
 
 def make_step(net, opt, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
-              bf16: bool = False, channels_last: bool = False, compile: bool = False) -> Callable:
+              bf16: bool = False, channels_last: bool = False, compile: bool = False,
+              reduce: Callable | None = None) -> Callable:
     """Build ``step(params, state, opt_state, (x, y), key) -> (params, state, opt_state, metrics)``.
 
     ``(grads, (loss, (state', logits))) = grad_and_value(L, has_aux=True)(params, state, x, y, key)``
@@ -58,6 +59,9 @@ def make_step(net, opt, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
         channels-last parameters too, :func:`to_channels_last`).
       compile: ``torch.compile`` the net's forward and backward (the optimizer update stays
         eager: its schedule is host arithmetic on the step count).
+      reduce: ``(grads, metrics) -> (grads, metrics)`` between the backward pass and the
+        update: data parallelism averages the gradients and sums the metrics over the processes
+        there (:mod:`experiments.train.distributed`). None: nothing in between.
 
     ``metrics`` holds 0-d tensors ``loss`` (mean over the batch) and ``correct`` (count), or
     ``(K,)`` tensors for an ensemble (``nets.ensemble``: logits ``(K, B, classes)``, a loss per
@@ -90,6 +94,8 @@ def make_step(net, opt, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
     def step(params, state, opt_state, batch, key):
         x, y = batch
         grads, new_state, metrics = forward_backward(params, state, x, y, key)
+        if reduce is not None:
+            grads, metrics = reduce(grads, metrics)
         new_params, new_opt_state = optim.step(opt, grads, opt_state, params)
         return new_params, new_state, new_opt_state, metrics
 
