@@ -11,7 +11,7 @@ docs/layers.md.
 """
 from . import init, parallel, random
 from ._impl import default_impl, get_default_impl, set_default_impl
-from .activations import flatten, log_softmax, relu
+from .activations import flatten, gelu, log_softmax, relu
 from .batch_norm import batch_norm
 from .conv import conv2d
 from .dropout import dropout
@@ -21,7 +21,7 @@ from .pooling import adaptive_avg_pool2d, max_pool2d
 
 __all__ = [
     "adaptive_avg_pool2d", "batch_norm", "conv2d", "cross_entropy", "default_impl", "dropout",
-    "flatten", "get_default_impl", "init", "linear", "log_softmax", "max_pool2d", "parallel",
+    "flatten", "gelu", "get_default_impl", "init", "linear", "log_softmax", "max_pool2d", "parallel",
     "random", "relu",
     "set_default_impl",
 ]

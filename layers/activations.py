@@ -1,4 +1,6 @@
-"""Elementwise and reshaping pieces: ``relu``, ``flatten``, ``log_softmax``."""
+"""Elementwise and reshaping pieces: ``relu``, ``gelu``, ``flatten``, ``log_softmax``."""
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +45,48 @@ class ExplicitReLU(torch.autograd.Function):
     def backward(ctx, dy):
         y, = ctx.saved_tensors
         return torch.where(y <= 0, torch.zeros((), dtype=dy.dtype, device=dy.device), dy)
+
+
+def gelu(x, *, impl=None):
+    """The Gaussian error linear unit, as ``torch.nn.GELU()`` (``approximate="none"``):
+
+        gelu(x) = x Phi(x) = x / 2 (1 + erf(x / sqrt(2)))
+
+    ``Phi`` is the standard normal CDF. Shapes: any -> same. NaN stays NaN.
+    """
+    where = "gelu"
+    impl = resolve(impl, where)
+    C.check_tensor(x, where)
+    C.check_floating(x, where)
+    if impl == "fast":
+        return F.gelu(x)
+    return ExplicitGELU.apply(x)
+
+
+class ExplicitGELU(torch.autograd.Function):
+    """``gelu``'s explicit formulation, ``x / 2 (1 + erf(x / sqrt(2)))``, with its backward written out.
+
+        d gelu / dx = Phi(x) + x phi(x),   phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+
+    (product rule on ``x Phi(x)``; ``Phi' = phi``), so ``dx = dy (Phi(x) + x phi(x))``. The
+    input is saved: the derivative is not a function of the output alone.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * 0.5 * (1.0 + torch.erf(x * math.sqrt(0.5)))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, = ctx.saved_tensors
+        cdf = 0.5 * (1.0 + torch.erf(x * math.sqrt(0.5)))
+        pdf = torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+        return dy * (cdf + x * pdf)
 
 
 def _dim(d, rank, where, name):

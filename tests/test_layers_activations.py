@@ -89,3 +89,22 @@ def test_flatten_and_log_softmax_reject_bad_dims():
         layers.log_softmax(torch.zeros(2, 3), -3)
     with pytest.raises(TypeError, match=r"relu: expected input to be a torch.Tensor, got float"):
         layers.relu(1.0)
+
+
+@settings(deadline=None, max_examples=40)
+@given(shape=shapes, kind=st.sampled_from(["normal", "ints"]), dtype=DTYPES,
+       seed=st.integers(0, 2**31 - 1), impl=IMPLS)
+def test_gelu_value_and_gradient_equal_torch_nn_gelu(shape, kind, dtype, seed, impl):
+    x = values(shape, seed, dtype, kind)
+    check(lambda x: layers.gelu(x, impl=impl), torch.nn.GELU(), x, dtype, seed)
+
+
+@pytest.mark.parametrize("impl", ["fast", "explicit"])
+def test_gelu_is_x_times_the_normal_cdf_and_nan_propagates(impl):
+    x = torch.tensor([-3.0, 0.0, 1.0, 40.0, float("-inf")], dtype=torch.float64)
+    phi = torch.distributions.Normal(0.0, 1.0).cdf(x[:4])
+    torch.testing.assert_close(layers.gelu(x[:4], impl=impl), x[:4] * phi, rtol=1e-15, atol=1e-15)
+    y = layers.gelu(torch.tensor([float("nan")]), impl=impl)
+    assert torch.isnan(y[0])
+    with pytest.raises(TypeError, match=r"gelu: expected input with a floating dtype, got torch.int64"):
+        layers.gelu(torch.tensor([1, 2]), impl=impl)

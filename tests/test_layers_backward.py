@@ -276,6 +276,7 @@ GRADCHECK = {
     "dropout": (lambda x: layers.dropout(x, p=0.3, train=True, key=jr.key(0), impl="explicit"),
                 lambda: (_r(3, 4),)),
     "relu": (lambda x: layers.relu(x, impl="explicit"), lambda: (_r(3, 4),)),
+    "gelu": (lambda x: layers.gelu(x, impl="explicit"), lambda: (_r(3, 4),)),
     "log_softmax": (lambda x: layers.log_softmax(x, 1, impl="explicit"), lambda: (_r(3, 4, 2),)),
     "cross_entropy indices, class weights, smoothing, ignore_index, mean": (
         lambda z, w: layers.cross_entropy(z, _T, weight=w, label_smoothing=0.2, impl="explicit"),

@@ -31,6 +31,7 @@ def suite(device, dtype):
         "batch_norm": lambda i: layers.batch_norm(bn_p, bn_s, x, train=True, momentum=None, impl=i),
         "dropout": lambda i: layers.dropout(x, p=0.4, train=True, key=key, impl=i),
         "relu": lambda i: layers.relu(x, impl=i),
+        "gelu": lambda i: layers.gelu(x, impl=i),
         "log_softmax": lambda i: layers.log_softmax(x, 1, impl=i),
         "cross_entropy": lambda i: layers.cross_entropy(x[:, :, 0, :5].reshape(3, 10)[:, :5], target,
                                                         label_smoothing=0.2, impl=i),

@@ -110,6 +110,7 @@ def _jac_cases(impl):
         ("dropout", lambda x: layers.dropout(x, p=0.5, train=True, key=key, impl=impl),
          lambda x: x * jr.bernoulli(key, 0.5, x.shape, resolution_bits=16).to(D) * 2, x4),
         ("relu", lambda x: layers.relu(x, impl=impl), torch.relu, x4),
+        ("gelu", lambda x: layers.gelu(x, impl=impl), F.gelu, x4),
         ("flatten", lambda x: layers.flatten(x, impl=impl), lambda x: torch.flatten(x, 1), x4),
         ("log_softmax", lambda x: layers.log_softmax(x, 1, impl=impl), lambda x: F.log_softmax(x, 1), x4),
         ("cross_entropy", lambda x: layers.cross_entropy(x, target, label_smoothing=0.1, impl=impl),

@@ -60,7 +60,7 @@ def test_unknown_formulation_is_rejected_everywhere():
 
 
 @pytest.mark.parametrize("name", ["linear", "conv2d", "max_pool2d", "adaptive_avg_pool2d",
-                                  "batch_norm", "dropout", "relu", "flatten", "log_softmax",
+                                  "batch_norm", "dropout", "relu", "gelu", "flatten", "log_softmax",
                                   "cross_entropy"])
 def test_every_layer_function_takes_an_impl_keyword(name):
     import inspect

@@ -32,6 +32,7 @@ def calls():
         ("batch_norm eval", (bn_params, bn_state, x4), lambda a, i: layers.batch_norm(*a, train=False, impl=i)),
         ("dropout", (x4, jr.key(0)), lambda a, i: layers.dropout(a[0], p=0.3, train=True, key=a[1], impl=i)),
         ("relu", (x4,), lambda a, i: layers.relu(*a, impl=i)),
+        ("gelu", (x4,), lambda a, i: layers.gelu(*a, impl=i)),
         ("flatten", (x4,), lambda a, i: layers.flatten(*a, impl=i)),
         ("log_softmax", (x4,), lambda a, i: layers.log_softmax(*a, 1, impl=i)),
         ("cross_entropy", (randn(3, 4, seed=11), target, randn(4, seed=12).abs()),
