@@ -69,7 +69,12 @@ class _MemberConv2d(torch.autograd.Function):
             return t.movedim(dim, 0).unbind(0) if dim is not None else [t] * members
 
         xs, ws, bs = (split(t, d) for t, d in zip((x, weight, bias), in_dims[:3]))
-        ys = [F.conv2d(xk, wk, bk, stride, padding, dilation, groups) for xk, wk, bk in zip(xs, ws, bs)]
+        # Under vmap torch's own rule runs outside autocast (a vmapped convolution stays in its
+        # inputs' dtype); so does the loop, or its bfloat16 outputs would meet float32 batch-norm
+        # statistics that torch's batch-norm rule cannot mix.
+        with torch.autocast(x.device.type, enabled=False):
+            ys = [F.conv2d(xk, wk, bk, stride, padding, dilation, groups)
+                  for xk, wk, bk in zip(xs, ws, bs)]
         return torch.stack(ys), 0
 
 

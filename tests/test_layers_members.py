@@ -1,6 +1,8 @@
 """layers._members: under vmap, a convolution whose input and weight both carry the member
 dimension runs as one convolution per member; values and gradients equal torch's own vmap rule
 (the grouped convolution) and the per-member loop written by hand."""
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,3 +94,24 @@ def test_the_member_loop_runs_only_when_input_and_weight_are_both_batched(monkey
     vmap(grad(lambda x, w: conv(x, w).sum(), argnums=1))(x, w)
     assert calls == [1]
     assert not is_batched(x) and not is_batched(None)
+
+
+def test_under_autocast_the_member_loop_keeps_the_dtype_of_torchs_rule_and_batch_norm_follows():
+    # torch's vmap rule runs a convolution outside autocast; the member loop must too, or its
+    # bfloat16 output breaks the batch norm that follows (a bf16 ensemble step used to fail so)
+    k = 2
+    x, w = torch.randn(k, 4, 3, 8, 8), torch.randn(k, 5, 3, 3, 3)
+    bn = {"weight": torch.ones(k, 5), "bias": torch.zeros(k, 5)}
+    stats = {"running_mean": torch.zeros(k, 5), "running_var": torch.ones(k, 5),
+             "num_batches_tracked": torch.zeros(k, dtype=torch.int64)}
+
+    def block(x, w, p, s, conv):
+        return layers.batch_norm(p, s, conv(x, w), train=True)[0]
+
+    ours = lambda x, w: layers.conv2d({"weight": w}, x, padding=1, impl="fast")   # noqa: E731
+    torchs = lambda x, w: F.conv2d(x, w, padding=1)                              # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ours = vmap(partial(block, conv=ours))(x, w, bn, stats)
+        y_torch = vmap(partial(block, conv=torchs))(x, w, bn, stats)
+    assert y_ours.dtype == y_torch.dtype
+    torch.testing.assert_close(y_ours, y_torch)

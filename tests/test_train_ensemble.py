@@ -132,3 +132,14 @@ def test_stack_and_unstack_are_inverse_and_refuse_mismatches():
     with pytest.raises(ValueError, match="expected 1 to"):
         trainer.ensemble_parts(tiny_net(), optim.sgd, {"lr": [0.1] * (trainer.MAX_MEMBERS + 1)},
                                layers.cross_entropy)
+
+
+def test_an_ensemble_steps_under_bf16_autocast_and_channels_last():
+    net_k, opt_k, loss_k = trainer.ensemble_parts(tiny_net(), lambda lr: optim.sgd(lr), {"lr": [0.1, 0.01]},
+                                                  layers.cross_entropy)
+    keys = torch.stack([layers.random.key(0), layers.random.key(1)])
+    params, state = net_k.init(keys)
+    step = trainer.make_step(net_k, opt_k, loss_k, bf16=True, channels_last=True)
+    x, y = torch.randn(6, 3, 8, 8), torch.arange(6) % 3
+    params, state, opt_state, metrics = step(params, state, opt_k.init(params), (x, y), keys)
+    assert metrics["loss"].shape == (2,) and torch.isfinite(metrics["loss"]).all()
