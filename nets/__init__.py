@@ -13,7 +13,8 @@ names with :func:`cut` and :func:`child` (:mod:`nets.cut`); save and load any tr
 to JAX and back with :func:`to_jax` / :func:`from_jax`.
 See docs/nets.md.
 """
-from . import compose
+from . import compose, whitening
+from .airbench import airbench
 from .capture import Capture, GradCapture, capture, capture_grads, captured_names
 from .checkpoint import load, save
 from .compose import Layer, Net, as_net, leaves, serial
@@ -32,7 +33,7 @@ from .vgg16 import vgg16
 from .vgg_like import vgg_like
 
 __all__ = [
-    "jax_apply",
+    "jax_apply", "airbench", "whitening",
     "Capture", "GradCapture", "capture", "capture_grads", "captured_names",
     "Layer", "Net", "Row", "Summary", "as_net", "block_ends", "child", "compose", "cut",
     "from_jax", "layer_names", "leaf_keys", "leaf_names", "leaves", "load",

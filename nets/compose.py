@@ -245,6 +245,21 @@ def ReLU() -> Layer:
     return _stateless("ReLU", "ReLU", layers.relu, lambda shape: tuple(int(s) for s in shape))
 
 
+def GELU() -> Layer:
+    """``torch.nn.GELU()``: ``x Phi(x)`` elementwise (:func:`layers.gelu`); shape unchanged."""
+    return _stateless("GELU", "GELU", layers.gelu, lambda shape: tuple(int(s) for s in shape))
+
+
+def Mul(scale: float) -> Layer:
+    """``y = scale * x`` with a fixed ``scale`` (airbench's ``Mul`` module; no torch.nn class,
+    no parameters); shape unchanged."""
+    if not C.is_real(scale):
+        raise TypeError(f"Mul: expected scale to be a real number, got {scale!r}")
+    scale = float(scale)
+    return _stateless("Mul", f"Mul({scale:g})", lambda x: x * scale,
+                      lambda shape: tuple(int(s) for s in shape))
+
+
 def MaxPool2d(kernel_size, stride=None) -> Layer:
     """``torch.nn.MaxPool2d(kernel_size, stride)``: ``Ho = floor((H - kh) / sh) + 1``."""
     where = f"MaxPool2d({kernel_size})"

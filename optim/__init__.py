@@ -29,7 +29,8 @@ from .momentum import TraceState, trace
 from .scale import LearningRateState, negate, scale_by_learning_rate, set_to_zero
 from .schedules import (constant_schedule, cosine_annealing_schedule, exponential_schedule,
                         join_schedules, linear_schedule, multistep_schedule, one_cycle_schedule,
-                        step_decay_schedule, warmup_cosine_schedule)
+                        step_decay_schedule, triangular_schedule,
+                        warmup_cosine_schedule)
 
 __all__ = [
     "GradientTransformation", "EmptyState", "apply_updates", "step", "current_lr", "current_step",
@@ -40,5 +41,5 @@ __all__ = [
     "clip_by_global_norm", "global_norm", "decay_mask_no_bias_or_norm", "vmapped", "VmappedState", "member_lrs",
     "constant_schedule", "step_decay_schedule", "multistep_schedule", "exponential_schedule",
     "cosine_annealing_schedule", "linear_schedule", "one_cycle_schedule", "join_schedules",
-    "warmup_cosine_schedule",
+    "warmup_cosine_schedule", "triangular_schedule",
 ]

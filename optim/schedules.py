@@ -15,6 +15,8 @@ ulps rather than bit for bit.
     one_cycle_schedule(max_lr, T, ...)                                              OneCycleLR
     join_schedules([s0, s1, ...], [b1, ...])(t) = s_i(t - b_i) for b_i <= t < b_{i+1}  SequentialLR
     warmup_cosine_schedule(...)                = join(linear warm-up, cosine)
+    triangular_schedule(v, T, p, f0, f1)(t)    = v * (f0 + (1 - f0) t / w) for t < w = int(p T),
+                                                 then v * (1 + (f1 - 1)(t - w) / (T - w))  LambdaLR
 
 Every schedule also takes the step as a 0-d int64 tensor (a member's count under ``vmap``) and
 then returns a 0-d float64 tensor computed on the device with the same formula, branches
@@ -272,3 +274,43 @@ def warmup_cosine_schedule(peak_value: float, warmup_steps: int, decay_steps: in
         [linear_schedule(peak_value, start_factor, 1.0, warmup_steps),
          cosine_annealing_schedule(peak_value, decay_steps, eta_min)],
         [warmup_steps])
+
+
+def triangular_schedule(peak_value: float, total_steps: int, peak_fraction: float = 0.23,
+                        start_factor: float = 0.2, end_factor: float = 0.07) -> Schedule:
+    """airbench's triangle: a linear rise from ``start_factor * peak_value`` to ``peak_value``
+    over the first ``w = int(peak_fraction * total_steps)`` steps, then a linear fall to
+    ``end_factor * peak_value`` at ``total_steps`` (steps past it keep that value):
+
+        t < w:  v * (f0 (1 - t / w) + t / w)
+        t >= w: v * ((1 - u) + f1 u),   u = (min(t, T) - w) / (T - w)
+
+    (torch: ``LambdaLR`` with airbench's ``get_lr``, the same formula, stepped once per update).
+    """
+    fn = "triangular_schedule"
+    peak_value = _real(fn, "peak_value", peak_value)
+    total_steps = _int(fn, "total_steps", total_steps, 1)
+    peak_fraction = _real(fn, "peak_fraction", peak_fraction)
+    start_factor = _real(fn, "start_factor", start_factor)
+    end_factor = _real(fn, "end_factor", end_factor)
+    if not 0 <= peak_fraction < 1:
+        raise ValueError(f"{fn}: expected peak_fraction in [0, 1), got {peak_fraction}")
+    for name, f in (("start_factor", start_factor), ("end_factor", end_factor)):
+        if not f >= 0:
+            raise ValueError(f"{fn}: expected {name} >= 0, got {f}")
+    w = int(total_steps * peak_fraction)
+
+    def schedule(t: int) -> float:
+        t = _step(fn, t)
+        if isinstance(t, torch.Tensor):
+            t = torch.clamp(_f64(t), max=total_steps)
+            up = start_factor * (1 - t / max(w, 1)) + t / max(w, 1)
+            u = (t - w) / (total_steps - w)
+            return peak_value * torch.where(t < w, up, (1 - u) + end_factor * u)
+        t = min(t, total_steps)
+        if t < w:
+            frac = t / w
+            return peak_value * (start_factor * (1 - frac) + 1.0 * frac)
+        frac = (t - w) / (total_steps - w)
+        return peak_value * (1.0 * (1 - frac) + end_factor * frac)
+    return schedule

@@ -42,11 +42,14 @@ def flip_mask(key: torch.Tensor, n: int) -> torch.Tensor:
     return jr.bernoulli(key, 0.5, (n,), offset=parallel.row_offset((n,), "flip_mask"))
 
 
-def random_crop(key: torch.Tensor, x: torch.Tensor, padding: int = 4) -> torch.Tensor:
+def random_crop(key: torch.Tensor, x: torch.Tensor, padding: int = 4, *,
+                mode: str = "constant") -> torch.Tensor:
     """Zero-pad each image by ``padding`` on every side, then cut an ``H x W`` window at a random corner.
 
     ``y[n, c, i, j] = pad(x)[n, c, dy_n + i, dx_n + j]`` with ``(dy_n, dx_n)`` from
     :func:`crop_offsets`; one gather over the padded batch. Shapes: ``(N, C, H, W) -> (N, C, H, W)``.
+    ``mode="reflect"`` pads by reflection instead of zeros (``F.pad``'s modes): a random
+    translation by up to ``padding`` pixels that invents no border value (airbench's translate).
     """
     _check_batch("random_crop", x)
     if not isinstance(padding, int) or padding < 0:
@@ -54,7 +57,7 @@ def random_crop(key: torch.Tensor, x: torch.Tensor, padding: int = 4) -> torch.T
     if padding == 0:
         return x
     n, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    padded = torch.nn.functional.pad(x, (padding,) * 4, mode=mode)
     off = crop_offsets(key, n, padding).to(x.device)
     rows = off[:, 0, None] + torch.arange(h, device=x.device)  # (N, H)
     cols = off[:, 1, None] + torch.arange(w, device=x.device)  # (N, W)

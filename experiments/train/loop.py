@@ -30,6 +30,7 @@ from ..data.dataset import Dataset
 
 from .checks import whole_number
 from .device import resolve_device
+from .hooks import FitHooks
 from .members import Members, member_mean
 from .metrics import evaluate
 from .progress import LineWriter, ProgressBar, history_table
@@ -130,7 +131,8 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
         params=None, state=None, key: torch.Tensor | None = None, drop_last: bool = True,
         run_dir: str | Path | None = None, resume: bool = False, max_epochs: int | None = None,
         on_step: Callable[[int, int], None] | None = None, stream=None, quiet: bool = False,
-        resume_command: str | None = None, parallel=None) -> FitResult:
+        resume_command: str | None = None, parallel=None,
+        hooks: FitHooks | None = None) -> FitResult:
     """Train ``net`` on ``train`` for ``config["epochs"]`` epochs.
 
     Args:
@@ -158,6 +160,8 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
       parallel: a :class:`~experiments.train.distributed.DataParallel` (torchrun): this process
         trains on its slice of every global batch of ``batch_size``, the gradients are averaged
         over the processes, and only rank 0 writes or prints. None: one process.
+      hooks: a :class:`~experiments.train.hooks.FitHooks`: a wrapper of the step and the
+        training images of each epoch (the speedrun's lookahead and alternating flip).
 
     Returns a :class:`FitResult`; ``history`` has one row per epoch (``train_loss``,
     ``train_accuracy``, ``val_*``, ``test_*``, ``lr``, ``seconds``).
@@ -223,6 +227,9 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
     step = make_step(net, opt, loss_fn, bf16=bf16, channels_last=channels_last,
                      compile=bool(config.get("compile")),
                      reduce=None if parallel is None else parallel.reduce)
+    hooks = FitHooks() if hooks is None else hooks
+    if hooks.wrap_step is not None:
+        step = hooks.wrap_step(step)
     # The step's batch axis: this process's rows of the global batch (layers.parallel).
     scope = contextlib.nullcontext if parallel is None else (lambda: parallel.scope(batch_size))
     predict = make_eval(net, tta_flip=bool(config.get("tta_flip")),
@@ -248,6 +255,7 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
                 status = "stopped"
                 break
             order = members.order(epoch, n, device)
+            epoch_images = images if hooks.epoch_images is None else hooks.epoch_images(epoch, images)
             bar = ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", stream=stream,
                               enabled=False if quiet else None)
             t0 = time.perf_counter() - progress["seconds"]
@@ -263,7 +271,7 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
                 lr_now = _current_lr(opt_state)
                 watch = tel_every and (epoch * steps_per_epoch + s) % tel_every == 0
                 with scope():
-                    x = members.inputs(net_input, images, idx, sk.augment, random=augment is not None)
+                    x = members.inputs(net_input, epoch_images, idx, sk.augment, random=augment is not None)
                     if watch:
                         stats = layer_stats(net, params, state, x, labels[idx], loss_fn,
                                             sk.dropout.to(device))

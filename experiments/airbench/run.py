@@ -1,0 +1,64 @@
+"""One speedrun: the data, the airbench net with its whitening, the optimizer, the lookahead and
+the alternating flip handed to the one trainer (:func:`experiments.train.fit`), which keeps the
+run folder, progress bar, checkpoint and resume of every other experiment."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..cifar.recipes import load_data, prepare
+from ..train import fit, resolve_device, retain_freed_memory
+from ..train.build import build_loss
+from ..train.hooks import FitHooks
+from .lookahead import lookahead, lookahead_step
+from .recipe import alternating_flip, augmenter, build_net, build_optimizer, fit_config
+
+__all__ = ["parts", "run_speedrun"]
+
+
+def parts(cfg: Mapping, train, steps_per_epoch: int, *, from_checkpoint: bool = False):
+    """``(net, opt, hooks)`` of the run ``cfg`` on the training split ``train``.
+
+    ``from_checkpoint``: the parameters will be loaded, so the whitening filters are not computed
+    (layer 0 is built with zero filters of the right shape).
+    """
+    net = build_net(cfg, None if from_checkpoint else train.images, len(train.classes))
+    opt = build_optimizer(cfg, steps_per_epoch)
+    wrap = None
+    if cfg["lookahead"]:
+        _, state0 = net.init(torch.zeros(2, dtype=torch.int64))   # the initial running statistics
+        opt = lookahead(opt, state0)
+        wrap = lookahead_step(cfg["epochs"] * steps_per_epoch, cfg["lookahead_every"],
+                              cfg["lookahead_decay"])
+    flips = alternating_flip(cfg["seed"]) if cfg["flip"] and cfg["alt_flip"] else None
+    return net, opt, FitHooks(wrap_step=wrap, epoch_images=flips)
+
+
+def run_speedrun(cfg: dict, run_dir: Path, *, resume: bool = False, max_epochs: int | None = None,
+                 resume_command: str | None = None, stream=None):
+    """Load the data ``cfg`` names, build the parts and train (or resume) in ``run_dir``.
+
+    Returns ``(FitResult, None)`` or ``(None, message)`` when the data cannot train (too few
+    images for one batch); every hyperparameter was checked before (``recipe.check_config``).
+    """
+    train, val, test = load_data(cfg)
+    steps_per_epoch = len(train.labels) // cfg["batch_size"]
+    if steps_per_epoch < 1:
+        return None, (f"--batch-size {cfg['batch_size']}: expected at most the {len(train.labels)} "
+                      "training images (lower --batch-size, or raise --limit-per-class)")
+    if cfg.get("retain_freed_memory", True):
+        retain_freed_memory()
+    net, opt, hooks = parts(cfg, train, steps_per_epoch, from_checkpoint=resume)
+    device = resolve_device(cfg["device"])
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    print(f"speedrun (airbench94 recipe) on {device}: epochs {cfg['epochs']}, batch "
+          f"{cfg['batch_size']}, {steps_per_epoch} steps per epoch, run dir {run_dir}",
+          file=sys.stderr if stream is None else stream)
+    result = fit(fit_config(cfg), net=net, opt=opt, loss_fn=build_loss(cfg), train=train, val=val,
+                 test=test, augment=augmenter(cfg), prepare=prepare, run_dir=run_dir,
+                 resume=resume, max_epochs=max_epochs, resume_command=resume_command,
+                 stream=stream, hooks=hooks)
+    return result, None

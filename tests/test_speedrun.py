@@ -1,0 +1,307 @@
+"""python -m experiments.speedrun: the airbench94 recipe from purenn (docs/speedrun.md).
+
+The whitening filters whiten, the net is airbench's (names, shapes, outputs against the torch.nn
+twin of experiments/benchmarks/airbench_reference.py), a few pure steps equal airbench's torch
+steps (parameter groups, rates, schedule, lookahead), the lookahead's math, the alternating
+flip, the TTA, every ablation flag trains, a smoke run on real CIFAR-10 resumes bit for bit, and
+bad flags are refused."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import layers
+import nets
+import optim
+from experiments import speedrun
+from experiments.airbench import (RECIPE, alternating_flip, build_optimizer, derived_rates,
+                                  fit_config, lookahead_decay, lookahead_step, param_labels, parts,
+                                  sync)
+from experiments.airbench.lookahead import LookaheadState
+from experiments.benchmarks.airbench_reference import ReferenceRun, reference_module
+from experiments.data.dataset import Dataset
+from experiments.train import fit, load_run, make_eval, make_step
+from experiments.train.build import build_loss
+from layers import random as jr
+from nets.whitening import image_patches, patch_covariance, whitening_filters
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg"
+SMALL = dict(RECIPE, widths=[8, 16, 16])
+
+
+def _correlated_images(n=16, size=12, seed=0, dtype=torch.float64):
+    """Images whose neighbouring pixels and channels are correlated (a blurred, mixed noise)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, size + 2, size + 2, generator=g, dtype=dtype)
+    x = F.avg_pool2d(x, 3, 1)                                      # neighbours share pixels
+    mix = torch.tensor([[1.0, 0.5, 0.2], [0.3, 1.0, 0.4], [0.1, 0.6, 1.0]], dtype=dtype)
+    return torch.einsum("dc,nchw->ndhw", mix, x) + 0.3
+
+
+# ----------------------------------------------------------------------------- whitening
+
+
+def test_patch_covariance_is_the_mean_outer_product_of_every_window():
+    x = _correlated_images(n=3, size=5)
+    rows = [x[n, :, i:i + 2, j:j + 2].reshape(-1) for n in range(3) for i in range(4) for j in range(4)]
+    v = torch.stack(rows)
+    torch.testing.assert_close(image_patches(x, 2), v)
+    torch.testing.assert_close(patch_covariance(x, 2, chunk=2), v.T @ v / len(v))
+
+
+def test_whitening_filters_whiten_the_patches_along_every_kept_direction():
+    x = _correlated_images()
+    eps = 1e-6
+    w = whitening_filters(x, 2, eps=eps, dtype=torch.float64)
+    assert w.shape == (24, 3, 2, 2)
+    torch.testing.assert_close(w[12:], -w[:12])
+    y = layers.conv2d({"weight": w[:12]}, x)                          # (N, 12, H - 1, W - 1)
+    flat = y.permute(0, 2, 3, 1).reshape(-1, 12)
+    second_moment = flat.T @ flat / len(flat)
+    lam = torch.linalg.eigvalsh(patch_covariance(x, 2)).flip(0)
+    torch.testing.assert_close(second_moment, torch.diag(lam / (lam + eps)), atol=1e-10, rtol=0)
+    kept = lam > 100 * eps                                            # here: every direction
+    assert kept.sum() >= 10
+    torch.testing.assert_close(second_moment[kept][:, kept], torch.eye(int(kept.sum()), dtype=torch.float64),
+                               atol=1e-2, rtol=0)
+
+
+def test_whitening_refuses_what_it_cannot_use():
+    with pytest.raises(ValueError, match=r"whitening_filters: expected eps > 0, got 0"):
+        whitening_filters(_correlated_images(), eps=0)
+    with pytest.raises(ValueError, match=r"patch_covariance: expected images \(N >= 1, C, H, W\) "
+                                         r"with H, W >= kernel_size 2, got \(2, 3, 1, 5\)"):
+        patch_covariance(torch.zeros(2, 3, 1, 5))
+
+
+# ----------------------------------------------------------------------------- the net
+
+
+def test_airbench_net_has_the_torch_modules_names_shapes_and_outputs():
+    net = nets.airbench()
+    params, state = net.init(jr.key(0))
+    module = reference_module(RECIPE)
+    ref = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in {**params, **state}.items()} == ref
+    assert sum(v.numel() for v in params.values()) == sum(p.numel() for p in module.parameters()) == 1_972_792
+    assert nets.summary(net, (2, 3, 32, 32)).rows[-1].output_shape == (2, 10)
+    # airbench's init: the first in_channels filters of every conv are the identity
+    eye = params["3.conv1.weight"][:64, :, 1, 1]
+    assert torch.equal(eye, torch.eye(64)) and not params["3.conv1.weight"][64:].eq(0).all()
+    small = nets.airbench(widths=SMALL["widths"], whiten=torch.randn(24, 3, 2, 2, dtype=torch.float64))
+    p, s = small.init(jr.key(1), dtype=torch.float64)
+    m = reference_module(SMALL).double()
+    x = torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    for train in (True, False):
+        m.train(train)
+        ours, new_s = small.apply(p, s, x, train=train)
+        buffers = {k: v.clone() for k, v in s.items()}
+        theirs = torch.func.functional_call(m, {**p, **buffers}, (x,))
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"airbench: expected whitening filters \(24, 3, 2, 2\), got \(12, 3, 2, 2\)"):
+        nets.airbench(whiten=torch.zeros(12, 3, 2, 2))
+
+
+# ----------------------------------------------------------------------------- optimizer, lookahead
+
+
+def test_parameter_groups_freeze_the_whitening_weight_and_the_batch_norm_scales():
+    params = dict.fromkeys(["0.weight", "0.bias", "2.conv1.weight", "2.norm1.weight", "2.norm1.bias",
+                            "7.weight"])
+    assert param_labels(RECIPE)(params) == {
+        "0.weight": "frozen", "0.bias": "whiten_bias", "2.conv1.weight": "other",
+        "2.norm1.weight": "frozen", "2.norm1.bias": "norm_bias", "7.weight": "other"}
+    ablated = param_labels(dict(RECIPE, whiten=False, bn_scale=True))(params)
+    assert ablated["0.weight"] == "other" and ablated["2.norm1.weight"] == "other"
+    rates = derived_rates(RECIPE)
+    s = 1024 * (1 + 1 / 0.15)
+    assert rates["other"][0] == pytest.approx(1024 * 11.5 / s)            # 1.5 at batch 1024
+    # the decay per step, lr * wd, is airbench's wd * B / s in both groups
+    for lr, wd in rates.values():
+        assert lr * wd == pytest.approx(0.0153 * 1024 / s)
+
+
+def test_triangular_schedule_is_airbenchs_get_lr():
+    total = 47
+    schedule = optim.triangular_schedule(2.0, total)
+    ref = ReferenceRun(reference_module(SMALL), dict(SMALL, epochs=1), total)
+    for t in range(total + 1):
+        assert schedule(t) == pytest.approx(2.0 * ref._factor(t), rel=1e-14)
+        assert float(schedule(torch.tensor(t))) == pytest.approx(schedule(t), rel=1e-14)
+    assert (schedule(0), schedule(10), schedule(total)) == pytest.approx((0.4, 2.0, 0.14))
+
+
+def test_pure_speedrun_steps_equal_airbenchs_torch_steps():
+    """Groups, rates on the mean loss, Nesterov, schedule, whitening-bias cut, label smoothing and
+    the lookahead: six float64 steps of both recipes land on the same weights."""
+    cfg = dict(SMALL, epochs=2, batch_size=8, whiten_bias_epochs=1, lookahead_every=2,
+               bf16=False, channels_last=False)
+    steps_per_epoch = 3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, 3, 32, 32, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (6, 8), generator=g)
+    train = Dataset(torch.randint(0, 256, (40, 3, 32, 32), generator=g, dtype=torch.uint8),
+                    torch.zeros(40, dtype=torch.int64), tuple(range(10)))
+    net, opt, hooks = parts(cfg, train, steps_per_epoch)
+    params, state = net.init(jr.key(3), dtype=torch.float64)
+    module = reference_module(cfg).double()
+    module.load_state_dict({**params, **state})
+    ref = ReferenceRun(module, cfg, steps_per_epoch)
+    opt_state = opt.init(params)
+    step = hooks.wrap_step(make_step(net, opt, build_loss(cfg)))
+    for i in range(6):
+        params, state, opt_state, _ = step(params, state, opt_state, (x[i], y[i]), None)
+        ref.step(x[i], y[i])
+        theirs = module.state_dict()
+        for k, v in {**params, **state}.items():
+            torch.testing.assert_close(v, theirs[k], rtol=1e-9, atol=1e-11, msg=f"step {i + 1}, {k}")
+    assert int(opt_state.count) == 6
+    assert not torch.equal(params["0.bias"], torch.zeros_like(params["0.bias"]))
+
+
+def test_lookahead_sync_is_a_lerp_towards_the_fast_weights_then_a_copy():
+    slow_p, fast_p = {"w": torch.tensor([0.0, 4.0])}, {"w": torch.tensor([2.0, 0.0])}
+    slow_s = {"bn.running_mean": torch.tensor([1.0])}
+    fast_s = {"bn.running_mean": torch.tensor([3.0]), "bn.num_batches_tracked": torch.tensor(7)}
+    la = LookaheadState((), slow_p, slow_s, torch.tensor(5))
+    p, s, la2 = sync(fast_p, fast_s, la, 0.25)
+    # slow <- 0.25 slow + 0.75 fast; fast <- slow; the integer counter is left alone
+    assert torch.equal(la2.slow_params["w"], torch.tensor([1.5, 1.0])) and torch.equal(p["w"], la2.slow_params["w"])
+    assert torch.equal(s["bn.running_mean"], torch.tensor([2.5])) and int(s["bn.num_batches_tracked"]) == 7
+    assert p["w"].data_ptr() != la2.slow_params["w"].data_ptr() and torch.equal(slow_p["w"], torch.tensor([0.0, 4.0]))
+    assert lookahead_decay(5, 10) == pytest.approx(0.95 ** 5 / 8)
+    # the wrapped step pulls at every 5th update and, at the last, takes the slow copy
+    seen = []
+
+    def inner(params, state, opt_state, batch, key):
+        opt_state = opt_state._replace(count=opt_state.count + 1)
+        return {"w": params["w"] + 1.0}, state, opt_state, {}
+
+    step = lookahead_step(total_steps=12)(inner)
+    params, state = {"w": torch.zeros(1)}, {}
+    la = LookaheadState((), {"w": torch.zeros(1)}, {}, torch.tensor(0))
+    for _ in range(12):
+        before = la.slow_params["w"].clone()
+        params, state, la, _ = step(params, state, la, None, None)
+        seen.append(not torch.equal(before, la.slow_params["w"]))
+    assert [i + 1 for i, moved in enumerate(seen) if moved] == [5, 10]
+    assert torch.equal(params["w"], la.slow_params["w"])      # step 12: the weights are the slow copy
+
+
+# ----------------------------------------------------------------------------- augmentation, TTA
+
+
+def test_alternating_flip_mirrors_each_image_on_alternate_epochs():
+    images = torch.randint(0, 256, (64, 3, 4, 5), dtype=torch.uint8)
+    flips = alternating_flip(seed=3)
+    e0, e1, e2, e3 = (flips(e, images) for e in range(4))
+    mirrored0 = torch.tensor([torch.equal(e0[i], images[i].flip(-1)) for i in range(64)])
+    assert torch.equal(e2, e0) and torch.equal(e3, e1)
+    for i in range(64):
+        assert torch.equal(e1[i], images[i] if mirrored0[i] else images[i].flip(-1))
+    assert 16 < int(mirrored0.sum()) < 48                       # a fair coin per image, once per run
+    assert not torch.equal(alternating_flip(seed=4)(0, images), e0)
+
+
+def test_tta_is_the_mean_of_the_mirrored_and_translated_views():
+    cfg = fit_config(SMALL)
+    assert (cfg["tta_flip"], cfg["tta_shift"]) == (True, 1)
+    assert (fit_config(dict(SMALL, tta=False))["tta_flip"], fit_config(dict(SMALL, tta=False))["tta_shift"]) == (False, 0)
+    net = nets.airbench(widths=SMALL["widths"])
+    params, state = net.init(jr.key(0), dtype=torch.float64)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    predict = make_eval(net, tta_flip=cfg["tta_flip"], tta_shift=cfg["tta_shift"])
+    f = lambda v: net.apply(params, state, v, train=False)[0]  # noqa: E731
+    views = []
+    for v in (x, x.flip(-1)):                                   # as is and mirrored, each
+        padded = F.pad(v, (1, 1, 1, 1), mode="reflect")         # as is, moved by (1, 1) and (-1, -1)
+        views += [v, padded[..., :32, :32], padded[..., 2:, 2:]]
+    torch.testing.assert_close(predict(params, state, x), torch.stack([f(v) for v in views]).mean(0))
+
+
+# ----------------------------------------------------------------------------- every ablation trains
+
+
+@pytest.mark.parametrize("change", [{}, {"whiten": False}, {"lookahead": False}, {"alt_flip": False},
+                                    {"flip": False, "translate": 0, "tta": False},
+                                    {"activation": "relu", "label_smoothing": 0.0},
+                                    {"bn_scale": True, "schedule": "constant", "nesterov": False}])
+def test_every_ablation_of_the_recipe_trains(change):
+    cfg = dict(SMALL, widths=[4, 8, 8], epochs=2, batch_size=8, bf16=False, channels_last=False,
+               lookahead_every=2, **change)
+    g = torch.Generator().manual_seed(1)
+    train = Dataset(torch.randint(0, 256, (24, 3, 32, 32), generator=g, dtype=torch.uint8),
+                    torch.randint(0, 10, (24,), generator=g), tuple(range(10)))
+    net, opt, hooks = parts(cfg, train, 3)
+    from experiments.airbench import augmenter
+    from experiments.cifar.recipes import prepare
+    result = fit(fit_config(cfg), net=net, opt=opt, loss_fn=build_loss(cfg), train=train,
+                 test=train, augment=augmenter(cfg), prepare=prepare, quiet=True, hooks=hooks)
+    assert result.status == "done" and len(result.history) == 2
+    assert all(torch.isfinite(v).all() for v in result.params.values())
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@pytest.mark.skipif(not (DATA / "train").is_dir(), reason="../shared/datasets/cifar10-jpeg is absent")
+def test_smoke_run_on_real_cifar_writes_a_run_folder_and_resumes_bit_identically(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PURENN_CACHE", str(tmp_path / "cache"))
+    argv = ["--data-dir", str(DATA), "--limit-per-class", "20", "--batch-size", "50", "--epochs", "2",
+            "--widths", "8,16,16", "--out", str(tmp_path / "runs")]
+    assert speedrun.main(argv + ["--name", "whole"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epoch"] == 2
+    assert speedrun.main(argv + ["--name", "parts", "--max-epochs", "1"]) == 0
+    assert speedrun.main(["--resume", str(tmp_path / "runs" / "parts")]) == 0
+    whole, parts_ = tmp_path / "runs" / "whole", tmp_path / "runs" / "parts"
+    assert {"config.json", "metrics.jsonl", "checkpoint.safetensors", "accuracy.png",
+            "loss.png", "confusion.png"} <= {p.name for p in whole.iterdir()}
+    cfg = json.loads((whole / "config.json").read_text())
+    assert cfg["model"] == "airbench94" and cfg["tta_shift"] == 1 and cfg["widths"] == [8, 16, 16]
+    (a, prog_a, _), (b, prog_b, _) = load_run(whole), load_run(parts_)
+    assert prog_a == prog_b
+    for name in ("params", "state", "opt_state"):
+        for x, y in zip(torch.utils._pytree.tree_leaves(a[name]), torch.utils._pytree.tree_leaves(b[name])):
+            assert torch.equal(x, y)
+    rows_a = [json.loads(r) for r in (whole / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(r) for r in (parts_ / "metrics.jsonl").read_text().splitlines()]
+    keys = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr")
+    assert [{k: r[k] for k in keys} for r in rows_a] == [{k: r[k] for k in keys} for r in rows_b]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--lr", "-1"], "--lr"),
+    (["--momentum", "1"], "--momentum"),
+    (["--label-smoothing", "1.5"], "--label-smoothing"),
+    (["--translate", "-1"], "--translate"),
+    (["--translate", "16"], "--translate"),
+    (["--widths", "64,x,256"], "--widths"),
+    (["--widths", "64,256"], "--widths"),
+    (["--whiten-bias-epochs", "-1"], "--whiten-bias-epochs"),
+    (["--weight-decay=-1"], "--weight-decay"),
+    (["--bias-scaler", "0"], "--bias-scaler"),
+    (["--seed", "-2"], "--seed"),
+    (["--device", "tpu"], "tpu"),
+    (["--max-epochs", "0"], "--max-epochs"),
+    (["--limit-per-class", "0"], "--limit-per-class"),
+])
+def test_a_bad_flag_is_one_line_and_exit_2_before_any_folder(flags, needle, tmp_path, capsys):
+    assert speedrun.main(flags + ["--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_refuses_other_flags_and_missing_runs(tmp_path, capsys):
+    assert speedrun.main(["--resume", str(tmp_path / "nothing"), "--lr", "2"]) == 2
+    assert "--resume: expected only --data-dir, --device or --max-epochs beside it" in capsys.readouterr().err
+    assert speedrun.main(["--resume", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
