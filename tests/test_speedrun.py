@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import layers
 import nets
 import optim
-from experiments import speedrun
+from experiments import evaluate, speedrun
 from experiments.airbench import (RECIPE, alternating_flip, build_optimizer, derived_rates,
                                   fit_config, lookahead_decay, lookahead_step, param_labels, parts,
                                   sync)
@@ -272,6 +272,20 @@ def test_smoke_run_on_real_cifar_writes_a_run_folder_and_resumes_bit_identically
     rows_b = [json.loads(r) for r in (parts_ / "metrics.jsonl").read_text().splitlines()]
     keys = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr")
     assert [{k: r[k] for k in keys} for r in rows_a] == [{k: r[k] for k in keys} for r in rows_b]
+    # experiments.evaluate rebuilds the net from the run's config (TTA included)
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(whole), "--data-dir", str(DATA), "--limit-per-class",
+                          "20", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["accuracy"] == pytest.approx(rows_a[-1]["test_accuracy"])
+
+
+def test_help_names_every_ablation_flag():
+    text = speedrun.build_parser().format_help()
+    for flag in ("--no-whiten", "--no-ema", "--no-alt-flip", "--no-flip", "--translate", "--no-tta",
+                 "--label-smoothing", "--activation", "--bn-scale", "--schedule", "--no-nesterov",
+                 "--whiten-bias-epochs", "--widths", "--resume", "--max-epochs"):
+        assert flag in text, flag
 
 
 @pytest.mark.parametrize("flags, needle", [

@@ -126,6 +126,12 @@ def _vgg_like_options(cfg: dict) -> dict:
     return {k: cfg[k] for k in ("dropout", "head_dropout", "batch_norm", "init") if k in cfg}
 
 
+def _airbench_options(cfg: dict) -> dict:
+    """The architecture options of the speedrun's net (``experiments.airbench.RECIPE``). Layer 0's
+    whitening filters are not rebuilt: a run's checkpoint holds them (``0.weight``)."""
+    return {k: cfg[k] for k in ("widths", "activation", "bn_momentum", "bn_eps", "scale") if k in cfg}
+
+
 #: The nets a run's config may name under "model": ``name -> (num_classes, config) -> Net``.
 MODELS: dict[str, Callable[[int, dict], "nets.Net"]] = {
     "cifar_model_a": lambda k, cfg: nets.model_a(k, **_vgg_like_options(cfg)),
@@ -134,6 +140,7 @@ MODELS: dict[str, Callable[[int, dict], "nets.Net"]] = {
     "cifar_transfer": lambda k, cfg: nets.small_vgg16(k),
     "tutorial": lambda k, cfg: nets.tutorial_net(k),
     "vgg16": lambda k, cfg: nets.vgg16(k, batch_norm=bool(cfg.get("batch_norm"))),
+    "airbench94": lambda k, cfg: nets.airbench(k, **_airbench_options(cfg)),
 }
 
 
