@@ -6,7 +6,6 @@ steps (parameter groups, rates, schedule, lookahead), the lookahead's math, the 
 flip, the TTA, every ablation flag trains, a smoke run on real CIFAR-10 resumes bit for bit, and
 bad flags are refused."""
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,11 @@ import layers
 import nets
 import optim
 from experiments import evaluate, speedrun
-from experiments.airbench import (RECIPE, alternating_flip, build_optimizer, derived_rates,
-                                  fit_config, lookahead_decay, lookahead_step, param_labels, parts,
-                                  sync)
+from experiments.airbench import (RECIPE, alternating_flip, augmenter, derived_rates, fit_config,
+                                  lookahead_decay, lookahead_step, param_labels, parts, sync)
 from experiments.airbench.lookahead import LookaheadState
-from experiments.benchmarks.airbench_reference import ReferenceRun, reference_module
+from experiments.benchmarks.airbench_reference import ReferenceRun, reference_module, time_steps
+from experiments.cifar.recipes import prepare
 from experiments.data.dataset import Dataset
 from experiments.train import fit, load_run, make_eval, make_step
 from experiments.train.build import build_loss
@@ -238,8 +237,6 @@ def test_every_ablation_of_the_recipe_trains(change):
     train = Dataset(torch.randint(0, 256, (24, 3, 32, 32), generator=g, dtype=torch.uint8),
                     torch.randint(0, 10, (24,), generator=g), tuple(range(10)))
     net, opt, hooks = parts(cfg, train, 3)
-    from experiments.airbench import augmenter
-    from experiments.cifar.recipes import prepare
     result = fit(fit_config(cfg), net=net, opt=opt, loss_fn=build_loss(cfg), train=train,
                  test=train, augment=augmenter(cfg), prepare=prepare, quiet=True, hooks=hooks)
     assert result.status == "done" and len(result.history) == 2
@@ -319,3 +316,10 @@ def test_resume_refuses_other_flags_and_missing_runs(tmp_path, capsys):
     assert "--resume: expected only --data-dir, --device or --max-epochs beside it" in capsys.readouterr().err
     assert speedrun.main(["--resume", str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_time_steps_times_the_pure_step_and_the_torch_twin_interleaved():
+    out = time_steps(dict(SMALL, widths=[4, 8, 8], batch_size=16, bf16=False, channels_last=False),
+                     steps=1, rounds=2)
+    assert set(out) == {"pure", "torch.nn", "ratio"} and out["pure"] > 0 and out["torch.nn"] > 0
+    assert out["ratio"] == pytest.approx(out["torch.nn"] / out["pure"])

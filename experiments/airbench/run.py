@@ -9,6 +9,8 @@ from typing import Mapping
 
 import torch
 
+from layers import random as jr
+
 from ..cifar.recipes import load_data, prepare
 from ..train import fit, resolve_device, retain_freed_memory
 from ..train.build import build_loss
@@ -29,7 +31,7 @@ def parts(cfg: Mapping, train, steps_per_epoch: int, *, from_checkpoint: bool = 
     opt = build_optimizer(cfg, steps_per_epoch)
     wrap = None
     if cfg["lookahead"]:
-        _, state0 = net.init(torch.zeros(2, dtype=torch.int64))   # the initial running statistics
+        _, state0 = net.init(jr.key(0))   # the initial running statistics (no draw involved)
         opt = lookahead(opt, state0)
         wrap = lookahead_step(cfg["epochs"] * steps_per_epoch, cfg["lookahead_every"],
                               cfg["lookahead_decay"])

@@ -182,7 +182,7 @@ def time_steps(cfg: Mapping, steps: int, rounds: int = 3, *, device: str = "cpu"
 
     g = torch.Generator().manual_seed(seed)
     b = cfg["batch_size"]
-    images = torch.randint(0, 256, (max(b, 1000), 3, 32, 32), dtype=torch.uint8, generator=g)
+    images = torch.randint(0, 256, (b, 3, 32, 32), dtype=torch.uint8, generator=g)
     train = Dataset(images, torch.randint(0, 10, (len(images),), generator=g), tuple(range(10)))
     # the schedule and the lookahead span every step timed (and the warm-up)
     steps_per_epoch = math.ceil((1 + steps * rounds) / cfg["epochs"])
