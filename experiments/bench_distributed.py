@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -56,15 +55,7 @@ def main(argv=None) -> int:
         out.update(model=args.model, bf16=cfg["bf16"], channels_last=cfg["channels_last"],
                    sync_bn=args.sync_bn)
         print(json.dumps(out), file=sys.stdout)
-    if parallel is not None:
-        # Measured here (torch 2.14.1, gloo): about 1 torchrun of this benchmark in 3 ends with
-        # rank 1 aborting after its Python code is done ("terminate called without an active
-        # exception", no Python frame), the process group already destroyed. The training
-        # command has not shown it (10 runs). Leave before the interpreter's teardown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    return 0
+    return distributed.exit_now(parallel, 0)   # under torchrun: no interpreter teardown
 
 
 if __name__ == "__main__":

@@ -211,9 +211,10 @@ def main(model: str, description: str, argv: Sequence[str] | None = None) -> int
     except (ValueError, distributed.StartError) as err:
         return refusal(err)
     try:
-        return _train(model, args, cfg, run_dir, resume, parallel)
+        code = _train(model, args, cfg, run_dir, resume, parallel)
     finally:
         distributed.stop(parallel)
+    return distributed.exit_now(parallel, code)
 
 
 def _train(model: str, args, cfg: dict, run_dir: Path, resume: bool, parallel) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -300,3 +301,20 @@ def stop(parallel: DataParallel | None) -> None:
     """Leave the process group (nothing for a one-process run)."""
     if parallel is not None and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_now(parallel: DataParallel | None, code: int) -> int:
+    """``code`` for a one-process run; under torchrun, leave the process at once with ``code``.
+
+    With gloo, a rank's interpreter teardown sometimes aborts ("terminate called without an
+    active exception": a C++ thread of the distributed runtime still joinable when its owner is
+    destroyed), after all its work is done; torchrun then counts the rank as failed and restarts
+    or fails the job (tests/test_distributed.py's restart test hit it about 1 run in 4). So a
+    rank that has finished and left the process group flushes its output and ends with
+    ``os._exit``, skipping that teardown. Everything it writes is written and closed by then
+    (checkpoints and metrics are written atomically and closed before ``fit`` returns)."""
+    if parallel is None:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
