@@ -6,9 +6,8 @@ rule folds the members into channel groups:
 
     y = conv2d(x (N, K*C, H, W), w (K*O, C, kh, kw), groups=K)      -> (N, K*O, Ho, Wo)
 
-On CPU (oneDNN) a grouped convolution of K groups, forward and backward, runs slower than the K
-convolutions it stands for, and it leaves the channels-last and bfloat16 fast paths
-(docs/performance.md, "Ensembles"). :func:`member_conv2d` is the same map written as the loop:
+On CPU (oneDNN) a grouped convolution of K groups, forward and backward, runs 20-30% slower
+than the K convolutions it stands for (docs/performance.md, "Ensembles"). :func:`member_conv2d` is the same map written as the loop:
 
     y[k] = conv2d(x[k] (N, C, H, W), w[k] (O, C, kh, kw), b[k])      k = 1 .. K
 
