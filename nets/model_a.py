@@ -27,7 +27,7 @@ from .compose import BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, N
 
 def model_a(num_classes: int = 10, *, in_channels: int = 3, image_size: int = 32,
             batch_norm: bool = True, init: str = "torch_default", dropout: float = 0.0,
-            head_dropout: float = 0.0) -> Net:
+            head_dropout: float = 0.0, bn_momentum: float = 0.1, bn_eps: float = 1e-5) -> Net:
     """Model A as a :class:`~nets.compose.Net` (see the module docstring for the layers).
 
     ``image_size`` (divisible by 4) sets the classifier's input, ``128 * (image_size / 4)**2``.
@@ -35,7 +35,8 @@ def model_a(num_classes: int = 10, *, in_channels: int = 3, image_size: int = 32
     Table 1 (layer indices shift when a layer is added or left out): ``batch_norm=False`` leaves
     out both batch norms; ``init="xavier_uniform"`` draws every conv and linear weight as Models
     B and C do; ``dropout > 0`` adds a dropout after each pool and ``head_dropout > 0`` one
-    before the last linear layer.
+    before the last linear layer; ``bn_momentum`` and ``bn_eps`` set both batch norms' (torch's
+    defaults).
     """
     C.check_positive_int(num_classes, "model_a", "num_classes")
     C.check_bool(batch_norm, "model_a", "batch_norm")
@@ -45,7 +46,7 @@ def model_a(num_classes: int = 10, *, in_channels: int = 3, image_size: int = 32
         raise ValueError(f"model_a: expected image_size to be a positive multiple of 4 (two 2x2 "
                          f"pools), got {image_size!r}")
     side = image_size // 4
-    bn = (lambda c: [BatchNorm2d(c)]) if batch_norm else (lambda c: [])   # noqa: E731
+    bn = (lambda c: [BatchNorm2d(c, momentum=bn_momentum, eps=bn_eps)]) if batch_norm else (lambda c: [])   # noqa: E731
     drop = [Dropout(dropout)] if dropout else []
     features = serial(
         Conv2d(in_channels, 64, 3, padding=1, init=init), *bn(64), ReLU(),

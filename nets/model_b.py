@@ -16,7 +16,8 @@ MODEL_B_BLOCKS = ((64, 64), (128, 128), (256, 256))
 
 
 def model_b(num_classes: int = 10, *, dropout: float = 0.1, head_dropout: float = 0.2,
-            in_channels: int = 3, batch_norm: bool = True, init: str = "xavier_uniform") -> Net:
+            in_channels: int = 3, batch_norm: bool = True, init: str = "xavier_uniform",
+            bn_momentum: float = 0.1, bn_eps: float = 1e-5) -> Net:
     """Model B: blocks of widths (64, 64), (128, 128), (256, 256); see the module docstring.
 
     ``(N, 3, 32, 32) -> (N, num_classes)``. Training with ``dropout > 0`` or
@@ -24,4 +25,4 @@ def model_b(num_classes: int = 10, *, dropout: float = 0.1, head_dropout: float 
     """
     return vgg_like(MODEL_B_BLOCKS, num_classes=num_classes, dropout=dropout,
                     head_dropout=head_dropout, in_channels=in_channels, batch_norm=batch_norm,
-                    init=init, name="model_b")
+                    init=init, bn_momentum=bn_momentum, bn_eps=bn_eps, name="model_b")

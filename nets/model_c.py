@@ -12,11 +12,12 @@ MODEL_C_BLOCKS = ((64, 64), (128, 128, 128), (256, 256, 256))
 
 
 def model_c(num_classes: int = 10, *, dropout: float = 0.1, head_dropout: float = 0.2,
-            in_channels: int = 3, batch_norm: bool = True, init: str = "xavier_uniform") -> Net:
+            in_channels: int = 3, batch_norm: bool = True, init: str = "xavier_uniform",
+            bn_momentum: float = 0.1, bn_eps: float = 1e-5) -> Net:
     """Model C: Model B with a third conv in blocks 2 and 3 (~1.5x B's multiply-adds).
 
     ``(N, 3, 32, 32) -> (N, num_classes)``.
     """
     return vgg_like(MODEL_C_BLOCKS, num_classes=num_classes, dropout=dropout,
                     head_dropout=head_dropout, in_channels=in_channels, batch_norm=batch_norm,
-                    init=init, name="model_c")
+                    init=init, bn_momentum=bn_momentum, bn_eps=bn_eps, name="model_c")

@@ -25,7 +25,10 @@ import torch.nn.functional as F
 
 from layers import _checks as C
 
-__all__ = ["image_patches", "patch_covariance", "whitening_filters"]
+from .compose import Net
+
+__all__ = ["image_patches", "patch_covariance", "whitening_filters", "whitened_weight",
+           "whitened_init"]
 
 
 def _check_images(images, where: str, kernel_size: int) -> None:
@@ -81,3 +84,49 @@ def whitening_filters(images: torch.Tensor, kernel_size: int = 2, *, eps: float 
     w = (eigenvectors / torch.sqrt(eigenvalues.clamp(min=0) + eps)).T   # row d: w_d
     w = w.reshape(-1, images.shape[1], kernel_size, kernel_size)
     return torch.cat([w, -w]).to(dtype)
+
+
+def whitened_weight(weight: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    """A conv ``weight (O, C, k, k)`` whose first output channels are whitening ``filters``
+    (``(2 D, C, k, k)`` as :func:`whitening_filters` returns them, ``[w_1 .. w_D, -w_1 .. -w_D]``),
+    rescaled to the norm of the weight they replace:
+
+        m = min(D, O // 2) directions,   W'[:2m] = a [w_1 .. w_m, -w_1 .. -w_m],   W'[2m:] = W[2m:]
+        a = ||W[:2m]||_F / ||[w_1 .. w_m, -w_1 .. -w_m]||_F
+
+    The directions and their relative gains ``1 / sqrt(lambda_d + eps)`` are the whitening's; the
+    overall scale is the initialiser's, so the layer's effective learning rate under SGD
+    (``~ lr / ||W||^2``, with a batch norm after it) stays what it was. Returns a new tensor in
+    ``weight``'s dtype and device.
+    """
+    where = "whitened_weight"
+    C.check_tensor(weight, where, "weight")
+    C.check_tensor(filters, where, "filters")
+    if (weight.dim() != 4 or filters.dim() != 4 or filters.shape[1:] != weight.shape[1:]
+            or filters.shape[0] % 2):
+        raise ValueError(f"{where}: expected weight (O, C, k, k) and filters (2 D, C, k, k) of the "
+                         f"same C, k, got {tuple(weight.shape)} and {tuple(filters.shape)}")
+    d = filters.shape[0] // 2
+    m = min(d, weight.shape[0] // 2)
+    if m == 0:
+        raise ValueError(f"{where}: expected a weight of at least 2 output channels, got "
+                         f"{tuple(weight.shape)}")
+    chosen = torch.cat([filters[:m], filters[d:d + m]]).to(dtype=weight.dtype, device=weight.device)
+    scale = weight[:2 * m].norm() / chosen.norm()
+    return torch.cat([chosen * scale, weight[2 * m:]])
+
+
+def whitened_init(net: Net, name: str, filters: torch.Tensor) -> Net:
+    """``net`` whose ``init`` replaces parameter ``name`` (a conv weight) by
+    :func:`whitened_weight` of it and ``filters``: whitening as an *initialisation*, trained
+    afterwards like any weight (airbench instead freezes it). ``apply`` is unchanged."""
+    if not isinstance(net, Net):
+        raise TypeError(f"whitened_init: expected a nets.Net, got {type(net).__name__}")
+
+    def init(key, **kwargs):
+        params, state = net.init(key, **kwargs)
+        if name not in params:
+            raise ValueError(f"whitened_init: expected a parameter {name!r}, got "
+                             f"{sorted(params)[:4]}...")
+        return {**params, name: whitened_weight(params[name], filters)}, state
+    return net._replace(init=init)

@@ -18,7 +18,7 @@ import optim
 from experiments import evaluate, speedrun
 from experiments.airbench import (RECIPE, alternating_flip, augmenter, derived_rates, fit_config,
                                   lookahead_decay, lookahead_step, param_labels, parts, sync)
-from experiments.airbench.lookahead import LookaheadState
+from experiments.train.lookahead import LookaheadState
 from experiments.benchmarks.airbench_reference import ReferenceRun, reference_module, time_steps
 from experiments.cifar.recipes import prepare
 from experiments.data.dataset import Dataset

@@ -6,7 +6,7 @@ library behind ``python -m experiments.speedrun`` (docs/speedrun.md).
 * :mod:`.lookahead`: the slow copy of the weights and the pull towards it every few steps.
 * :mod:`.run`: the parts handed to :func:`experiments.train.fit` (through ``FitHooks``).
 """
-from .lookahead import LookaheadState, lookahead, lookahead_decay, lookahead_step, sync
+from ..train.lookahead import LookaheadState, lookahead, lookahead_decay, lookahead_step, sync
 from .recipe import (RECIPE, alternating_flip, augmenter, build_net, build_optimizer, check_config,
                      derived_rates, fit_config, param_labels, whitening_images)
 from .run import parts, run_speedrun

@@ -28,7 +28,7 @@ from layers import random as jr
 from nets.airbench import ACTIVATIONS, whiten_width
 from nets.whitening import whitening_filters
 
-from ..cifar.recipes import parse_val_split
+from ..cifar.recipes import parse_val_split, whitening_images
 from ..data.augment import flip_mask, normalize, random_crop, random_flip
 from ..data.cifar10 import CIFAR10_MEAN, CIFAR10_STD
 from ..train import run_keys
@@ -161,16 +161,6 @@ def build_optimizer(cfg: dict, steps_per_epoch: int) -> optim.GradientTransforma
         "whiten_bias": sgd(whiten_lr, rates["other"][1]),
         "frozen": optim.set_to_zero(),
     }, param_labels(cfg))
-
-
-def whitening_images(images: torch.Tensor, count: int) -> torch.Tensor:
-    """``count`` training images evenly spaced through ``images (N, 3, H, W) uint8`` (all of
-    them when N <= count), normalised: what the whitening filters are computed from. Evenly
-    spaced, so a class-ordered split gives every class its share (airbench: the first 5000 of
-    its shuffled copy)."""
-    n = images.shape[0]
-    idx = torch.linspace(0, n - 1, min(count, n)).round().long() if n > count else torch.arange(n)
-    return normalize(images[idx], CIFAR10_MEAN, CIFAR10_STD)
 
 
 def build_net(cfg: dict, train_images: torch.Tensor | None, num_classes: int = 10) -> nets.Net:

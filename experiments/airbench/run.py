@@ -9,13 +9,12 @@ from typing import Mapping
 
 import torch
 
-from layers import random as jr
 
 from ..cifar.recipes import load_data, prepare
 from ..train import fit, resolve_device, retain_freed_memory
 from ..train.build import build_loss
 from ..train.hooks import FitHooks
-from .lookahead import lookahead, lookahead_step
+from ..train.lookahead import with_lookahead
 from .recipe import alternating_flip, augmenter, build_net, build_optimizer, fit_config
 
 __all__ = ["parts", "run_speedrun"]
@@ -29,14 +28,13 @@ def parts(cfg: Mapping, train, steps_per_epoch: int, *, from_checkpoint: bool = 
     """
     net = build_net(cfg, None if from_checkpoint else train.images, len(train.classes))
     opt = build_optimizer(cfg, steps_per_epoch)
-    wrap = None
-    if cfg["lookahead"]:
-        _, state0 = net.init(jr.key(0))   # the initial running statistics (no draw involved)
-        opt = lookahead(opt, state0)
-        wrap = lookahead_step(cfg["epochs"] * steps_per_epoch, cfg["lookahead_every"],
-                              cfg["lookahead_decay"])
     flips = alternating_flip(cfg["seed"]) if cfg["flip"] and cfg["alt_flip"] else None
-    return net, opt, FitHooks(wrap_step=wrap, epoch_images=flips)
+    hooks = FitHooks(epoch_images=flips)
+    if cfg["lookahead"]:
+        opt, hooks = with_lookahead(net, opt, cfg["epochs"] * steps_per_epoch,
+                                    every=cfg["lookahead_every"], max_decay=cfg["lookahead_decay"],
+                                    hooks=hooks)
+    return net, opt, hooks
 
 
 def run_speedrun(cfg: dict, run_dir: Path, *, resume: bool = False, max_epochs: int | None = None,

@@ -18,6 +18,7 @@ from ..data.cifar10 import DataNotFoundError
 from ..train import CHECKPOINT, distributed, fit, load_run, resolve_device, retain_freed_memory
 from ..train.commands import guarded, refusal
 from ..train.build import build_loss, build_optimizer
+from ..train.lookahead import with_lookahead
 from ..train.telemetry import DEFAULT_EVERY
 from .recipes import COMMON, RECIPES, augmenter, build_net, check_config, load_data, prepare
 from .speed import benchmark
@@ -69,6 +70,15 @@ def build_parser(model: str, description: str) -> argparse.ArgumentParser:
            "colour (0: off)")
     a("--tta-shift", type=int, metavar="PIXELS",
       help="also average over the image moved by (s, s) and (-s, -s) pixels (0: off)")
+    a("--lookahead", action=argparse.BooleanOptionalAction,
+      help="every --lookahead-every steps pull the weights to a slow moving average of themselves "
+           "(the speedrun's lookahead; experiments/train/lookahead.py)")
+    a("--lookahead-every", type=int, metavar="STEPS", help="steps between lookahead pulls (5)")
+    a("--bn-momentum", type=float, help="batch norm's running-statistics momentum (torch: 0.1)")
+    a("--bn-eps", type=float, help="batch norm's epsilon (torch: 1e-5)")
+    a("--whiten-init", action=argparse.BooleanOptionalAction,
+      help="start the first convolution from the training images' 3x3 whitening filters (then "
+           "trained); nets/whitening.py")
     a("--retain-freed-memory", action=argparse.BooleanOptionalAction,
       help="keep freed memory in the process (glibc; no page faults per step, see "
            "experiments/train/device.py)")
@@ -105,7 +115,9 @@ def resolve_config(model: str, args: argparse.Namespace) -> dict:
                  "crop": args.crop, "flip": args.flip,
                  "tta_flip": args.tta_flip, "tta_shift": args.tta_shift, "cutout": args.cutout,
                  "retain_freed_memory": args.retain_freed_memory, "telemetry": args.telemetry,
-                 "sync_bn": args.sync_bn}
+                 "sync_bn": args.sync_bn, "lookahead": args.lookahead,
+                 "lookahead_every": args.lookahead_every, "bn_momentum": args.bn_momentum,
+                 "bn_eps": args.bn_eps, "whiten_init": args.whiten_init}
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size: expected a whole number >= 1, got {args.batch_size}")
     if args.batch_size is not None and args.lr is None and cfg["optimizer"] == "sgd":
@@ -148,11 +160,12 @@ def resume_config(args: argparse.Namespace, run_dir: Path, model: str) -> tuple[
         cfg["device"] = args.device
     if args.epochs is not None and args.epochs != cfg["epochs"]:
         done = progress.get("epoch", 0)
-        if cfg.get("schedule") != "constant":
+        spans = (f"{cfg.get('schedule')} schedule" if cfg.get("schedule") != "constant" else
+                 "lookahead decay" if cfg.get("lookahead") else None)
+        if spans:
             raise ValueError(f"--epochs {args.epochs}: expected the run's {cfg['epochs']} epochs; "
-                             f"its {cfg.get('schedule')} schedule spans them, so extending it would "
-                             "change the learning rate of steps already taken. Start a new run "
-                             f"with --epochs {args.epochs}")
+                             f"its {spans} spans them, so extending it would change steps "
+                             f"already taken. Start a new run with --epochs {args.epochs}")
         if args.epochs < max(done, 1):
             raise ValueError(f"--epochs {args.epochs}: expected at least the {done} epochs the run "
                              "has completed")
@@ -239,8 +252,12 @@ def _train(model: str, args, cfg: dict, run_dir: Path, resume: bool, parallel) -
     steps_per_epoch = len(train.labels) // cfg["batch_size"]
     if cfg.get("retain_freed_memory", True):   # runs saved before the option existed: on
         retain_freed_memory()
-    net = build_net(cfg, len(train.classes))
+    net = build_net(cfg, len(train.classes), None if resume else train.images)
     opt = build_optimizer(cfg, steps_per_epoch)
+    hooks = None
+    if cfg.get("lookahead"):
+        opt, hooks = with_lookahead(net, opt, cfg["epochs"] * steps_per_epoch,
+                                    every=cfg["lookahead_every"], max_decay=cfg["lookahead_decay"])
     device = resolve_device(cfg["device"]) if parallel is None else parallel.device
     torch.backends.cudnn.benchmark = device.type == "cuda"
     if parallel is None or parallel.writes:
@@ -252,7 +269,7 @@ def _train(model: str, args, cfg: dict, run_dir: Path, resume: bool, parallel) -
     result, code = guarded(lambda: fit(
         cfg, net=net, opt=opt, loss_fn=build_loss(cfg), train=train, val=val, test=test,
         augment=augmenter(cfg), prepare=prepare, run_dir=run_dir, resume=resume,
-        max_epochs=args.max_epochs, resume_command=resume_cmd, parallel=parallel))
+        max_epochs=args.max_epochs, resume_command=resume_cmd, parallel=parallel, hooks=hooks))
     if code is not None:
         return code
     if result.status == "interrupted":

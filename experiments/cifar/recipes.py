@@ -13,25 +13,30 @@ from __future__ import annotations
 import sys
 from functools import partial
 
+import torch
+
 from layers._checks import check_probability
+from nets.whitening import whitened_init, whitening_filters
 
 from ..data.augment import augment_batch, normalize
 from ..data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, find_data_dir, load_cifar10, validation_split
 from ..train import run_keys
 from ..train.build import check_training_config
-from ..train.checks import whole_number
+from ..train.checks import number_in, whole_number
 from ..train.runs import MODELS as REGISTRY
 from ..train.runs import build_model
 
 __all__ = ["RECIPES", "MODELS", "COMMON", "check_config", "build_net", "augmenter", "prepare",
-           "load_data", "split_train", "parse_val_split"]
+           "load_data", "split_train", "parse_val_split", "whitening_images", "FIRST_CONV"]
 
 MODELS = ("cifar_model_a", "cifar_model_b", "cifar_model_c")
 
 # Settings every recipe shares unless it says otherwise.
 COMMON = dict(seed=0, device="auto", val_split="5000", limit_per_class=None, eval_batch_size=1000,
                bf16=True, channels_last=True, compile=False, crop=4, flip=True,
-               retain_freed_memory=True, tta_shift=0, cutout=0, telemetry=0)
+               retain_freed_memory=True, tta_shift=0, cutout=0, telemetry=0,
+               bn_momentum=0.1, bn_eps=1e-5, lookahead=False, lookahead_every=5,
+               lookahead_decay=0.95 ** 5, whiten_init=False, whiten_images=5000, whiten_eps=5e-4)
 
 # "report": the report's conditions as far as its text states them; the rest is our default.
 # Its data section names two dataloader transforms, "normalization of pixel values, random
@@ -89,6 +94,16 @@ def check_config(cfg: dict) -> None:
         raise ValueError(f"model: expected one of {sorted(REGISTRY)}, got {cfg.get('model')!r}")
     for name in ("crop", "cutout", "tta_shift"):
         whole_number(cfg.get(name), name, 0, unit=" of pixels")
+    # The speedrun's tricks (docs/training.md); .get: configs saved before they existed.
+    number_in(cfg.get("bn_momentum", 0.1), "bn_momentum", low=0, high=1)
+    number_in(cfg.get("bn_eps", 1e-5), "bn_eps", low=0, low_open=True)
+    whole_number(cfg.get("lookahead_every", 5), "lookahead_every")
+    number_in(cfg.get("lookahead_decay", 0.95 ** 5), "lookahead_decay", low=0, high=1)
+    whole_number(cfg.get("whiten_images", 5000), "whiten_images")
+    number_in(cfg.get("whiten_eps", 5e-4), "whiten_eps", low=0, low_open=True)
+    for name in ("lookahead", "whiten_init"):
+        if not isinstance(cfg.get(name, False), bool):
+            raise ValueError(f"{name}: expected true or false, got {cfg.get(name)!r}")
     check_training_config(cfg)
     whole_number(cfg.get("seed"), "seed", 0)
     if cfg.get("limit_per_class") is not None:
@@ -101,10 +116,36 @@ def check_config(cfg: dict) -> None:
     parse_val_split(cfg.get("val_split"))
 
 
-def build_net(cfg: dict, num_classes: int = 10):
+#: The first convolution's weight in Models A, B and C: what ``whiten_init`` initialises.
+FIRST_CONV = "features.0.weight"
+
+
+def build_net(cfg: dict, num_classes: int = 10, train_images: torch.Tensor | None = None):
     """The config's net: ``nets.model_a/b/c(num_classes, ...)`` (the registry of
-    :mod:`experiments.train.runs`)."""
-    return build_model(cfg["model"], num_classes, cfg)
+    :mod:`experiments.train.runs`).
+
+    With ``whiten_init`` and ``train_images`` (uint8 ``(N, 3, 32, 32)``, the training split), the
+    first convolution starts from the whitening filters of 3x3 patches of
+    :func:`whitening_images` (``nets.whitening.whitened_init``: 2 x 27 of its 64 filters, rescaled
+    to the initialiser's norm, then trained). ``train_images`` None: the plain init (a run whose
+    parameters come from its checkpoint).
+    """
+    net = build_model(cfg["model"], num_classes, cfg)
+    if cfg.get("whiten_init") and train_images is not None:
+        filters = whitening_filters(whitening_images(train_images, cfg.get("whiten_images", 5000)),
+                                    3, eps=cfg.get("whiten_eps", 5e-4))
+        net = whitened_init(net, FIRST_CONV, filters)
+    return net
+
+
+def whitening_images(images: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` training images evenly spaced through ``images (N, 3, H, W) uint8`` (all of
+    them when N <= count), normalised (:func:`prepare`): what whitening filters are computed
+    from. Evenly spaced, so a class-ordered split gives every class its share (airbench: the
+    first 5000 of its shuffled copy)."""
+    n = images.shape[0]
+    idx = torch.linspace(0, n - 1, min(count, n)).round().long() if n > count else torch.arange(n)
+    return prepare(images[idx])
 
 
 def augmenter(cfg: dict):

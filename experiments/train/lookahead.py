@@ -25,9 +25,13 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 import optim
+from layers import random as jr
 from optim.base import count_tensor, run, transformation
 
-__all__ = ["LookaheadState", "lookahead", "lookahead_step", "lookahead_decay", "sync"]
+from .hooks import FitHooks
+
+__all__ = ["LookaheadState", "lookahead", "lookahead_step", "lookahead_decay", "sync",
+           "with_lookahead"]
 
 
 class LookaheadState(NamedTuple):
@@ -96,3 +100,19 @@ def lookahead_step(total_steps: int, every: int = 5, max_decay: float = 0.95 ** 
             return params, state, opt_state, metrics
         return wrapped
     return wrap
+
+
+def with_lookahead(net, opt: optim.GradientTransformation, total_steps: int, *, every: int = 5,
+                   max_decay: float = 0.95 ** 5, hooks: FitHooks | None = None):
+    """``(opt, hooks)`` that train ``net`` with lookahead over a run of ``total_steps`` updates:
+    ``opt`` wrapped by :func:`lookahead` (its slow copy of the net's state starts from
+    ``net.init``'s running statistics, which involve no draw) and ``hooks`` (a
+    :class:`FitHooks`, default empty) with :func:`lookahead_step` as its ``wrap_step``, around
+    any wrapper it already had."""
+    hooks = FitHooks() if hooks is None else hooks
+    _, state0 = net.init(jr.key(0))
+    wrap = lookahead_step(total_steps, every, max_decay)
+    if hooks.wrap_step is not None:
+        inner = hooks.wrap_step
+        wrap = (lambda w: lambda step: w(inner(step)))(wrap)
+    return lookahead(opt, state0), hooks._replace(wrap_step=wrap)
