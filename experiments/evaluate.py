@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta-shift", type=int, metavar="PIXELS",
                    help="also average over the views moved by (s, s) and (-s, -s) pixels "
                         "(default: as the run was configured)")
+    p.add_argument("--tta-shift-weight", type=float, metavar="W",
+                   help="the shifted views' share of the average, in [0, 1] (airbench: 0.5); "
+                        "default: as the run was configured, else every view the same")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line too")
     return p
 
@@ -102,7 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             net = nets.ensemble(net, members)
         tta = cfg.get("tta_flip", False) if args.tta_flip is None else args.tta_flip
         shift = cfg.get("tta_shift", 0) if args.tta_shift is None else args.tta_shift
-        predict = make_eval(net, tta_flip=tta, tta_shift=shift, bf16=bool(cfg.get("bf16")),
+        weight = cfg.get("tta_shift_weight") if args.tta_shift_weight is None else args.tta_shift_weight
+        predict = make_eval(net, tta_flip=tta, tta_shift=shift, shift_weight=weight,
+                            bf16=bool(cfg.get("bf16")),
                             channels_last=bool(cfg.get("channels_last")))
     except (DataNotFoundError, FileNotFoundError, ValueError) as err:
         return refuse(str(err).removeprefix("evaluate: "))
@@ -113,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = evaluate(predict, params, state, data, device=device, batch_size=args.batch_size,
                    prepare=prepare)
     print(f"{cfg['model']} ({cfg.get('name')}, after {progress.get('epoch')} epochs) on {args.split} "
-          f"of {data.images.shape[0]} images, tta_flip={tta}, tta_shift={shift}")
+          f"of {data.images.shape[0]} images, tta_flip={tta}, tta_shift={shift}"
+          + (f", tta_shift_weight={weight:g}" if shift and weight is not None else ""))
     if members:
         return _report_members(res, cfg, tree["opt_state"], args.json)
     print(f"accuracy {100 * res.accuracy:.2f}%  loss {res.loss:.4f}")

@@ -94,6 +94,10 @@ def test_evaluate_rebuilds_the_runs_validation_split_and_takes_tta_options(tiny_
     assert json.loads(out.strip().splitlines()[-1])["loss"] == pytest.approx(row["val_loss"])
     assert evaluate.main(base + ["--split", "val", "--tta-shift", "1"]) == 0
     assert "tta_shift=1" in capsys.readouterr().out
+    assert evaluate.main(base + ["--split", "val", "--tta-shift", "1", "--tta-shift-weight", "0.5"]) == 0
+    assert "tta_shift=1, tta_shift_weight=0.5" in capsys.readouterr().out
+    assert evaluate.main(base + ["--tta-shift", "1", "--tta-shift-weight", "2"]) == 2
+    assert "expected tta_shift_weight to be a number in [0, 1]" in capsys.readouterr().err
     assert evaluate.main(base + ["--tta-shift", "-1"]) == 2
     assert "expected tta_shift to be a whole number of pixels >= 0, got -1" in capsys.readouterr().err
     # a run without a validation split has none to rebuild

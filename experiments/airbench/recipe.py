@@ -52,7 +52,7 @@ RECIPE = dict(
     widths=[64, 256, 256], activation="gelu", bn_momentum=0.4, bn_eps=1e-12, bn_scale=False,
     scale=1 / 9, whiten=True, whiten_eps=5e-4, whiten_images=5000, whiten_bias_epochs=3,
     flip=True, alt_flip=True, translate=2, lookahead=True, lookahead_every=5,
-    lookahead_decay=0.95 ** 5, tta=True,
+    lookahead_decay=0.95 ** 5, tta=True, tta_shift_weight=0.5,
 )
 
 SCHEDULES = ("triangular", "constant")
@@ -100,7 +100,9 @@ def check_config(cfg: dict) -> None:
 
 def fit_config(cfg: dict) -> dict:
     """The config handed to :func:`~experiments.train.fit`: the recipe's, with its TTA as the
-    trainer's ``tta_flip`` / ``tta_shift`` (mirror, and translations by one pixel)."""
+    trainer's ``tta_flip`` / ``tta_shift`` (mirror, and translations by one pixel); the recipe's
+    ``tta_shift_weight`` 1/2 is airbench's weighting (the unshifted pair 1/4 each, the four
+    shifted views 1/8 each; a run saved before it existed has none: every view 1/6)."""
     return {**cfg, "tta_flip": bool(cfg["tta"]), "tta_shift": 1 if cfg["tta"] else 0}
 
 

@@ -36,7 +36,7 @@ from .metrics import evaluate
 from .progress import LineWriter, ProgressBar, history_table
 from .runs import (CHECKPOINT, METRICS, load_run, read_history, save_checkpoint, write_config,
                    write_history)
-from .step import make_eval, make_step, to_channels_last, tta_views
+from .step import check_shift_weight, make_eval, make_step, to_channels_last, tta_views
 from .telemetry import TELEMETRY, layer_stats, read_telemetry, update_stats, write_telemetry
 
 __all__ = ["fit", "fit_tensors", "FitResult", "NonFiniteLossError", "check_loop_config",
@@ -92,6 +92,7 @@ def check_loop_config(config: Mapping) -> None:
     whole_number(config.get("batch_size"), "batch_size")
     whole_number(config.get("eval_batch_size", 1000), "eval_batch_size")
     tta_views(False, config.get("tta_shift", 0))
+    check_shift_weight(config.get("tta_shift_weight"))
     resolve_device(config.get("device", "auto"))
     if config.get("telemetry"):
         whole_number(config["telemetry"], "telemetry")
@@ -234,7 +235,7 @@ def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=N
     scope = contextlib.nullcontext if parallel is None else (lambda: parallel.scope(batch_size))
     predict = make_eval(net, tta_flip=bool(config.get("tta_flip")),
                         tta_shift=config.get("tta_shift", 0), bf16=bf16,
-                        channels_last=channels_last)
+                        channels_last=channels_last, shift_weight=config.get("tta_shift_weight"))
     images, labels = train.images.to(device), train.labels.to(device)
     eval_bs = int(config.get("eval_batch_size", 1000))
 

@@ -132,27 +132,53 @@ def tta_views(tta_flip: bool = False, tta_shift: int = 0) -> list[tuple[bool, in
     return [(m, dy, dx) for m in ((False, True) if tta_flip else (False,)) for dy, dx in shifts]
 
 
+def check_shift_weight(shift_weight) -> None:
+    """Refuse (ValueError, one line) a ``tta_shift_weight`` that is neither None nor in [0, 1]."""
+    if shift_weight is not None and not (isinstance(shift_weight, (int, float))
+                                         and not isinstance(shift_weight, bool)
+                                         and 0 <= shift_weight <= 1):
+        raise ValueError(f"make_eval: expected tta_shift_weight to be a number in [0, 1] (or "
+                         f"none: every view weighs the same), got {shift_weight!r}")
+
+
 def make_eval(net, *, tta_flip: bool = False, tta_shift: int = 0, bf16: bool = False,
-              channels_last: bool = False) -> Callable:
+              channels_last: bool = False, shift_weight: float | None = None) -> Callable:
     """Build ``predict(params, state, x (N, C, H, W) float) -> logits (N, K)`` (eval mode; float32
     at least, bfloat16 logits are widened).
 
     Test-time augmentation averages the logits over the views of :func:`tta_views`:
     ``logits = mean_v f(view_v(x))``; ``tta_flip`` adds the mirror (flip of the width axis),
     ``tta_shift = s`` the translations by ``(s, s)`` and ``(-s, -s)`` (:func:`translate`) of
-    each. Without either, ``logits = f(x)``.
+    each. Without either, ``logits = f(x)``. With ``tta_shift`` and ``shift_weight = w``, the
+    translated views share the weight ``w`` and the others ``1 - w``:
+
+        logits = (1 - w) mean_{unshifted v} f(view_v(x)) + w mean_{shifted v} f(view_v(x))
+
+    (airbench94: ``w = 1/2``, so each unshifted view weighs 1/4 and each shifted one 1/8 with the
+    mirror on); None weighs every view the same (``w = 2/3``).
     """
     views = tta_views(tta_flip, tta_shift)
+    check_shift_weight(shift_weight)
+    if shift_weight is None or not tta_shift:
+        weights = [1.0 / len(views)] * len(views)
+    else:
+        n_shifted = sum(1 for _, dy, _ in views if dy)
+        n_centre = len(views) - n_shifted
+        weights = [shift_weight / n_shifted if dy else (1 - shift_weight) / n_centre
+                   for _, dy, _ in views]
+    uniform = len(set(weights)) == 1
 
     def predict(params, state, x):
         with torch.no_grad(), _autocast(x.device, bf16):
             logits = None
-            for mirror, dy, dx in views:
+            for (mirror, dy, dx), weight in zip(views, weights):
                 v = translate(x.flip(-1) if mirror else x, dy, dx)
                 if channels_last:
                     v = v.contiguous(memory_format=torch.channels_last)
                 out = _widen(net.apply(params, state, v, train=False)[0])
+                out = out if uniform else out * weight
                 logits = out if logits is None else logits + out
-        return logits if len(views) == 1 else logits / len(views)
+        # uniform: the sum divided once (bit-identical to the mean before weights existed)
+        return logits if len(views) == 1 or not uniform else logits / len(views)
 
     return predict
