@@ -3,7 +3,8 @@ library behind ``python -m experiments.speedrun`` (docs/speedrun.md).
 
 * :mod:`.recipe`: the config (:data:`~.recipe.RECIPE`), its checks, the parameter groups and
   their rates, the whitened net, the translate / alternating-flip augmentation.
-* :mod:`.lookahead`: the slow copy of the weights and the pull towards it every few steps.
+* :mod:`experiments.train.lookahead` (shared with the CIFAR commands' ``--lookahead``): the slow
+  copy of the weights and the pull towards it every few steps.
 * :mod:`.run`: the parts handed to :func:`experiments.train.fit` (through ``FitHooks``).
 """
 from ..train.lookahead import LookaheadState, lookahead, lookahead_decay, lookahead_step, sync

@@ -9,7 +9,6 @@ from typing import Mapping
 
 import torch
 
-
 from ..cifar.recipes import load_data, prepare
 from ..train import fit, resolve_device, retain_freed_memory
 from ..train.build import build_loss

@@ -94,15 +94,18 @@ def check_config(cfg: dict) -> None:
         raise ValueError(f"model: expected one of {sorted(REGISTRY)}, got {cfg.get('model')!r}")
     for name in ("crop", "cutout", "tta_shift"):
         whole_number(cfg.get(name), name, 0, unit=" of pixels")
-    # The speedrun's tricks (docs/training.md); .get: configs saved before they existed.
-    number_in(cfg.get("bn_momentum", 0.1), "bn_momentum", low=0, high=1)
-    number_in(cfg.get("bn_eps", 1e-5), "bn_eps", low=0, low_open=True)
-    whole_number(cfg.get("lookahead_every", 5), "lookahead_every")
-    number_in(cfg.get("lookahead_decay", 0.95 ** 5), "lookahead_decay", low=0, high=1)
-    whole_number(cfg.get("whiten_images", 5000), "whiten_images")
-    number_in(cfg.get("whiten_eps", 5e-4), "whiten_eps", low=0, low_open=True)
+    # The speedrun's tricks (docs/training.md); COMMON's values for configs saved before them.
+    value = {k: cfg.get(k, COMMON[k]) for k in ("bn_momentum", "bn_eps", "lookahead_every",
+                                                  "lookahead_decay", "whiten_images", "whiten_eps",
+                                                  "lookahead", "whiten_init")}
+    number_in(value["bn_momentum"], "bn_momentum", low=0, high=1)
+    number_in(value["bn_eps"], "bn_eps", low=0, low_open=True)
+    whole_number(value["lookahead_every"], "lookahead_every")
+    number_in(value["lookahead_decay"], "lookahead_decay", low=0, high=1)
+    whole_number(value["whiten_images"], "whiten_images")
+    number_in(value["whiten_eps"], "whiten_eps", low=0, low_open=True)
     for name in ("lookahead", "whiten_init"):
-        if not isinstance(cfg.get(name, False), bool):
+        if not isinstance(value[name], bool):
             raise ValueError(f"{name}: expected true or false, got {cfg.get(name)!r}")
     check_training_config(cfg)
     whole_number(cfg.get("seed"), "seed", 0)
@@ -132,8 +135,9 @@ def build_net(cfg: dict, num_classes: int = 10, train_images: torch.Tensor | Non
     """
     net = build_model(cfg["model"], num_classes, cfg)
     if cfg.get("whiten_init") and train_images is not None:
-        filters = whitening_filters(whitening_images(train_images, cfg.get("whiten_images", 5000)),
-                                    3, eps=cfg.get("whiten_eps", 5e-4))
+        count = cfg.get("whiten_images", COMMON["whiten_images"])
+        filters = whitening_filters(whitening_images(train_images, count), 3,
+                                    eps=cfg.get("whiten_eps", COMMON["whiten_eps"]))
         net = whitened_init(net, FIRST_CONV, filters)
     return net
 

@@ -111,8 +111,8 @@ def with_lookahead(net, opt: optim.GradientTransformation, total_steps: int, *, 
     any wrapper it already had."""
     hooks = FitHooks() if hooks is None else hooks
     _, state0 = net.init(jr.key(0))
-    wrap = lookahead_step(total_steps, every, max_decay)
-    if hooks.wrap_step is not None:
-        inner = hooks.wrap_step
-        wrap = (lambda w: lambda step: w(inner(step)))(wrap)
+    pull, inner = lookahead_step(total_steps, every, max_decay), hooks.wrap_step
+
+    def wrap(step):
+        return pull(step if inner is None else inner(step))
     return lookahead(opt, state0), hooks._replace(wrap_step=wrap)
