@@ -5,7 +5,9 @@
 The net is rebuilt from the config stored in the checkpoint; the data folder may be in either
 format (python batches or image folders) and its classes must match the run's number of classes.
 ``--split val`` carves the run's own validation split out of train again (same seed and size), so
-evaluation choices such as ``--tta-shift`` can be made on it and not on test.
+evaluation choices such as ``--tta-shift`` can be made on it and not on test. ``--against``
+compares two runs image by image (:mod:`experiments.report.paired`): what a choice made on a
+5,000-image split needs, since a few tenths of a point is that split's binomial noise.
 """
 from __future__ import annotations
 
@@ -13,12 +15,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
+
+import torch
 
 import nets
 
 from .cifar.recipes import prepare, split_train
 from .data.cifar10 import DataNotFoundError, find_data_dir, load_cifar10
+from .report.paired import compare_predictions
 from .train import (build_model, evaluate, load_run, make_eval, num_classes_of, resolve_device,
                     to_channels_last)
 
@@ -41,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta-shift-weight", type=float, metavar="W",
                    help="the shifted views' share of the average, in [0, 1] (airbench: 0.5); "
                         "default: as the run was configured, else every view the same")
+    p.add_argument("--against", metavar="CHECKPOINT",
+                   help="a second run evaluated on the same images with the same views: both "
+                        "accuracies, their paired difference and McNemar's exact test")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line too")
     return p
 
@@ -75,6 +83,59 @@ def _report_members(results, cfg, opt_state, as_json: bool) -> int:
     return 0
 
 
+class _Loaded(NamedTuple):
+    """A checkpoint made ready to evaluate: its config, progress, predictor and arrays."""
+
+    cfg: dict
+    progress: dict
+    predict: object
+    params: dict
+    state: dict
+    members: int | None
+    num_classes: int
+    opt_state: object
+    views: str
+
+
+def _load(checkpoint: str, args: argparse.Namespace, device) -> _Loaded:
+    """Read ``checkpoint`` and build its predictor with the TTA of its config or of the flags."""
+    # CheckpointError (unreadable, or NaN / inf inside) is a ValueError.
+    tree, progress, cfg = load_run(Path(checkpoint))
+    if "params" not in tree or not cfg.get("model"):
+        raise ValueError(f"expected a training run's checkpoint (params, state and a config "
+                         f"naming its model), got {checkpoint}")
+    params, state = tree["params"], tree["state"]
+    members = len(cfg["seeds"]) if cfg.get("seeds") else None   # an ensemble (a sweep)
+    num_classes = num_classes_of(nets.unstack(params)[0] if members else params)
+    net = build_model(cfg["model"], num_classes, cfg)
+    if members:
+        net = nets.ensemble(net, members)
+    tta = cfg.get("tta_flip", False) if args.tta_flip is None else args.tta_flip
+    shift = cfg.get("tta_shift", 0) if args.tta_shift is None else args.tta_shift
+    weight = cfg.get("tta_shift_weight") if args.tta_shift_weight is None else args.tta_shift_weight
+    predict = make_eval(net, tta_flip=tta, tta_shift=shift, shift_weight=weight,
+                        bf16=bool(cfg.get("bf16")), channels_last=bool(cfg.get("channels_last")))
+    params = {k: v.to(device) for k, v in params.items()}
+    state = {k: v.to(device) for k, v in state.items()}
+    if cfg.get("channels_last"):
+        params = to_channels_last(params)
+    views = (f"tta_flip={tta}, tta_shift={shift}"
+             + (f", tta_shift_weight={weight:g}" if shift and weight is not None else ""))
+    return _Loaded(cfg, progress, predict, params, state, members, num_classes,
+                   tree.get("opt_state"), views)
+
+
+def _check_classes(run: _Loaded, data) -> None:
+    if run.num_classes != len(data.classes):
+        raise ValueError(f"expected a data set with {run.num_classes} classes (as the checkpoint's "
+                         f"last layer), got {len(data.classes)} classes {data.classes}")
+
+
+def _header(run: _Loaded, args, data) -> str:
+    return (f"{run.cfg['model']} ({run.cfg.get('name')}, after {run.progress.get('epoch')} epochs) "
+            f"on {args.split} of {data.images.shape[0]} images, {run.views}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -88,48 +149,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         return refuse(f"--limit-per-class: expected a whole number >= 1, got {args.limit_per_class}")
     try:
         device = resolve_device(args.device)
-        # CheckpointError (unreadable, or NaN / inf inside) is a ValueError.
-        tree, progress, cfg = load_run(Path(args.checkpoint))
-        if "params" not in tree or not cfg.get("model"):
-            raise ValueError(f"expected a training run's checkpoint (params, state and a config "
-                             f"naming its model), got {args.checkpoint}")
-        data = _load_split(args, cfg)
-        params, state = tree["params"], tree["state"]
-        members = len(cfg["seeds"]) if cfg.get("seeds") else None   # an ensemble (a sweep)
-        num_classes = num_classes_of(nets.unstack(params)[0] if members else params)
-        if num_classes != len(data.classes):
-            raise ValueError(f"expected a data set with {num_classes} classes (as the checkpoint's "
-                             f"last layer), got {len(data.classes)} classes {data.classes}")
-        net = build_model(cfg["model"], num_classes, cfg)
-        if members:
-            net = nets.ensemble(net, members)
-        tta = cfg.get("tta_flip", False) if args.tta_flip is None else args.tta_flip
-        shift = cfg.get("tta_shift", 0) if args.tta_shift is None else args.tta_shift
-        weight = cfg.get("tta_shift_weight") if args.tta_shift_weight is None else args.tta_shift_weight
-        predict = make_eval(net, tta_flip=tta, tta_shift=shift, shift_weight=weight,
-                            bf16=bool(cfg.get("bf16")),
-                            channels_last=bool(cfg.get("channels_last")))
+        run = _load(args.checkpoint, args, device)
+        data = _load_split(args, run.cfg)
+        _check_classes(run, data)
+        other = None
+        if args.against:
+            other = _load(args.against, args, device)
+            if run.members or other.members:
+                raise ValueError("--against: expected two single-net runs, got an ensemble's "
+                                 "checkpoint (evaluate its members one by one)")
+            other_data = _load_split(args, other.cfg)
+            if not (torch.equal(other_data.labels, data.labels)
+                    and torch.equal(other_data.images, data.images)):
+                raise ValueError(f"--against: expected both runs evaluated on the same {args.split} "
+                                 f"images, got different ones (a validation split depends on the "
+                                 f"run's seed and val_split: {run.cfg.get('seed')}/"
+                                 f"{run.cfg.get('val_split')} against {other.cfg.get('seed')}/"
+                                 f"{other.cfg.get('val_split')})")
     except (DataNotFoundError, FileNotFoundError, ValueError) as err:
         return refuse(str(err).removeprefix("evaluate: "))
-    params = {k: v.to(device) for k, v in params.items()}
-    state = {k: v.to(device) for k, v in state.items()}
-    if cfg.get("channels_last"):
-        params = to_channels_last(params)
-    res = evaluate(predict, params, state, data, device=device, batch_size=args.batch_size,
-                   prepare=prepare)
-    print(f"{cfg['model']} ({cfg.get('name')}, after {progress.get('epoch')} epochs) on {args.split} "
-          f"of {data.images.shape[0]} images, tta_flip={tta}, tta_shift={shift}"
-          + (f", tta_shift_weight={weight:g}" if shift and weight is not None else ""))
-    if members:
-        return _report_members(res, cfg, tree["opt_state"], args.json)
+    res = evaluate(run.predict, run.params, run.state, data, device=device,
+                   batch_size=args.batch_size, prepare=prepare)
+    print(_header(run, args, data))
+    if run.members:
+        return _report_members(res, run.cfg, run.opt_state, args.json)
     print(f"accuracy {100 * res.accuracy:.2f}%  loss {res.loss:.4f}")
     per_class = res.per_class_accuracy()
     for name, acc, n in zip(data.classes, per_class.tolist(), res.confusion.sum(1).tolist()):
         print(f"  {name:>12} {100 * acc:6.2f}%  ({n} images)")
+    result = {"accuracy": res.accuracy, "loss": res.loss,
+              "per_class": dict(zip(data.classes, per_class.tolist()))}
+    if other is not None:
+        res_b = evaluate(other.predict, other.params, other.state, data, device=device,
+                         batch_size=args.batch_size, prepare=prepare)
+        paired = compare_predictions(res.predictions, res_b.predictions, data.labels)
+        name_a, name_b = run.cfg.get("name") or "A", other.cfg.get("name") or "B"
+        print(f"against {_header(other, args, data)}")
+        print(f"accuracy {100 * res_b.accuracy:.2f}%  loss {res_b.loss:.4f}")
+        print(paired.describe(name_a, name_b))
+        result["against"] = {"accuracy": res_b.accuracy, "loss": res_b.loss,
+                             **paired._asdict()}
     if args.json:
-        print(json.dumps({"accuracy": res.accuracy, "loss": res.loss,
-                          "per_class": dict(zip(data.classes, per_class.tolist()))}))
+        print(json.dumps(result))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

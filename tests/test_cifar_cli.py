@@ -175,3 +175,33 @@ def test_benchmark_reports_images_per_second_for_every_speed_option():
     assert set(rates) == {"fp32", "channels_last", "bf16", "bf16+channels_last"}
     assert all(r > 0 for r in rates.values())
     assert "median img/s over 1 rounds of 1 steps, batch 8" in err.getvalue()
+
+
+def test_evaluate_against_a_second_run_compares_them_image_by_image(tiny_cifar, tmp_path, capsys):
+    argv = ["--data-dir", str(tiny_cifar), "--epochs", "1", "--batch-size", "20", "--val-split", "20",
+            "--out", str(tmp_path / "runs"), "--no-bf16"]
+    for name, extra in (("a", ["--seed", "3"]), ("b", ["--seed", "3", "--lr", "0.05"]),
+                        ("other-seed", ["--seed", "4"])):
+        assert cli.main("cifar_model_a", "A", argv + ["--name", name] + extra) == 0
+    runs = tmp_path / "runs"
+    capsys.readouterr()
+    base = ["--checkpoint", str(runs / "a"), "--data-dir", str(tiny_cifar), "--split", "val"]
+    assert evaluate.main(base + ["--against", str(runs / "b"), "--json"]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(out.strip().splitlines()[-1])
+    alone = [evaluate.main(["--checkpoint", str(runs / r), "--data-dir", str(tiny_cifar),
+                            "--split", "val", "--json"]) for r in ("a", "b")]
+    singles = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines() if x.startswith("{")]
+    assert alone == [0, 0]
+    assert res["accuracy"] == singles[0]["accuracy"] and res["against"]["accuracy"] == singles[1]["accuracy"]
+    paired = res["against"]
+    assert paired["n"] == 20 and paired["difference"] == pytest.approx(
+        singles[0]["accuracy"] - singles[1]["accuracy"])
+    assert "a - b:" in out and "McNemar exact p" in out
+    # another seed carves other validation images: refused in one line
+    assert evaluate.main(base + ["--against", str(runs / "other-seed")]) == 2
+    err = capsys.readouterr().err
+    assert "--against: expected both runs evaluated on the same val images" in err and "3/20 against 4/20" in err
+    # the test split is the same for every run
+    assert evaluate.main(["--checkpoint", str(runs / "a"), "--data-dir", str(tiny_cifar),
+                          "--against", str(runs / "other-seed")]) == 0
