@@ -75,6 +75,10 @@ def test_sweep_trains_every_member_writes_its_table_and_figures_and_resumes(tmp_
     report = json.loads(out.strip().splitlines()[-1])["members"]
     assert len(report) == 8 and report[4]["diverged"] and not report[0]["diverged"]
     assert "member   7: lr 1e+30 momentum 0.9" in out
+    # a paired comparison is of two single nets: an ensemble is refused in one line
+    assert evaluate.main(["--checkpoint", str(run), "--data-dir", str(tiny_cifar),
+                          "--against", str(run)]) == 2
+    assert "--against: expected two single-net runs, got an ensemble's checkpoint" in capsys.readouterr().err
 
 
 def test_ablation_trains_each_variant_and_tables_the_differences(tmp_path, tiny_cifar, capsys):
