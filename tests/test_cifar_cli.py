@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
 
 from experiments import evaluate
 from experiments.cifar import cli as cli
@@ -37,20 +35,6 @@ def test_help_works_for_every_entry_point():
             "--val-split", "--resume", "--recipe", "--limit-per-class", "--name"]
         for flag in flags:
             assert flag in out, (m, flag)
-
-
-@pytest.fixture
-def tiny_cifar(tmp_path, monkeypatch):
-    """A 32x32 PNG image-folder CIFAR-10 with 6 train and 2 test images per class."""
-    monkeypatch.setenv("PURENN_CACHE", str(tmp_path / "cache"))
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 6), ("test", 2)):
-        for c in CIFAR10_CLASSES:
-            (tmp_path / "c10" / split / c).mkdir(parents=True)
-            x = torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
-            for i in range(n):
-                Image.fromarray(x[i].numpy()).save(tmp_path / "c10" / split / c / f"{i}.png")
-    return tmp_path / "c10"
 
 
 def test_run_stop_resume_and_evaluate_through_the_command_line(tiny_cifar, tmp_path, capsys):

@@ -17,7 +17,6 @@ from experiments.train.lookahead import LookaheadState, with_lookahead
 from layers import random as jr
 from nets.whitening import patch_covariance, whitened_init, whitened_weight, whitening_filters
 from reference_modules import model_b_module, reference_call
-from test_cifar_cli import tiny_cifar  # noqa: F401  (the fixture)
 
 
 def _images(n=6, size=8, seed=0):
@@ -145,7 +144,7 @@ def test_with_lookahead_wraps_the_optimizer_and_composes_with_an_existing_step_w
 
 
 def test_tricks_through_the_command_line_record_their_values_and_resume_bit_identically(
-        tiny_cifar, tmp_path, capsys):  # noqa: F811
+        tiny_cifar, tmp_path, capsys):
     argv = ["--data-dir", str(tiny_cifar), "--epochs", "2", "--batch-size", "20", "--val-split", "0",
             "--out", str(tmp_path / "runs"), "--no-bf16", "--no-channels-last", "--seed", "4",
             "--lookahead", "--lookahead-every", "2", "--whiten-init", "--bn-momentum", "0.4",

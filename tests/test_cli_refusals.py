@@ -9,35 +9,21 @@ import math
 
 import pytest
 import torch
-from PIL import Image
 
 import nets
 from experiments import evaluate, visualize
 from experiments.cifar import cli
 from experiments.data import cifar10
-from experiments.data.cifar10 import CIFAR10_CLASSES
 from experiments.train import runs
+from random_cifar import write_random_images
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def _images(folder, n, g):
-    folder.mkdir(parents=True, exist_ok=True)
-    x = torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
-    for i in range(n):
-        Image.fromarray(x[i].numpy()).save(folder / f"{i}.png")
-
-
 @pytest.fixture
-def tiny_cifar(tmp_path, monkeypatch):
+def tiny_cifar(cifar_folder):
     """A 32x32 PNG image-folder CIFAR-10 with 4 train and 2 test images per class."""
-    monkeypatch.setenv("PURENN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("CIFAR10_DIR", raising=False)
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 4), ("test", 2)):
-        for c in CIFAR10_CLASSES:
-            _images(tmp_path / "c10" / split / c, n, g)
-    return tmp_path / "c10"
+    return cifar_folder(4, 2)
 
 
 def _run(tmp_path, tiny_cifar, *flags, model="cifar_model_a"):
@@ -205,7 +191,7 @@ def test_an_empty_class_folder_is_an_error_naming_it(tmp_path, tiny_cifar, capsy
 
 
 def test_a_class_present_only_in_test_is_an_error_naming_it(tmp_path, tiny_cifar):
-    _images(tiny_cifar / "test" / "zebra", 2, torch.Generator().manual_seed(1))
+    write_random_images(tiny_cifar / "test" / "zebra", 2, torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match=r"only in test/: zebra"):
         cifar10.load_cifar10(tiny_cifar, "train", cache=False, progress=False)
 

@@ -15,18 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
 
 import layers
 import optim
 from experiments.cifar import cli
 from experiments.data.augment import augment_batch, crop_offsets, cutout_mask, flip_mask
-from experiments.data.cifar10 import CIFAR10_CLASSES
 from experiments.data.dataset import Dataset
 from experiments.train import distributed, fit, load_run
 from layers import random as jr
 from layers.parallel import BatchAxis, batch_axis
 from nets.compose import BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, as_net, serial
+from random_cifar import write_random_cifar
 
 WORLD = 2
 BATCH = 8            # global batch: 4 rows per rank
@@ -312,20 +311,9 @@ def test_a_rank_that_never_starts_gives_one_clear_error(tmp_path):
 # torchrun: a killed rank, then the restart resumes
 
 
-def _tiny_cifar(root):
-    """A 32x32 PNG CIFAR-10 folder: 4 train images per class (2 steps of 20), 1 test image."""
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 4), ("test", 1)):
-        for c in CIFAR10_CLASSES:
-            (root / split / c).mkdir(parents=True)
-            x = torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
-            for i in range(n):
-                Image.fromarray(x[i].numpy()).save(root / split / c / f"{i}.png")
-    return root
-
-
 def test_torchrun_restarts_a_killed_rank_and_the_run_resumes(tmp_path):
-    data = _tiny_cifar(tmp_path / "c10")
+    # 4 train images per class (2 steps of 20), 1 test image
+    data = write_random_cifar(tmp_path / "c10", 4, 1)
     flags = ["--data-dir", str(data), "--epochs", "3", "--batch-size", "20", "--val-split", "0",
              "--no-bf16", "--no-channels-last", "--no-test", "--sync-bn", "--seed", "1",
              "--out", str(tmp_path / "runs"), "--name", "r"]

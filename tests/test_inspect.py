@@ -1,23 +1,14 @@
 """python -m experiments.inspect on a run trained with --telemetry: every figure, readable size;
 and the telemetry cost measurement."""
-import torch
 from PIL import Image
 
 from experiments import inspect
 from experiments.benchmarks.telemetry import telemetry_overhead
 from experiments.cifar import cli
-from experiments.data.cifar10 import CIFAR10_CLASSES
 
 
-def test_inspect_draws_every_figure_of_a_telemetry_run(tmp_path, monkeypatch):
-    monkeypatch.setenv("PURENN_CACHE", str(tmp_path / "cache"))
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 6), ("test", 2)):
-        for c in CIFAR10_CLASSES:
-            (tmp_path / "c10" / split / c).mkdir(parents=True)
-            x = torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
-            for i in range(n):
-                Image.fromarray(x[i].numpy()).save(tmp_path / "c10" / split / c / f"{i}.png")
+def test_inspect_draws_every_figure_of_a_telemetry_run(tmp_path, cifar_folder):
+    cifar_folder(6, 2)
     argv = ["--data-dir", str(tmp_path / "c10"), "--out", str(tmp_path / "runs"), "--name", "b",
             "--epochs", "2", "--batch-size", "20", "--val-split", "0", "--no-bf16", "--telemetry", "1"]
     assert cli.main("cifar_model_b", "B", argv) == 0

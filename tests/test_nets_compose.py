@@ -18,7 +18,7 @@ from hypothesis import given, settings, strategies as st
 
 import layers
 import nets
-from nets.compose import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, Linear,
+from nets.compose import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear,
                           MaxPool2d, ReLU, as_net, leaves, serial)
 
 SEEDS = st.integers(0, 2**31 - 1)

@@ -1,5 +1,4 @@
 """Purity, reset, determinism, state as a saveable tree, torch.func, masks, and convergence."""
-import math
 
 import pytest
 import torch

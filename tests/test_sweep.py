@@ -3,28 +3,16 @@ generated CIFAR folder (table, figures, per-member metrics, evaluate per member)
 import json
 
 import pytest
-import torch
-from PIL import Image
 
 from experiments import evaluate, sweep
-from experiments.data.cifar10 import CIFAR10_CLASSES
 from experiments.ensembles.grid import check_grid, members, parse_values
 
 
 @pytest.fixture
-def tiny_cifar(tmp_path, monkeypatch):
+def tiny_cifar(cifar_folder):
     """A 32x32 PNG image-folder CIFAR-10 with 13 train and 2 test images per class (130 train
     images: one batch of the ablation's 125)."""
-    monkeypatch.setenv("PURENN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("CIFAR10_DIR", raising=False)
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 13), ("test", 2)):
-        for c in CIFAR10_CLASSES:
-            (tmp_path / "c10" / split / c).mkdir(parents=True)
-            x = torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
-            for i in range(n):
-                Image.fromarray(x[i].numpy()).save(tmp_path / "c10" / split / c / f"{i}.png")
-    return tmp_path / "c10"
+    return cifar_folder(13, 2)
 
 
 @pytest.mark.parametrize("flags, needle", [

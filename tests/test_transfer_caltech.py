@@ -20,7 +20,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nets
-import optim
 from experiments import caltech_vgg16_features as cf_cli
 from experiments import train as trainer
 from experiments import caltech_vgg16_transfer as ct_cli
