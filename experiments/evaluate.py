@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the shifted views' share of the average, in [0, 1] (airbench: 0.5); "
                         "default: as the run was configured, else every view the same")
     p.add_argument("--against", metavar="CHECKPOINT",
-                   help="a second run evaluated on the same images with the same views: both "
-                        "accuracies, their paired difference and McNemar's exact test")
+                   help="a second run evaluated on the same images (each with its own config's "
+                        "views unless the --tta flags set them for both): both accuracies, their "
+                        "paired difference and McNemar's exact test")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line too")
     return p
 
@@ -158,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if run.members or other.members:
                 raise ValueError("--against: expected two single-net runs, got an ensemble's "
                                  "checkpoint (evaluate its members one by one)")
-            other_data = _load_split(args, other.cfg)
+            # test / train are the same folder for both; a validation split is the run's own
+            other_data = _load_split(args, other.cfg) if args.split == "val" else data
             if not (torch.equal(other_data.labels, data.labels)
                     and torch.equal(other_data.images, data.images)):
                 raise ValueError(f"--against: expected both runs evaluated on the same {args.split} "

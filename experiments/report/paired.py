@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["PairedComparison", "compare_predictions"]
+__all__ = ["PairedComparison", "compare_predictions", "mcnemar_exact_p"]
 
 
 class PairedComparison(NamedTuple):
