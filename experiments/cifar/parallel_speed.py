@@ -18,25 +18,25 @@ import torch.distributed as dist
 
 from ..train import make_step, run_keys, step_keys
 from ..train.build import build_loss, build_optimizer
-from ..train.runs import build_model
-from .recipes import augmenter
+from .config import CifarConfig
+from .recipes import augmenter, build_net
 
 __all__ = ["measure"]
 
 
-def measure(cfg: dict, steps: int, parallel=None, warmup: int = 2) -> dict:
+def measure(cfg: CifarConfig, steps: int, parallel=None, warmup: int = 2) -> dict:
     """Time ``steps`` training steps (after ``warmup``) of ``cfg``'s model on random images at
     its (global) batch size; returns images/s (global batch / median step time), the median
     step, the median time in ``reduce`` and that of the bucket's all_reduce alone, in seconds."""
     device = parallel.device if parallel is not None else torch.device("cpu")
     world, rank = (1, 0) if parallel is None else (parallel.world, parallel.rank)
-    batch = cfg["batch_size"]
+    batch = cfg.batch_size
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, 3, 32, 32), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 10, (batch,), generator=g)
     rows = slice(rank * batch // world, (rank + 1) * batch // world)
     images, labels = images[rows].to(device), labels[rows].to(device)
-    net = build_model(cfg["model"], 10, cfg)
+    net = build_net(cfg)
     opt = build_optimizer(cfg, warmup + steps)
     params, state = net.init(run_keys(0).init)
     params = {k: v.to(device) for k, v in params.items()}
@@ -51,8 +51,8 @@ def measure(cfg: dict, steps: int, parallel=None, warmup: int = 2) -> dict:
         comm.append(time.perf_counter() - t)
         return out
 
-    step = make_step(net, opt, build_loss(cfg), bf16=bool(cfg.get("bf16")),
-                     channels_last=bool(cfg.get("channels_last")),
+    step = make_step(net, opt, build_loss(cfg), bf16=cfg.bf16,
+                     channels_last=cfg.channels_last,
                      reduce=None if parallel is None else timed_reduce)
     times = []
     for i in range(warmup + steps):

@@ -13,14 +13,14 @@ import torch
 from layers import random as jr
 
 from ..train import make_step, resolve_device, to_channels_last
-from .recipes import augmenter
+from .config import CifarConfig
+from .recipes import augmenter, build_net
 from ..train.build import build_loss, build_optimizer
-from ..train.runs import build_model
 
 __all__ = ["benchmark"]
 
 
-def benchmark(cfg: dict, steps: int, rounds: int = 3, stream=None) -> dict[str, float]:
+def benchmark(cfg: CifarConfig, steps: int, rounds: int = 3, stream=None) -> dict[str, float]:
     """Images/s of the full training step (augmentation included) for each speed option.
 
     ``steps`` timed steps per option and round (after one untimed warm-up step), options
@@ -28,12 +28,12 @@ def benchmark(cfg: dict, steps: int, rounds: int = 3, stream=None) -> dict[str, 
     median over rounds is reported.
     """
     stream = sys.stderr if stream is None else stream
-    device = resolve_device(cfg["device"])
-    bs = cfg["batch_size"]
+    device = resolve_device(cfg.device)
+    bs = cfg.batch_size
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (bs, 3, 32, 32), generator=g, dtype=torch.uint8).to(device)
     labels = torch.randint(0, 10, (bs,), generator=g).to(device)
-    net = build_model(cfg["model"], 10, cfg)
+    net = build_net(cfg)
     augment = augmenter(cfg)
     modes = {"fp32": {}, "channels_last": {"channels_last": True}, "bf16": {"bf16": True},
              "bf16+channels_last": {"bf16": True, "channels_last": True}}

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save
 from layers._checks import check_positive_int
 from nets.checkpoint import atomic_write
 
-from ..train.progress import ProgressBar
+from ..common.progress import ProgressBar
 from .dataset import Dataset
 
 __all__ = [

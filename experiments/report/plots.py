@@ -15,6 +15,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from nets.checkpoint import atomic_write  # noqa: E402
 
+from ..common.progress import member_mean  # noqa: E402
+
 __all__ = ["plot_curves", "plot_confusion", "save_figure"]
 
 _SPLITS = (("train", "tab:blue"), ("val", "tab:orange"), ("test", "tab:green"))
@@ -93,3 +95,20 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: str | 
     path = Path(path)
     save_figure(fig, path)
     return path
+
+
+def plot_run(run, history: list[dict], results: dict, classes) -> None:
+    """A run's figures after each epoch (a :class:`~experiments.train.lifecycle.Run`'s
+    ``after_epoch`` callback): the curves of the history so far (the mean over the members of an
+    ensemble) and the confusion matrix of the last evaluated split (test, else val)."""
+    title = run.config.name
+    if any(isinstance(row.get("train_loss"), list) for row in history):   # an ensemble: means
+        history = [{k: member_mean(v) if isinstance(v, list) else v for k, v in row.items()}
+                   for row in history]
+        plot_curves(history, run.dir, title=f"{title} (mean over the members)")
+        return
+    plot_curves(history, run.dir, title=title)
+    which = "test" if "test" in results else ("val" if "val" in results else None)
+    if which is not None:
+        plot_confusion(results[which].confusion, classes, run.dir / "confusion.png",
+                       title=f"{which}, epoch {history[-1]['epoch']}")

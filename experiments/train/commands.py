@@ -1,40 +1,26 @@
-"""What the training commands share: one-line refusals, running the trainer under Ctrl-C / kill,
-and the data and device flags.
+"""What the training commands share: one-line refusals and the data and device flags.
 
     code = refusal(err)                           # "error: ..." on stderr, exit status 2
-    value, code = guarded(lambda: fit(...))       # code: None, 1 (NaN loss) or 2 (bad checkpoint)
+
+The run folder's lifecycle (new or resume, the guarded run, exit codes) is
+:mod:`experiments.train.lifecycle`.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
 
-from nets.checkpoint import CheckpointError
+from .lifecycle import EXIT_REFUSED
 
-from .loop import NonFiniteLossError, sigterm_as_interrupt
-
-__all__ = ["refusal", "guarded", "add_data_flags"]
+__all__ = ["refusal", "add_data_flags"]
 
 
-def refusal(err, prefix: str = "") -> int:
-    """Print ``error: <prefix><err>`` on stderr (one line) and return exit status 2."""
-    print(f"error: {prefix}{err}", file=sys.stderr)
-    return 2
-
-
-def guarded(train: Callable[[], object]):
-    """``(train(), None)``, run with ``kill`` saving a checkpoint as Ctrl-C does; ``(None, 1)``
-    when the loss became non-finite, ``(None, 2)`` when a checkpoint cannot be read (each
-    reported in one line)."""
-    try:
-        with sigterm_as_interrupt():
-            return train(), None
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return None, 1
-    except CheckpointError as err:
-        return None, refusal(err)
+def refusal(err, prefix: str = "", *, writes: bool = True) -> int:
+    """Print ``error: <prefix><err>`` on stderr (one line; only where ``writes``: rank 0 of a
+    torchrun job) and return exit status 2."""
+    if writes:
+        print(f"error: {prefix}{err}", file=sys.stderr)
+    return EXIT_REFUSED
 
 
 def add_data_flags(parser: argparse.ArgumentParser, *, out_help: str = "folder of the run folders") -> None:

@@ -90,6 +90,25 @@ def launched(env: Mapping[str, str] | None = None) -> bool:
     return "RANK" in env and "WORLD_SIZE" in env
 
 
+def launched_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's rank as the launcher set it (0 outside torchrun): who prints before the
+    process group exists."""
+    env = os.environ if env is None else env
+    return int(env.get("RANK", "0")) if launched(env) else 0
+
+
+def batch_norm_note(config, parallel: "DataParallel") -> str:
+    """How batch norm normalises when a run resumes on ``parallel.world`` processes: one line
+    (docs/distributed.md, "Resuming on another number of processes")."""
+    if getattr(config, "sync_bn", False):
+        return (f"resuming on {parallel.world} processes with --sync-bn: batch norm normalises "
+                f"over the global batch of {config.batch_size}, as one process does")
+    return (f"resuming on {parallel.world} processes: batch norm normalises each process's "
+            f"{config.batch_size // parallel.world} images (per-process statistics, as torch's "
+            f"DDP), not the global batch of {config.batch_size}; pass --sync-bn to normalise over "
+            "the global batch")
+
+
 def restart_count(env: Mapping[str, str] | None = None) -> int:
     """How many times ``torchrun --max-restarts`` has restarted the workers (0: first attempt)."""
     env = os.environ if env is None else env
@@ -150,13 +169,13 @@ class DataParallel:
 
     def check_fit(self, config: Mapping, drop_last: bool) -> None:
         """Refuse (ValueError, one line) what data parallelism does not run."""
-        check_world(int(config["batch_size"]), self.world)
-        if config.get("seeds"):
+        check_world(config.batch_size, self.world)
+        if getattr(config, "seeds", None):
             raise ValueError("distributed: expected one model, got an ensemble (seeds)")
-        if config.get("telemetry"):
+        if config.telemetry:
             raise ValueError("distributed: expected no --telemetry (its probe pass runs on one "
                              "process), got --telemetry")
-        if config.get("compile"):
+        if config.compile:
             raise ValueError("distributed: expected no --compile (the collectives in the step "
                              "are not traced), got --compile")
         if not drop_last:
@@ -256,10 +275,10 @@ def start(config: Mapping, *, backend: str | None = None, timeout_s: float = DEF
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
     local_rank = int(env.get("LOCAL_RANK", "0"))
     local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
-    check_world(int(config["batch_size"]), world)
+    check_world(config.batch_size, world)
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"--dist-backend: expected one of {BACKENDS}, got {backend!r}")
-    device = resolve_device(config.get("device", "auto"))
+    device = resolve_device(config.device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -276,7 +295,7 @@ def start(config: Mapping, *, backend: str | None = None, timeout_s: float = DEF
         raise StartError(f"distributed: rank {rank} of {world} could not form the {backend} process "
                          f"group at {where} within {timeout_s:g} s: a rank failed to start or "
                          f"cannot reach it ({type(err).__name__}: {first})") from None
-    return DataParallel(rank, world, local_rank, device, sync_bn=bool(config.get("sync_bn")))
+    return DataParallel(rank, world, local_rank, device, sync_bn=bool(getattr(config, "sync_bn", False)))
 
 
 def _store(env: Mapping[str, str], rank: int, world: int, timeout: datetime.timedelta):

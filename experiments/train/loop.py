@@ -1,9 +1,10 @@
 """The one training loop: :func:`fit` trains a net for some epochs, optionally inside a run folder.
 
-Every study trains with it: the CIFAR recipes (a run folder, evaluation each epoch, resume),
-the transfer study's pretraining and fine-tuning, and the heads trained on cached features (no
-run folder, the last partial batch kept). It knows nothing of the data set: the caller hands
-it ``augment`` (training batch -> net input, keyed) and ``prepare`` (eval batch -> net input).
+Every study trains with it: the CIFAR recipes, the speedrun, the sweeps (K members as one
+vmapped ensemble), the transfer study's fine-tuning and the heads trained on cached features. It
+knows nothing of the data set or of the run folder: the caller hands it ``augment`` (training
+batch -> net input, keyed), ``prepare`` (eval batch -> net input) and, to keep a run folder, a
+:class:`~experiments.train.lifecycle.Run`, which restores and saves it.
 
 Epoch ``e`` visits the examples in :func:`~experiments.train.keys.epoch_order` and step ``s``
 gets :func:`~experiments.train.keys.step_keys`, so a draw depends only on (key, epoch, step)
@@ -13,12 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 from torch.utils import _pytree as pytree
@@ -26,38 +25,31 @@ from torch.utils import _pytree as pytree
 import layers
 import optim
 
+from ..common.progress import LineWriter, ProgressBar, history_table, member_mean
 from ..data.dataset import Dataset
-
-from .checks import whole_number
 from .device import resolve_device
 from .hooks import FitHooks
-from .members import Members, member_mean
+from .lifecycle import NonFiniteLossError, Run, sigterm_as_interrupt
+from .members import Members
 from .metrics import evaluate
-from .progress import LineWriter, ProgressBar, history_table
-from .runs import (CHECKPOINT, METRICS, load_run, read_history, save_checkpoint, write_config,
-                   write_history)
-from .step import check_shift_weight, make_eval, make_step, to_channels_last, tta_views
-from .telemetry import TELEMETRY, layer_stats, read_telemetry, update_stats, write_telemetry
+from .settings import TrainSettings
+from .step import make_eval, make_step, to_channels_last
+from .telemetry import Telemetry
 
-__all__ = ["fit", "fit_tensors", "FitResult", "NonFiniteLossError", "check_loop_config",
-           "sigterm_as_interrupt"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the last good checkpoint is left as it was."""
+__all__ = ["fit", "fit_tensors", "FitResult", "NonFiniteLossError", "sigterm_as_interrupt"]
 
 
 @dataclass
 class FitResult:
     """What :func:`fit` ended with: ``status`` is ``"done"``, ``"stopped"`` (max_epochs) or
-    ``"interrupted"`` (Ctrl-C; a checkpoint was saved)."""
+    ``"interrupted"`` (Ctrl-C or kill; a checkpoint was saved)."""
 
     status: str
     params: Any
     state: Any
     opt_state: Any
     history: list = field(default_factory=list)
-    run_dir: Path | None = None
+    run: Run | None = None
     telemetry: list = field(default_factory=list)
 
     def training_curve(self) -> list[dict]:
@@ -66,38 +58,9 @@ class FitResult:
         return [{k: row[k] for k in ("epoch", "train_loss", "train_accuracy")} for row in self.history]
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Within the block, ``kill PID`` (SIGTERM) of a background run raises KeyboardInterrupt, so
-    :func:`fit` saves a checkpoint the way Ctrl-C does; the previous handler comes back after
-    (nothing changes where handlers cannot be set: not the main thread)."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:
-        previous = None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def check_loop_config(config: Mapping) -> None:
-    """Refuse (ValueError, one line) a config :func:`fit` cannot run: ``epochs`` >= 0 and
-    ``batch_size`` >= 1 (ints), ``eval_batch_size`` >= 1, ``tta_shift`` >= 0, a known device."""
-    whole_number(config.get("epochs"), "epochs", 0)
-    whole_number(config.get("batch_size"), "batch_size")
-    whole_number(config.get("eval_batch_size", 1000), "eval_batch_size")
-    tta_views(False, config.get("tta_shift", 0))
-    check_shift_weight(config.get("tta_shift_weight"))
-    resolve_device(config.get("device", "auto"))
-    if config.get("telemetry"):
-        whole_number(config["telemetry"], "telemetry")
-        if config.get("seeds"):
-            raise ValueError("--telemetry: expected one model, got an ensemble (seeds)")
+def _fresh(epoch: int = 0) -> dict:
+    """The progress of an epoch not yet begun: batches done, running sums, seconds."""
+    return {"epoch": epoch, "step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
 
 
 def _current_lr(opt_state) -> float | list | None:
@@ -112,264 +75,256 @@ def _current_lr(opt_state) -> float | list | None:
         return None
 
 
-def _loss_and_accuracy(result):
-    """``(loss, accuracy)`` of an EvalResult, or lists of them (one per ensemble member)."""
-    if isinstance(result, list):
-        return [r.loss for r in result], [r.accuracy for r in result]
-    return result.loss, result.accuracy
-
-
-def _diverged(opt_state, count: int) -> list[bool]:
+def _diverged(opt_state, count: int | None) -> list[bool]:
     """Which ensemble members are frozen because they diverged (``optim.vmapped``'s flags)."""
     if isinstance(opt_state, optim.VmappedState):
         return opt_state.diverged.tolist()
-    return [False] * count
+    return [False] * (count or 0)
 
 
-def fit(config: Mapping, *, net, opt, loss_fn: Callable, train, val=None, test=None,
+def _live_mean(value, diverged: list[bool] | None):
+    """A display number: the value, or its mean over the members that did not diverge (so loss,
+    accuracy and learning rate are averaged over the same members)."""
+    if not isinstance(value, list):
+        return value
+    kept = [v for v, bad in zip(value, diverged or [False] * len(value)) if not bad]
+    return member_mean(kept)
+
+
+def _lr_text(lr, diverged) -> str:
+    """``lr 1.00e-03``, or for an ensemble the range of the live members' rates."""
+    if isinstance(lr, list):
+        live = [v for v, bad in zip(lr, diverged or [False] * len(lr)) if not bad and v is not None]
+        if not live:
+            return "lr -"
+        lo, hi = min(live), max(live)
+        return f"lr {lo:.2e}" if lo == hi else f"lr {lo:.2e}..{hi:.2e}"
+    return "lr -" if lr is None else f"lr {lr:.2e}"
+
+
+def _epoch_line(row: dict, epochs: int, count: int | None) -> str:
+    """The line printed after each epoch."""
+    bad = row.get("diverged")
+    summary = " ".join(f"{k} {100 * _live_mean(row[f'{k}_accuracy'], bad):.2f}%"
+                       for k in ("train", "val", "test") if row[f"{k}_accuracy"] is not None)
+    if count is not None:
+        summary = f"(mean of {count - sum(bad)} of {count} members) {summary}"
+    return (f"epoch {row['epoch']}/{epochs}: loss {_live_mean(row['train_loss'], bad):.4f} "
+            f"{summary} {_lr_text(row['lr'], bad)} {row['seconds']:.1f}s")
+
+
+def _to_device(trees, device, channels_last: bool):
+    """``(params, state, opt_state)`` on ``device`` (params and optimizer state channels-last)."""
+    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    params, state, opt_state = (pytree.tree_map(move, t) for t in trees)
+    if channels_last:
+        params, opt_state = to_channels_last(params), to_channels_last(opt_state)
+    return params, state, opt_state
+
+
+def fit(settings: TrainSettings, *, net, opt, loss_fn: Callable, train, val=None, test=None,
         augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
         params=None, state=None, key: torch.Tensor | None = None, drop_last: bool = True,
-        run_dir: str | Path | None = None, resume: bool = False, max_epochs: int | None = None,
-        on_step: Callable[[int, int], None] | None = None, stream=None, quiet: bool = False,
-        resume_command: str | None = None, parallel=None,
-        hooks: FitHooks | None = None) -> FitResult:
-    """Train ``net`` on ``train`` for ``config["epochs"]`` epochs.
+        run: Run | None = None, max_epochs: int | None = None, on_step: Callable | None = None,
+        stream=None, quiet: bool = False, parallel=None, hooks: FitHooks | None = None) -> FitResult:
+    """Train ``net`` on ``train`` for ``settings.epochs`` epochs.
 
     Args:
-      config: ``epochs``, ``batch_size`` and, optionally, ``seed`` (0), ``device`` ("auto"),
-        ``bf16``, ``channels_last``, ``compile``, ``tta_flip``, ``tta_shift`` (0),
-        ``eval_batch_size`` (1000), ``name``, ``telemetry`` (every N steps, 0: off;
-        :mod:`experiments.train.telemetry`), and for an ensemble ``seeds`` (one per member) and
-        ``member_data_order`` (:mod:`experiments.train.members`). JSON-able: it is written to
-        the run folder.
+      settings: a typed config with the fields of :class:`~experiments.train.settings.TrainSettings`
+        (and ``seeds`` / ``member_data_order`` of an ensemble, :mod:`experiments.train.members`).
       net, opt, loss_fn: the ``Net``, the ``GradientTransformation`` and ``(logits, y) -> loss``.
-      train, val, test: splits with ``.images``, ``.labels`` and ``.classes``
-        (:class:`experiments.data.dataset.Dataset`); val and test are evaluated after each epoch.
+      train, val, test: :class:`~experiments.data.dataset.Dataset` splits; val and test are
+        evaluated after each epoch.
       augment: ``(key, x_batch) -> net input`` for training batches (normalisation included);
         None feeds ``prepare(x_batch)``, or ``x_batch`` itself when ``prepare`` is None too.
-      prepare: ``x_batch -> net input`` for evaluation batches (e.g. normalisation).
-      params, state: where to start; default ``net.init(run_keys(seed).init)``.
-      key: the training key; default ``run_keys(seed).train``.
+      prepare: ``x_batch -> net input`` for evaluation batches.
+      params, state, key: where to start; default ``net.init(run_keys(seed).init)`` and
+        ``run_keys(seed).train``.
       drop_last: drop each epoch's last partial batch (True) or train on it (False).
-      run_dir: the run folder (config.json, metrics.jsonl, plots, checkpoint after every epoch);
-        None trains in memory only.
-      resume: continue from ``run_dir``'s checkpoint.
+      run: the run folder (:mod:`experiments.train.lifecycle`): restored when it resumes, saved
+        after every epoch and on Ctrl-C. None trains in memory only.
       max_epochs: stop after that many completed epochs (status ``"stopped"``).
       on_step: ``on_step(epoch, step)`` before every step (a test hook).
       quiet: print nothing (the per-epoch lines and the final table go to ``stream`` otherwise).
-      parallel: a :class:`~experiments.train.distributed.DataParallel` (torchrun): this process
-        trains on its slice of every global batch of ``batch_size``, the gradients are averaged
-        over the processes, and only rank 0 writes or prints. None: one process.
-      hooks: a :class:`~experiments.train.hooks.FitHooks`: a wrapper of the step and the
-        training images of each epoch (the speedrun's lookahead and alternating flip).
+      parallel: a :class:`~experiments.train.distributed.DataParallel` (torchrun), or None.
+      hooks: a :class:`~experiments.train.hooks.FitHooks` (a step wrapper, each epoch's images).
 
     Returns a :class:`FitResult`; ``history`` has one row per epoch (``train_loss``,
     ``train_accuracy``, ``val_*``, ``test_*``, ``lr``, ``seconds``).
 
     Raises:
-      ValueError: a config it cannot run (:func:`check_loop_config`), too little data.
+      ValueError: too little data for one batch.
       NonFiniteLossError: a NaN or infinite training loss; the checkpoint on disk is the last good one.
     """
-    config = dict(config)
-    check_loop_config(config)
-    if parallel is not None:
-        parallel.check_fit(config, drop_last)
     writes = parallel is None or parallel.writes
     quiet = quiet or not writes
     stream = sys.stderr if stream is None else stream
-    say = (lambda text: None) if quiet else (lambda text: print(text, file=stream))
-    run_dir = None if run_dir is None else Path(run_dir)
-    if resume and run_dir is None:
-        raise ValueError("fit: expected a run_dir to resume from, got resume=True without one")
-    device = resolve_device(config.get("device", "auto")) if parallel is None else parallel.device
-    batch_size, epochs = config["batch_size"], config["epochs"]
-    channels_last, bf16 = bool(config.get("channels_last")), bool(config.get("bf16"))
-    n = len(train.labels)
+    device = resolve_device(settings.device) if parallel is None else parallel.device
+    if parallel is not None:
+        parallel.check_fit(settings, drop_last)
+    batch_size, epochs, n = settings.batch_size, settings.epochs, len(train.labels)
     steps_per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
     if steps_per_epoch < 1:
         raise ValueError(f"fit: expected at least one batch of {batch_size} examples (lower "
                          f"--batch-size), got {n} training examples")
-    members = Members(config, key)
-    train_key = members.train_key
-    ckpt_path = None if run_dir is None else run_dir / CHECKPOINT
-    out_dir = run_dir if writes else None   # where this process writes: rank 0 only
-    resume_command = resume_command or f"--resume {run_dir}"
-
+    members = Members(settings, key)
     if params is None:
         params, state = net.init(members.init_key)
     state = {} if state is None else state
-    opt_state = opt.init(params)
-    history: list[dict] = []
-    tel_every, tel_rows, tel_state = int(config.get("telemetry") or 0), [], None
-    progress = {"epoch": 0, "step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-    if resume:
-        tree, progress, _ = load_run(run_dir, like={"params": params, "state": state,
-                                                    "opt_state": opt_state, "key": train_key})
-        params, state, opt_state = tree["params"], tree["state"], tree["opt_state"]
-        if not torch.equal(tree["key"], train_key):
-            raise ValueError(f"fit: expected the checkpoint's key to derive from seed "
-                             f"{config.get('seed', 0)}, got a different key in {ckpt_path}")
-        history = read_history(run_dir / METRICS, progress["epoch"])
-        tel_rows = read_telemetry(run_dir / TELEMETRY, progress["epoch"] + 1, progress["step"])
-        if out_dir is not None:
-            write_config(run_dir, config)   # the caller may have changed epochs, device or data
-        say(f"resuming {run_dir} at epoch {progress['epoch'] + 1}, batch {progress['step']}")
-    elif out_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(run_dir, config)
-        write_history(run_dir / METRICS, history)
-        save_checkpoint(ckpt_path, params, state, opt_state, train_key, progress, config)
-
-    to_dev = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-    params, state, opt_state = (pytree.tree_map(to_dev, t) for t in (params, state, opt_state))
-    if channels_last:
-        params, opt_state = to_channels_last(params), to_channels_last(opt_state)
-    step = make_step(net, opt, loss_fn, bf16=bf16, channels_last=channels_last,
-                     compile=bool(config.get("compile")),
-                     reduce=None if parallel is None else parallel.reduce)
+    opt_state, history, progress = opt.init(params), [], _fresh()
+    telemetry = Telemetry.maybe(settings.telemetry, net, loss_fn, run)
+    if run is not None:
+        run.writes = writes
+        if run.resumed:
+            params, state, opt_state, progress, history = run.restore(
+                {"params": params, "state": state, "opt_state": opt_state, "key": members.train_key},
+                members.train_key)
+            if telemetry is not None:
+                telemetry.restore(progress)
+            if not quiet:
+                print(f"resuming {run.dir} at epoch {progress['epoch'] + 1}, batch {progress['step']}",
+                      file=stream)
+        else:
+            run.begin(params, state, opt_state, members.train_key)
+    params, state, opt_state = _to_device((params, state, opt_state), device, settings.channels_last)
+    step = make_step(net, opt, loss_fn, bf16=settings.bf16, channels_last=settings.channels_last,
+                     compile=settings.compile, reduce=None if parallel is None else parallel.reduce)
     hooks = FitHooks() if hooks is None else hooks
-    if hooks.wrap_step is not None:
-        step = hooks.wrap_step(step)
-    # The step's batch axis: this process's rows of the global batch (layers.parallel).
-    scope = contextlib.nullcontext if parallel is None else (lambda: parallel.scope(batch_size))
-    predict = make_eval(net, tta_flip=bool(config.get("tta_flip")),
-                        tta_shift=config.get("tta_shift", 0), bf16=bf16,
-                        channels_last=channels_last, shift_weight=config.get("tta_shift_weight"))
-    images, labels = train.images.to(device), train.labels.to(device)
-    eval_bs = int(config.get("eval_batch_size", 1000))
-
-    def save(p, s, o, prog):
-        if out_dir is not None:
-            save_checkpoint(ckpt_path, p, s, o, train_key, prog, config)
-
-    def net_input(k, xb):
-        if augment is not None:
-            return augment(k.to(device), xb)
-        return xb if prepare is None else prepare(xb)
-
-    status = "done"
-    epoch = progress["epoch"]
+    step = step if hooks.wrap_step is None else hooks.wrap_step(step)
+    predict = make_eval(net, tta_flip=settings.tta_flip, tta_shift=settings.tta_shift,
+                        bf16=settings.bf16, channels_last=settings.channels_last,
+                        shift_weight=settings.tta_shift_weight)
+    loop = _Loop(settings, members, step, predict, augment, prepare, device, parallel, telemetry,
+                 hooks, on_step, (train, val, test), steps_per_epoch, quiet, stream)
+    status, trees = "done", (params, state, opt_state)
     try:
-        while epoch < epochs:
-            if max_epochs is not None and epoch >= max_epochs:
+        while progress["epoch"] < epochs:
+            if max_epochs is not None and progress["epoch"] >= max_epochs:
                 status = "stopped"
                 break
-            order = members.order(epoch, n, device)
-            epoch_images = images if hooks.epoch_images is None else hooks.epoch_images(epoch, images)
-            bar = ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", stream=stream,
-                              enabled=False if quiet else None)
-            t0 = time.perf_counter() - progress["seconds"]
-            s = first_step = progress["step"]
-            while s < steps_per_epoch:
-                if on_step is not None:
-                    on_step(epoch, s)
-                idx = order[..., s * batch_size:(s + 1) * batch_size]
-                size = idx.shape[-1]
-                if parallel is not None:
-                    idx = parallel.local(idx)
-                sk = members.step_keys(epoch, s)
-                lr_now = _current_lr(opt_state)
-                watch = tel_every and (epoch * steps_per_epoch + s) % tel_every == 0
-                with scope():
-                    x = members.inputs(net_input, epoch_images, idx, sk.augment, random=augment is not None)
-                    if watch:
-                        stats = layer_stats(net, params, state, x, labels[idx], loss_fn,
-                                            sk.dropout.to(device))
-                    new_params, new_state, new_opt_state, metrics = step(
-                        params, state, opt_state, (x, labels[idx]), sk.dropout.to(device))
-                if watch:
-                    tel_rows.append({"epoch": epoch + 1, "step": s, "layers": update_stats(
-                        stats, params, new_params, tel_state, new_state)})
-                    tel_state = new_state
-                loss = members.values(metrics["loss"])
-                if members.all_diverged(loss) or (members.count is not None
-                                                  and all(_diverged(new_opt_state, members.count))):
-                    where = (f"; stopped without saving, so {ckpt_path} still holds the last good "
-                             "checkpoint" if ckpt_path is not None else "")
-                    raise NonFiniteLossError(
-                        f"fit: expected a finite training loss, got {loss} at epoch {epoch + 1}, "
-                        f"batch {s}{where}. Lower the learning rate or check the data.")
-                s += 1
-                nxt = {"epoch": epoch, "step": s,
-                       "loss_sum": members.add(progress["loss_sum"], loss, size),
-                       "correct": members.add(progress["correct"], members.values(metrics["correct"]), 1),
-                       "seen": progress["seen"] + size,
-                       "seconds": time.perf_counter() - t0, "lr": lr_now}
-                # One assignment, so a Ctrl-C never sees new parameters with old progress.
-                params, state, opt_state, progress = new_params, new_state, new_opt_state, nxt
-                if parallel is not None:
-                    parallel.after_step(params, opt_state, epoch, s)
-                if not quiet:
-                    bar.update(s, (s - first_step) * batch_size,
-                               loss=member_mean(members.ratio(progress["loss_sum"], progress["seen"])),
-                               acc=member_mean(members.ratio(progress["correct"], progress["seen"])))
-            if parallel is not None:
-                state = parallel.epoch_end(params, state, opt_state, epoch)
-            row = {"epoch": epoch + 1, "train_loss": members.ratio(progress["loss_sum"], progress["seen"]),
-                   "train_accuracy": members.ratio(progress["correct"], progress["seen"]),
-                   "val_loss": None, "val_accuracy": None, "test_loss": None, "test_accuracy": None,
-                   "lr": progress.get("lr"),
-                   "train_seconds": time.perf_counter() - t0}
-            results = {}
-            for split, data in (("val", val), ("test", test)):
-                if data is not None and len(data.labels) and writes:
-                    results[split] = evaluate(predict, params, state, data, device=device,
-                                              batch_size=eval_bs, prepare=prepare)
-                    row[f"{split}_loss"], row[f"{split}_accuracy"] = _loss_and_accuracy(results[split])
-            if members.count is not None:
-                row["diverged"] = _diverged(opt_state, members.count)
-            row["seconds"] = time.perf_counter() - t0
+            trees, progress, row, results = loop.epoch(trees, progress)
             history.append(row)
-            epoch += 1
-            progress = {"epoch": epoch, "step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0,
-                        "seconds": 0.0}
-            if out_dir is not None:
-                # History first, then the checkpoint: a resume drops rows past the checkpoint's epoch.
-                write_history(run_dir / METRICS, history)
-                if tel_every:
-                    write_telemetry(run_dir / TELEMETRY, tel_rows)
-                save(params, state, opt_state, progress)
-                _plot(run_dir, history, results, train.classes, epoch, str(config.get("name", "")))
-            summary = " ".join(f"{k} {100 * member_mean(row[f'{k}_accuracy']):.2f}%"
-                               for k in ("train", "val", "test") if row[f"{k}_accuracy"] is not None)
-            if members.count is not None:
-                summary = (f"(mean of {members.count - sum(row['diverged'])} of {members.count} "
-                           f"members) {summary}")
-            line = (f"epoch {epoch}/{epochs}: loss {member_mean(row['train_loss']):.4f} {summary} "
-                    f"lr {member_mean(row['lr']) or float('nan'):.2e} {row['seconds']:.1f}s")
-            if not quiet:
-                bar.close(line)
+            progress = _fresh(progress["epoch"] + 1)
+            if run is not None:
+                if telemetry is not None:
+                    telemetry.write()
+                run.end_epoch(history, *trees, members.train_key, progress, results, train.classes)
+            loop.close_bar(_epoch_line(row, epochs, members.count))
     except KeyboardInterrupt:
-        if ckpt_path is None:
+        if run is None:
             raise
-        # A rank of a data-parallel run saves nothing but rank 0, whose parameters are every
-        # rank's up to the last completed step (its running statistics are its own).
-        save(params, state, opt_state, progress)
-        say(f"\ninterrupted: checkpoint saved at epoch {progress['epoch'] + 1}, batch "
-            f"{progress['step']} in {ckpt_path}.\nresume with: {resume_command}")
-        if tel_every and out_dir is not None:
-            write_telemetry(run_dir / TELEMETRY, tel_rows)
-        return FitResult("interrupted", params, state, opt_state, history, run_dir, tel_rows)
-    if status == "done" and run_dir is not None:
-        say(history_table(history))
-    return FitResult(status, params, state, opt_state, history, run_dir, tel_rows)
+        # A rank of a data-parallel run saves nothing (rank 0's parameters are every rank's).
+        run.save(*loop.trees, members.train_key, loop.progress)
+        if telemetry is not None:
+            telemetry.write()
+        return FitResult("interrupted", *loop.trees, history, run, loop.telemetry_rows)
+    if status == "done" and run is not None and not quiet:
+        print(history_table(history), file=stream)
+    return FitResult(status, *trees, history, run, loop.telemetry_rows)
 
 
-def _plot(run_dir: Path, history: list[dict], results: dict, classes, epoch: int, title: str) -> None:
-    """Curves of the history so far and the confusion matrix of the last evaluated split."""
-    from ..report.plots import plot_confusion, plot_curves
+class _Loop:
+    """One epoch of :func:`fit`: the steps, then the evaluation; ``trees`` and ``progress`` are
+    always a consistent pair (what a Ctrl-C saves)."""
 
-    if any(isinstance(row.get("train_loss"), list) for row in history):   # an ensemble: means
-        history = [{k: member_mean(v) if isinstance(v, list) else v for k, v in row.items()}
-                   for row in history]
-        plot_curves(history, run_dir, title=f"{title} (mean over the members)")
-        return
-    plot_curves(history, run_dir, title=title)
-    which = "test" if "test" in results else ("val" if "val" in results else None)
-    if which is not None:
-        plot_confusion(results[which].confusion, classes, run_dir / "confusion.png",
-                       title=f"{which}, epoch {epoch}")
+    def __init__(self, settings, members, step, predict, augment, prepare, device, parallel,
+                 telemetry, hooks, on_step, splits, steps_per_epoch, quiet, stream):
+        self.s, self.members, self.step, self.predict = settings, members, step, predict
+        self.augment, self.prepare, self.device, self.parallel = augment, prepare, device, parallel
+        self.telemetry, self.hooks, self.on_step, self.quiet, self.stream = telemetry, hooks, on_step, quiet, stream
+        train, self.val, self.test = splits
+        self.images, self.labels = train.images.to(device), train.labels.to(device)
+        self.steps_per_epoch, self.bar, self.trees, self.progress = steps_per_epoch, None, None, None
+        # The step's batch axis: this process's rows of the global batch (layers.parallel).
+        self.scope = (contextlib.nullcontext if parallel is None
+                      else (lambda: parallel.scope(settings.batch_size)))
+
+    @property
+    def telemetry_rows(self) -> list:
+        return [] if self.telemetry is None else self.telemetry.rows
+
+    def net_input(self, k, xb):
+        if self.augment is not None:
+            return self.augment(k.to(self.device), xb)
+        return xb if self.prepare is None else self.prepare(xb)
+
+    def epoch(self, trees, progress):
+        """Train the rest of epoch ``progress["epoch"]`` and evaluate: ``(trees, progress, row, results)``."""
+        m, bs, epoch = self.members, self.s.batch_size, progress["epoch"]
+        self.trees, self.progress = trees, progress
+        order = m.order(epoch, len(self.labels), self.device)
+        images = self.images if self.hooks.epoch_images is None else self.hooks.epoch_images(epoch, self.images)
+        self.bar = ProgressBar(self.steps_per_epoch, f"epoch {epoch + 1}/{self.s.epochs}",
+                               stream=self.stream, enabled=False if self.quiet else None)
+        t0 = time.perf_counter() - progress["seconds"]
+        first = progress["step"]
+        for s in range(first, self.steps_per_epoch):
+            if self.on_step is not None:
+                self.on_step(epoch, s)
+            idx = order[..., s * bs:(s + 1) * bs]
+            size = idx.shape[-1]
+            idx = idx if self.parallel is None else self.parallel.local(idx)
+            sk = m.step_keys(epoch, s)
+            lr_now = _current_lr(self.trees[2])
+            watch = self.telemetry is not None and self.telemetry.due(epoch * self.steps_per_epoch + s)
+            with self.scope():
+                x = m.inputs(self.net_input, images, idx, sk.augment, random=self.augment is not None)
+                if watch:
+                    self.telemetry.before(*self.trees[:2], x, self.labels[idx], sk.dropout.to(self.device))
+                new = self.step(*self.trees, (x, self.labels[idx]), sk.dropout.to(self.device))
+            if watch:
+                self.telemetry.after(epoch, s, self.trees[0], new[0], new[1])
+            loss = m.values(new[3]["loss"])
+            if m.all_diverged(loss) or (m.count is not None and all(_diverged(new[2], m.count))):
+                raise NonFiniteLossError(
+                    f"fit: expected a finite training loss, got {loss} at epoch {epoch + 1}, "
+                    f"batch {s}; stopped without saving, so the last checkpoint is the last good "
+                    "one. Lower the learning rate or check the data.")
+            nxt = {"epoch": epoch, "step": s + 1,
+                   "loss_sum": m.add(self.progress["loss_sum"], loss, size),
+                   "correct": m.add(self.progress["correct"], m.values(new[3]["correct"]), 1),
+                   "seen": self.progress["seen"] + size,
+                   "seconds": time.perf_counter() - t0, "lr": lr_now}
+            # One assignment, so a Ctrl-C never sees new parameters with old progress.
+            self.trees, self.progress = new[:3], nxt
+            if self.parallel is not None:
+                self.parallel.after_step(self.trees[0], self.trees[2], epoch, s + 1)
+            if not self.quiet:
+                self.bar.update(s + 1, (s + 1 - first) * bs,
+                                loss=member_mean(m.ratio(nxt["loss_sum"], nxt["seen"])),
+                                acc=member_mean(m.ratio(nxt["correct"], nxt["seen"])))
+        params, state, opt_state = self.trees
+        if self.parallel is not None:
+            state = self.parallel.epoch_end(params, state, opt_state, epoch)
+            self.trees = (params, state, opt_state)
+        row, results = self.evaluate(epoch, t0)
+        return self.trees, self.progress, row, results
+
+    def evaluate(self, epoch: int, t0: float):
+        """The epoch's history row and the evaluation results of val and test."""
+        m, p = self.members, self.progress
+        row = {"epoch": epoch + 1, "train_loss": m.ratio(p["loss_sum"], p["seen"]),
+               "train_accuracy": m.ratio(p["correct"], p["seen"]),
+               "val_loss": None, "val_accuracy": None, "test_loss": None, "test_accuracy": None,
+               "lr": p.get("lr"), "train_seconds": time.perf_counter() - t0}
+        results = {}
+        for split, data in (("val", self.val), ("test", self.test)):
+            if data is not None and len(data.labels) and (self.parallel is None or self.parallel.writes):
+                results[split] = evaluate(self.predict, *self.trees[:2], data, device=self.device,
+                                          batch_size=self.s.eval_batch_size, prepare=self.prepare)
+                r = results[split]
+                row[f"{split}_loss"], row[f"{split}_accuracy"] = (
+                    ([x.loss for x in r], [x.accuracy for x in r]) if isinstance(r, list)
+                    else (r.loss, r.accuracy))
+        if m.count is not None:
+            row["diverged"] = _diverged(self.trees[2], m.count)
+        row["seconds"] = time.perf_counter() - t0
+        return row, results
+
+    def close_bar(self, line: str) -> None:
+        if not self.quiet:
+            self.bar.close(line)
 
 
 def fit_tensors(net, opt, x: torch.Tensor, y: torch.Tensor, *, params, state=None, epochs: int,
@@ -388,8 +343,8 @@ def fit_tensors(net, opt, x: torch.Tensor, y: torch.Tensor, *, params, state=Non
     if n == 0 or len(x) != n:
         raise ValueError(f"fit_tensors: expected as many inputs as labels (at least one), got "
                          f"{len(x)} inputs and {n} labels")
-    config = {"epochs": epochs, "batch_size": batch_size, "device": str(x.device)}
-    return fit(config, net=net, opt=opt, loss_fn=loss_fn or layers.cross_entropy,
+    settings = TrainSettings(epochs=epochs, batch_size=batch_size, device=str(x.device))
+    return fit(settings, net=net, opt=opt, loss_fn=loss_fn or layers.cross_entropy,
                train=Dataset(x, y, ()), augment=augment, params=params, state=state, key=key,
                drop_last=False, quiet=log is None, stream=None if log is None else LineWriter(log))
 

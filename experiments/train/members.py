@@ -11,7 +11,7 @@ method below then does what the loop did before ensembles existed, call for call
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 
@@ -23,11 +23,12 @@ __all__ = ["Members"]
 class Members:
     """The draws and sums of one model (``count is None``) or of ``count`` members."""
 
-    def __init__(self, config: Mapping, train_key: torch.Tensor | None = None):
-        seeds = config.get("seeds")
+    def __init__(self, settings, train_key: torch.Tensor | None = None):
+        # One model's settings have no ``seeds`` (TrainSettings); an ensemble's have them.
+        seeds = getattr(settings, "seeds", None)
         self.count = len(seeds) if seeds else None
         if self.count is None:
-            self.keys = K.run_keys(int(config.get("seed", 0)))
+            self.keys = K.run_keys(settings.seed)
             self.init_key = self.keys.init
             self.train_key = self.keys.train if train_key is None else train_key
         else:
@@ -35,7 +36,7 @@ class Members:
             self.init_key = torch.stack([k.init for k in self.keys])
             self.train_key = (torch.stack([k.train for k in self.keys]) if train_key is None
                               else train_key)
-        self.own_order = bool(config.get("member_data_order"))
+        self.own_order = bool(getattr(settings, "member_data_order", False))
 
     def _member_keys(self) -> list[torch.Tensor]:
         return list(self.train_key)
@@ -89,11 +90,3 @@ class Members:
     def all_diverged(loss) -> bool:
         """True when no member has a finite loss (one model: its loss is not finite)."""
         return not any(math.isfinite(v) for v in (loss if isinstance(loss, list) else [loss]))
-
-
-def member_mean(value):
-    """A display number: the value, or the mean over the members whose value is finite."""
-    if not isinstance(value, list):
-        return value
-    finite = [v for v in value if v is not None and math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else float("nan")

@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
 from torch.utils import _pytree as pytree
 
 import nets
 from nets.checkpoint import CheckpointError, atomic_write
+
+from ..common.files import read_jsonl, write_jsonl
 from trees.paths import leaves_with_paths
 
 __all__ = ["CHECKPOINT", "CONFIG", "METRICS", "NonFiniteCheckpointError", "save_checkpoint",
@@ -62,6 +65,22 @@ def save_checkpoint(path: Path, params, state, opt_state, train_key, progress: d
     tree = pytree.tree_map(lambda t: t.detach().contiguous().cpu() if isinstance(t, torch.Tensor) else t,
                            tree)
     nets.save(path, tree, {"progress": json.dumps(progress), "config": json.dumps(config)})
+
+
+def read_checkpoint_meta(path: str | Path) -> tuple[dict, dict]:
+    """``(progress, config)`` stored in a run's checkpoint, read from its header only (the tensors
+    are not loaded); CheckpointError (one line) when the header cannot be read."""
+    path = checkpoint_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        meta = json.loads(header.get("metadata", "{}")) or {}
+        return json.loads(meta.get("progress", "{}")), json.loads(meta.get("config", "{}"))
+    except (OSError, json.JSONDecodeError, AttributeError, Exception) as err:   # safetensors raises its own
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: expected a purenn checkpoint, got a file whose header "
+                              f"cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
 def load_run(run: str | Path, like=None, device: torch.device | str = "cpu"):
@@ -108,13 +127,12 @@ def read_history(path: Path, upto_epoch: int) -> list[dict]:
     """The rows of ``metrics.jsonl`` up to and including epoch ``upto_epoch``."""
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["epoch"] <= upto_epoch]
+    return [r for r in read_jsonl(path) if r["epoch"] <= upto_epoch]
 
 
 def write_history(path: Path, rows: list[dict]) -> None:
-    """``rows`` as JSON lines (atomically)."""
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+    """``rows`` as strict JSON lines (atomically; a diverged member's NaN is null)."""
+    write_jsonl(path, rows)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ Rows go to ``runs/<name>/telemetry.jsonl``, written with the history after every
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -29,9 +28,10 @@ import torch
 
 import nets
 
-from nets.checkpoint import atomic_write
+from ..common.files import read_jsonl, write_jsonl
 
-__all__ = ["TELEMETRY", "OPS", "DEFAULT_EVERY", "watched", "layer_stats", "update_stats", "read_telemetry", "write_telemetry"]
+__all__ = ["TELEMETRY", "OPS", "DEFAULT_EVERY", "Telemetry", "watched", "layer_stats",
+           "update_stats", "read_telemetry", "write_telemetry"]
 
 TELEMETRY = "telemetry.jsonl"
 #: The layer kinds telemetry watches.
@@ -94,10 +94,46 @@ def read_telemetry(path: Path, upto_epoch: int, upto_step: int) -> list[dict]:
     """The rows of ``telemetry.jsonl`` before (epoch, step) = the checkpoint's progress."""
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if (r["epoch"], r["step"]) < (upto_epoch, upto_step)]
+    return [r for r in read_jsonl(path) if (r["epoch"], r["step"]) < (upto_epoch, upto_step)]
 
 
 def write_telemetry(path: Path, rows: list[dict]) -> None:
-    """All rows as JSON lines (atomically, as the history)."""
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+    """All rows as strict JSON lines (atomically, as the history)."""
+    write_jsonl(path, rows)
+
+
+class Telemetry:
+    """The observer :func:`~experiments.train.loop.fit` calls around a watched step: statistics
+    of the step's batch before it, update ratios and running-statistics drift after it; the rows
+    are written beside the run's history (``run.dir / TELEMETRY``)."""
+
+    def __init__(self, every: int, net, loss_fn: Callable, run=None):
+        self.every, self.net, self.loss_fn, self.run = every, net, loss_fn, run
+        self.rows: list[dict] = []
+        self.state_then = None   # the running statistics at the previous watched step
+        self._stats = None
+
+    @classmethod
+    def maybe(cls, every: int, net, loss_fn: Callable, run=None) -> "Telemetry | None":
+        """A Telemetry every ``every`` steps, or None when ``every`` is 0."""
+        return cls(every, net, loss_fn, run) if every else None
+
+    def restore(self, progress: Mapping) -> None:
+        """The rows written before the checkpoint's (epoch, step)."""
+        if self.run is not None:
+            self.rows = read_telemetry(self.run.dir / TELEMETRY, progress["epoch"] + 1, progress["step"])
+
+    def due(self, global_step: int) -> bool:
+        return global_step % self.every == 0
+
+    def before(self, params, state, x, y, key) -> None:
+        self._stats = layer_stats(self.net, params, state, x, y, self.loss_fn, key)
+
+    def after(self, epoch: int, step: int, params_before, params_after, state_after) -> None:
+        self.rows.append({"epoch": epoch + 1, "step": step, "layers": update_stats(
+            self._stats, params_before, params_after, self.state_then, state_after)})
+        self.state_then = state_after
+
+    def write(self) -> None:
+        if self.run is not None and self.run.writes:
+            write_telemetry(self.run.dir / TELEMETRY, self.rows)

@@ -38,7 +38,7 @@ from nets.compose import Flatten, Linear, ReLU, as_net, serial
 from ..data import caltech256 as cd
 from ..data.cifar10 import cache_dir
 from ..train import fit_tensors, score_net
-from ..train.progress import ProgressBar
+from ..common.progress import ProgressBar
 from ..report.plots import save_figure
 from ..train.runs import write_json
 from . import feature_cache as fc

@@ -48,7 +48,7 @@ import nets
 from nets.checkpoint import atomic_write
 from nets.compose import Net
 
-from ..train.progress import ProgressBar
+from ..common.progress import ProgressBar
 
 
 __all__ = [

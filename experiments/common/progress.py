@@ -65,6 +65,14 @@ class ProgressBar:
         self.stream.flush()
 
 
+def member_mean(value):
+    """A display number: the value, or the mean over the members whose value is finite."""
+    if not isinstance(value, list):
+        return value
+    finite = [v for v in value if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
 def history_table(history: list[dict]) -> str:
     """The per-epoch rows of a run as a fixed-width text table (missing values as ``-``)."""
     def pct(v):
@@ -72,8 +80,6 @@ def history_table(history: list[dict]) -> str:
 
     def num(v):
         return f"{v:6.4f}" if v is not None else "     -"
-
-    from .members import member_mean
 
     history = [{k: member_mean(v) if isinstance(v, list) and k != "diverged" else v
                 for k, v in h.items()} for h in history]
