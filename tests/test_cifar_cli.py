@@ -102,15 +102,17 @@ def test_negative_pixel_counts_are_refused_before_anything_runs(flag, tmp_path, 
 
 def test_augmentation_flags_override_the_recipe():
     parser = cli.build_parser("cifar_model_c", "C")
-    report = cli.resolve_config("cifar_model_c", parser.parse_args(["--recipe", "report"]))
+    def config(argv):
+        return cli.requested_config("cifar_model_c", parser.parse_args(argv))[0]
+
+    report = config(["--recipe", "report"])
     # the report names random flipping (and normalisation) as its only transforms
-    assert (report["flip"], report["crop"], report["tta_flip"]) == (True, 0, False)
-    plain = cli.resolve_config("cifar_model_c", parser.parse_args(
-        ["--recipe", "report", "--no-flip"]))
-    assert (plain["flip"], plain["crop"]) == (False, 0)
-    fast = cli.resolve_config("cifar_model_c", parser.parse_args(["--crop", "2", "--no-flip"]))
-    assert (fast["flip"], fast["crop"]) == (False, 2)
-    assert cli.resolve_config("cifar_model_c", parser.parse_args([]))["crop"] == 4
+    assert (report.flip, report.crop, report.tta_flip) == (True, 0, False)
+    plain = config(["--recipe", "report", "--no-flip"])
+    assert (plain.flip, plain.crop) == (False, 0)
+    fast = config(["--crop", "2", "--no-flip"])
+    assert (fast.flip, fast.crop) == (False, 2)
+    assert config([]).crop == 4
 
 
 def test_missing_data_stops_with_one_message_naming_the_place(tmp_path, monkeypatch, capsys):
@@ -154,8 +156,8 @@ def test_benchmark_reports_images_per_second_for_every_speed_option():
     args = cli.build_parser("cifar_model_a", "A").parse_args(
         ["--benchmark", "1", "--batch-size", "8", "--device", "cpu"])
     err = io.StringIO()
-    rates = benchmark(cli.resolve_config("cifar_model_a", args), args.benchmark,
-                                   rounds=1, stream=err)
+    rates = benchmark(cli.requested_config("cifar_model_a", args)[0], args.benchmark,
+                      rounds=1, stream=err)
     assert set(rates) == {"fp32", "channels_last", "bf16", "bf16+channels_last"}
     assert all(r > 0 for r in rates.values())
     assert "median img/s over 1 rounds of 1 steps, batch 8" in err.getvalue()

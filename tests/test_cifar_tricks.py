@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import layers
 import nets
 from experiments.cifar import cli
+from experiments.cifar.config import CifarConfig
 from experiments.cifar.recipes import FIRST_CONV, build_net, whitening_images
 from experiments.train.hooks import FitHooks
 from experiments.train.lookahead import LookaheadState, with_lookahead
@@ -81,7 +82,7 @@ def test_whitened_init_changes_only_the_first_conv_and_follows_the_key():
 def test_recipe_builds_the_whitened_net_from_the_training_images_only_when_asked():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (40, 3, 32, 32), generator=g, dtype=torch.uint8)
-    cfg = {"model": "cifar_model_b", "whiten_init": True, "whiten_images": 10, "whiten_eps": 5e-4}
+    cfg = CifarConfig(model="cifar_model_b", whiten_init=True, whiten_images=10, whiten_eps=5e-4)
     chosen = whitening_images(images, 10)
     assert chosen.shape == (10, 3, 32, 32) and chosen.dtype == torch.float32
     expected = whitened_weight(nets.model_b().init(jr.key(0))[0][FIRST_CONV],
@@ -90,7 +91,7 @@ def test_recipe_builds_the_whitened_net_from_the_training_images_only_when_asked
     plain = nets.model_b().init(jr.key(0))[0][FIRST_CONV]
     # no images (a resumed run: the weights come from its checkpoint), or the option off
     assert torch.equal(build_net(cfg, 10, None).init(jr.key(0))[0][FIRST_CONV], plain)
-    assert torch.equal(build_net({**cfg, "whiten_init": False}, 10, images).init(jr.key(0))[0][FIRST_CONV],
+    assert torch.equal(build_net(cfg.replace(whiten_init=False), 10, images).init(jr.key(0))[0][FIRST_CONV],
                        plain)
 
 
@@ -176,8 +177,8 @@ def test_tricks_through_the_command_line_record_their_values_and_resume_bit_iden
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--bn-momentum", "1.5"], "--bn-momentum: expected a number in [0, 1], got 1.5"),
-    (["--bn-eps", "0"], "--bn-eps: expected a number in (0, inf], got 0.0"),
+    (["--bn-momentum", "1.5"], "--bn-momentum: expected a finite number in [0, 1], got 1.5"),
+    (["--bn-eps", "0"], "--bn-eps: expected a finite number in (0, inf), got 0.0"),
     (["--lookahead-every", "0"], "--lookahead-every: expected a whole number >= 1, got 0"),
 ])
 def test_bad_trick_values_are_one_line_and_exit_2_before_any_folder(flags, needle, tmp_path, capsys):

@@ -12,6 +12,8 @@ from torch.utils import _pytree as pytree
 import layers
 import optim
 from experiments import train as trainer
+from experiments.cifar.config import CifarConfig
+from experiments.report.plots import plot_run
 from experiments.data.augment import augment_batch, normalize
 from experiments.data.dataset import Dataset
 from layers import random as jr
@@ -226,22 +228,28 @@ def test_compiled_step_matches_eager_fp32_and_compiles_once_under_a_schedule():
 # The epoch loop
 
 
-CFG = dict(seed=3, epochs=2, batch_size=12, device="cpu", bf16=False, channels_last=False,
-           crop=2, flip=True, tta_flip=True, eval_batch_size=16, model="cifar_model_b", name="t")
+CFG = CifarConfig(seed=3, epochs=2, batch_size=12, device="cpu", bf16=False, channels_last=False,
+                  crop=2, flip=True, tta_flip=True, eval_batch_size=16, model="cifar_model_b",
+                  name="t")
 
 
-def _fit(run_dir, cfg=CFG, lr=0.05, loss_fn=layers.cross_entropy, **kw):
+def _fit(run_dir, cfg=CFG, lr=0.05, loss_fn=layers.cross_entropy, resume=False, guarded=False, **kw):
     train, test = tiny_data(0), tiny_data(1, n=20)
-    steps = len(train.labels) // cfg["batch_size"]
-    opt = optim.sgd(optim.one_cycle_schedule(lr, cfg["epochs"] * steps), momentum=0.9,
+    steps = len(train.labels) // cfg.batch_size
+    opt = optim.sgd(optim.one_cycle_schedule(lr, cfg.epochs * steps), momentum=0.9,
                     nesterov=True, weight_decay=5e-4,
                     weight_decay_mask=optim.decay_mask_no_bias_or_norm)
     stream = io.StringIO()
-    augment = partial(augment_batch, crop=cfg["crop"], flip=cfg["flip"])
-    res = trainer.fit(cfg, net=tiny_net(), opt=opt, loss_fn=loss_fn, train=train, val=test,
-                      test=test, augment=augment, prepare=normalize, run_dir=run_dir,
-                      stream=stream, **kw)
-    return res, stream.getvalue()
+    augment = partial(augment_batch, crop=cfg.crop, flip=cfg.flip)
+    run = trainer.open_run(run_dir, cfg, command="python -m tests.fit", resume=resume)
+    run.after_epoch.append(plot_run)
+    train_it = lambda: trainer.fit(cfg, net=tiny_net(), opt=opt, loss_fn=loss_fn, train=train,  # noqa: E731
+                                   val=test, test=test, augment=augment, prepare=normalize,
+                                   run=run, stream=stream, **kw)
+    if guarded:
+        res, code = run.guarded(train_it, stream=stream)
+        return (res, code), stream.getvalue()
+    return train_it(), stream.getvalue()
 
 
 def test_fit_writes_every_output_file_and_one_metrics_line_per_epoch(tmp_path):
@@ -259,13 +267,13 @@ def test_fit_writes_every_output_file_and_one_metrics_line_per_epoch(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["seed"] == 3
     assert "train_loss" in log and "epoch 2/2" in log  # final table and per-epoch lines
     tree, progress, cfg = trainer.load_run(tmp_path / "run")
-    assert progress["epoch"] == 2 and progress["step"] == 0 and cfg == CFG
+    assert progress["epoch"] == 2 and progress["step"] == 0 and cfg == CFG.to_json()
     assert _equal_trees(tree["params"], res.params)
 
 
 @pytest.mark.parametrize("speed", [{}, {"bf16": True, "channels_last": True}], ids=["fp32", "bf16_cl"])
 def test_resume_after_max_epochs_is_bit_identical_to_an_uninterrupted_run(tmp_path, speed):
-    cfg = {**CFG, **speed}
+    cfg = CFG.replace(**speed)
     full, _ = _fit(tmp_path / "full", cfg)
     stopped, _ = _fit(tmp_path / "part", cfg, max_epochs=1)
     assert stopped.status == "stopped"
@@ -285,10 +293,10 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_resume_is_bit_identical(tmp_pat
         if (epoch, step) == (1, 2):
             raise KeyboardInterrupt
 
-    cut, log = _fit(tmp_path / "cut", on_step=interrupt)
-    assert cut.status == "interrupted"
-    # the loop knows no command: the caller names it (resume_command), else the run folder
-    assert f"resume with: --resume {tmp_path / 'cut'}" in log
+    (cut, code), log = _fit(tmp_path / "cut", on_step=interrupt, guarded=True)
+    assert cut.status == "interrupted" and code == 130
+    # the lifecycle names the command that continues the run
+    assert f"resume with: python -m tests.fit --resume {tmp_path / 'cut'}" in log
     _, progress, _ = trainer.load_run(tmp_path / "cut")
     assert (progress["epoch"], progress["step"]) == (1, 2)
     resumed, _ = _fit(tmp_path / "cut", resume=True)
@@ -311,7 +319,7 @@ def test_huge_learning_rate_trips_the_guard_and_leaves_the_initial_checkpoint(tm
     with pytest.raises(trainer.NonFiniteLossError, match="last good checkpoint"):
         _fit(tmp_path / "run", lr=1e30)
     tree, progress, _ = trainer.load_run(tmp_path / "run")
-    params, _ = tiny_net().init(trainer.run_keys(CFG["seed"]).init)
+    params, _ = tiny_net().init(trainer.run_keys(CFG.seed).init)
     assert progress["epoch"] == 0 and _equal_trees(tree["params"], params)
     assert all(torch.isfinite(v).all() for v in tree["params"].values())
 

@@ -1,5 +1,6 @@
 """Telemetry while training: per-layer statistics every N steps, computed apart from the step
 (a run with telemetry trains exactly the parameters of one without), kept across a resume."""
+import dataclasses
 import io
 import json
 from functools import partial
@@ -11,6 +12,7 @@ from torch.utils import _pytree as pytree
 import layers
 import optim
 from experiments import train as trainer
+from experiments.train.settings import EnsembleSettings, TrainSettings
 from experiments.data.augment import augment_batch, normalize
 from experiments.data.dataset import Dataset
 from experiments.train.telemetry import layer_stats, watched
@@ -29,12 +31,13 @@ def tiny_data(seed, n=36):
                    torch.arange(n) % 3, ("a", "b", "c"))
 
 
-def _fit(run_dir=None, **cfg):
-    config = dict(dict(seed=1, epochs=2, batch_size=12, device="cpu", name="t"), **cfg)
+def _fit(run_dir=None, resume=False, max_epochs=None, **cfg):
+    config = TrainSettings(**dict(dict(seed=1, epochs=2, batch_size=12, device="cpu", name="t"), **cfg))
+    run = None if run_dir is None else trainer.open_run(run_dir, config, command="t", resume=resume)
     return trainer.fit(config, net=tiny_net(), opt=optim.sgd(0.05, momentum=0.9),
                        loss_fn=layers.cross_entropy, train=tiny_data(0), test=tiny_data(1, n=12),
-                       augment=partial(augment_batch, crop=2), prepare=normalize, run_dir=run_dir,
-                       stream=io.StringIO())
+                       augment=partial(augment_batch, crop=2), prepare=normalize, run=run,
+                       stream=io.StringIO(), max_epochs=max_epochs)
 
 
 def test_telemetry_observes_without_changing_the_training():
@@ -68,23 +71,20 @@ def test_layer_stats_equal_autograd_through_the_net():
 
 def test_telemetry_rows_survive_a_resume_and_land_in_the_run_folder(tmp_path):
     full = _fit(tmp_path / "full", telemetry=2)
-    part = trainer.fit(dict(seed=1, epochs=2, batch_size=12, device="cpu", name="t", telemetry=2),
-                       net=tiny_net(), opt=optim.sgd(0.05, momentum=0.9), loss_fn=layers.cross_entropy,
-                       train=tiny_data(0), test=tiny_data(1, n=12), augment=partial(augment_batch, crop=2),
-                       prepare=normalize, run_dir=tmp_path / "part", max_epochs=1, stream=io.StringIO())
+    part = _fit(tmp_path / "part", max_epochs=1, telemetry=2)
     assert part.status == "stopped"
-    resumed = trainer.fit(dict(seed=1, epochs=2, batch_size=12, device="cpu", name="t", telemetry=2),
-                          net=tiny_net(), opt=optim.sgd(0.05, momentum=0.9),
-                          loss_fn=layers.cross_entropy, train=tiny_data(0), test=tiny_data(1, n=12),
-                          augment=partial(augment_batch, crop=2), prepare=normalize,
-                          run_dir=tmp_path / "part", resume=True, stream=io.StringIO())
+    resumed = _fit(tmp_path / "part", resume=True, telemetry=2)
     rows = [json.loads(x) for x in (tmp_path / "part" / "telemetry.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in rows] == [(r["epoch"], r["step"]) for r in full.telemetry]
     assert len(resumed.telemetry) == 3
 
 
 def test_telemetry_is_refused_for_an_ensemble_and_a_bad_interval():
+    @dataclasses.dataclass(frozen=True)
+    class Ensemble(EnsembleSettings, TrainSettings):
+        pass
+
     with pytest.raises(ValueError, match="--telemetry"):
-        trainer.check_loop_config(dict(epochs=1, batch_size=1, telemetry=0.5))
+        TrainSettings(epochs=1, batch_size=1, telemetry=0.5)
     with pytest.raises(ValueError, match="ensemble"):
-        trainer.check_loop_config(dict(epochs=1, batch_size=1, telemetry=5, seeds=[0, 1]))
+        Ensemble(epochs=1, batch_size=1, telemetry=5, seeds=[0, 1])

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from ..common.settings import SettingsError, whole_number
+from ..common.settings import whole_number
 from ..data.cifar10 import DataNotFoundError
 from ..report.plots import plot_run
 from ..train import distributed, fit, resolve_device, retain_freed_memory
@@ -172,9 +172,10 @@ def main(model: str, description: str, argv: Sequence[str] | None = None) -> int
                 retain_freed_memory()
             print(json.dumps(benchmark(cfg, args.benchmark)))
             return 0
+        resolve_device(cfg.device)   # this machine has it: refused before anything is written
         cfg = resolve_data_dir(cfg)
         run = open_run(run_dir, cfg, command=f"python -m experiments.{model}", resume=resume)
-    except (SettingsError, RunRefused, DataNotFoundError, FileNotFoundError) as err:
+    except (ValueError, DataNotFoundError, FileNotFoundError) as err:   # SettingsError, RunRefused
         return refusal(err, writes=writes)
     try:
         parallel = distributed.start(cfg, backend=args.dist_backend, timeout_s=args.dist_timeout)

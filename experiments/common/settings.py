@@ -147,7 +147,7 @@ class Difference(NamedTuple):
     requested: Any
 
     def __str__(self) -> str:
-        return f"{self.name} {_shown(self.stored)} -> {_shown(self.requested)}"
+        return f"{flag(self.name)} {_shown(self.requested)} (the run's: {_shown(self.stored)})"
 
 
 def _shown(value: Any) -> str:

@@ -88,9 +88,10 @@ def _epochs_problem(stored: Settings, requested: Settings, done: int) -> str | N
     """Why ``stored``'s run cannot continue to ``requested.epochs`` epochs (None: it can)."""
     spans = getattr(stored, "schedule_spans_run", None)
     if spans is not None and spans():
-        return ("its learning rate spans the planned epochs (schedule "
-                f"{getattr(stored, 'schedule', '?')}{', lookahead' if getattr(stored, 'lookahead', False) else ''}), "
-                "so other epochs would change steps already taken")
+        what = ("lookahead decay" if getattr(stored, "lookahead", False)
+                and getattr(stored, "schedule", "constant") == "constant"
+                else f"{getattr(stored, 'schedule', '')} schedule".strip())
+        return f"its {what} spans them, so other epochs would change steps already taken"
     if requested.epochs < done:
         return f"it has already completed {done}"
     return None

@@ -196,7 +196,7 @@ def fit(settings: TrainSettings, *, net, opt, loss_fn: Callable, train, val=None
                         bf16=settings.bf16, channels_last=settings.channels_last,
                         shift_weight=settings.tta_shift_weight)
     loop = _Loop(settings, members, step, predict, augment, prepare, device, parallel, telemetry,
-                 hooks, on_step, (train, val, test), steps_per_epoch, quiet, stream)
+                 hooks, on_step, (train, val, test), steps_per_epoch, quiet, stream, run)
     status, trees = "done", (params, state, opt_state)
     try:
         while progress["epoch"] < epochs:
@@ -229,10 +229,11 @@ class _Loop:
     always a consistent pair (what a Ctrl-C saves)."""
 
     def __init__(self, settings, members, step, predict, augment, prepare, device, parallel,
-                 telemetry, hooks, on_step, splits, steps_per_epoch, quiet, stream):
+                 telemetry, hooks, on_step, splits, steps_per_epoch, quiet, stream, run):
         self.s, self.members, self.step, self.predict = settings, members, step, predict
         self.augment, self.prepare, self.device, self.parallel = augment, prepare, device, parallel
         self.telemetry, self.hooks, self.on_step, self.quiet, self.stream = telemetry, hooks, on_step, quiet, stream
+        self.run = run
         train, self.val, self.test = splits
         self.images, self.labels = train.images.to(device), train.labels.to(device)
         self.steps_per_epoch, self.bar, self.trees, self.progress = steps_per_epoch, None, None, None
@@ -277,10 +278,11 @@ class _Loop:
                 self.telemetry.after(epoch, s, self.trees[0], new[0], new[1])
             loss = m.values(new[3]["loss"])
             if m.all_diverged(loss) or (m.count is not None and all(_diverged(new[2], m.count))):
+                kept = ("" if self.run is None else f"; stopped without saving, so "
+                        f"{self.run.checkpoint} still holds the last good checkpoint")
                 raise NonFiniteLossError(
                     f"fit: expected a finite training loss, got {loss} at epoch {epoch + 1}, "
-                    f"batch {s}; stopped without saving, so the last checkpoint is the last good "
-                    "one. Lower the learning rate or check the data.")
+                    f"batch {s}{kept}. Lower the learning rate or check the data.")
             nxt = {"epoch": epoch, "step": s + 1,
                    "loss_sum": m.add(self.progress["loss_sum"], loss, size),
                    "correct": m.add(self.progress["correct"], m.values(new[3]["correct"]), 1),

@@ -142,7 +142,7 @@ def write_history(path: Path, rows: list[dict]) -> None:
 def _vgg_like_options(cfg: dict) -> dict:
     """The architecture options of Models A, B, C a config may set (the ablation sets all)."""
     return {k: cfg[k] for k in ("dropout", "head_dropout", "batch_norm", "init", "bn_momentum",
-                                "bn_eps") if k in cfg}
+                                "bn_eps") if cfg.get(k) is not None}
 
 
 def _airbench_options(cfg: dict) -> dict:
