@@ -198,6 +198,7 @@ def fit(settings: TrainSettings, *, net, opt, loss_fn: Callable, train, val=None
     loop = _Loop(settings, members, step, predict, augment, prepare, device, parallel, telemetry,
                  hooks, on_step, (train, val, test), steps_per_epoch, quiet, stream, run)
     status, trees = "done", (params, state, opt_state)
+    loop.trees, loop.progress = trees, progress   # what a Ctrl-C before the first step saves
     try:
         while progress["epoch"] < epochs:
             if max_epochs is not None and progress["epoch"] >= max_epochs:
