@@ -19,6 +19,8 @@ import torch.multiprocessing as mp
 import layers
 import optim
 from experiments.cifar import cli
+from experiments.cifar.config import CifarConfig
+from experiments.train.lifecycle import open_run
 from experiments.data.augment import augment_batch, crop_offsets, cutout_mask, flip_mask
 from experiments.data.dataset import Dataset
 from experiments.train import distributed, fit, load_run
@@ -50,12 +52,12 @@ def train_tiny(dtype, run_dir, *, parallel=None, resume=False, max_epochs=None):
     """The run every test compares: SGD + momentum, crop + flip + cutout, dropout, batch norm."""
     net = tiny_net()
     params, state = net.init(jr.key(3), dtype=dtype)
-    config = {"epochs": EPOCHS, "batch_size": BATCH, "seed": 5, "device": "cpu",
-              "sync_bn": True}
+    config = CifarConfig(epochs=EPOCHS, batch_size=BATCH, seed=5, device="cpu", sync_bn=True)
     augment = partial(augment_batch, crop=2, flip=True, cutout=3, dtype=dtype)
+    run = open_run(run_dir, config, command="test", resume=resume)
     return fit(config, net=net, opt=optim.sgd(0.1, momentum=0.9), loss_fn=layers.cross_entropy,
-               train=tiny_data(), augment=augment, params=params, state=state, run_dir=run_dir,
-               resume=resume, max_epochs=max_epochs, quiet=True, parallel=parallel)
+               train=tiny_data(), augment=augment, params=params, state=state, run=run,
+               max_epochs=max_epochs, quiet=True, parallel=parallel)
 
 
 def _free_port():
@@ -68,7 +70,7 @@ def _join(rank, world, port, timeout_s=60):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    return distributed.start({"batch_size": BATCH, "device": "cpu", "sync_bn": True},
+    return distributed.start(CifarConfig(batch_size=BATCH, device="cpu", sync_bn=True),
                              timeout_s=timeout_s)
 
 
@@ -291,6 +293,26 @@ def test_a_world_size_that_does_not_divide_the_batch_is_refused_before_anything_
     assert not any(tmp_path.iterdir())
 
 
+def test_a_refusal_is_printed_by_rank_zero_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main("cifar_model_a", "A", ["--lr", "-1", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main("cifar_model_a", "A", ["--lr", "-1", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: --lr")
+
+
+def test_the_resume_note_says_how_batch_norm_normalises_on_more_processes():
+    class World:
+        world = 4
+
+    per_rank = distributed.batch_norm_note(CifarConfig(batch_size=512), World())
+    assert "each process's 128 images" in per_rank and "pass --sync-bn" in per_rank
+    synced = distributed.batch_norm_note(CifarConfig(batch_size=512, sync_bn=True), World())
+    assert "over the global batch of 512" in synced
+
+
 def _lonely_rank(rank, port, tmp):
     try:
         _join(0, 2, port, timeout_s=2)
@@ -327,6 +349,9 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_resumes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "killing rank 1 at epoch 2, step 1" in proc.stderr
     assert "torchrun restart 1: resuming" in proc.stderr
+    # rank 0 alone prints the data line: once for the first attempt, once for the restart
+    assert proc.stderr.count("data: ") == 2, proc.stderr[-3000:]
+    assert "resuming on 2 processes with --sync-bn: batch norm normalises over the global batch" in proc.stderr
     run = tmp_path / "runs" / "r"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]

@@ -172,9 +172,12 @@ def main(model: str, description: str, argv: Sequence[str] | None = None) -> int
                 retain_freed_memory()
             print(json.dumps(benchmark(cfg, args.benchmark)))
             return 0
+        distributed.check_launched_world(cfg.batch_size)
         resolve_device(cfg.device)   # this machine has it: refused before anything is written
         cfg = resolve_data_dir(cfg)
         run = open_run(run_dir, cfg, command=f"python -m experiments.{model}", resume=resume)
+        if resume and not args.resume and writes:
+            print(f"torchrun restart {distributed.restart_count()}: resuming {run_dir}", file=sys.stderr)
     except (ValueError, DataNotFoundError, FileNotFoundError) as err:   # SettingsError, RunRefused
         return refusal(err, writes=writes)
     try:

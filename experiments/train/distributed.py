@@ -97,6 +97,14 @@ def launched_rank(env: Mapping[str, str] | None = None) -> int:
     return int(env.get("RANK", "0")) if launched(env) else 0
 
 
+def check_launched_world(batch_size: int, env: Mapping[str, str] | None = None) -> None:
+    """Under torchrun, refuse (ValueError, one line) a batch the world size does not divide,
+    before anything starts; nothing outside torchrun."""
+    env = os.environ if env is None else env
+    if launched(env):
+        check_world(batch_size, int(env["WORLD_SIZE"]))
+
+
 def batch_norm_note(config, parallel: "DataParallel") -> str:
     """How batch norm normalises when a run resumes on ``parallel.world`` processes: one line
     (docs/distributed.md, "Resuming on another number of processes")."""
