@@ -25,7 +25,7 @@ from nets.checkpoint import atomic_write
 from .benchmarks.layers import bench_layers
 from .benchmarks.ensembles import bench_ensembles, render_ensembles
 from .benchmarks.pipeline import bench_pipeline
-from .benchmarks.steps import CONFIGS, MODELS, bench_steps, kept_notes, render
+from .benchmarks.steps import BENCHED_NETS, CONFIGS, bench_steps, kept_notes, render
 from .benchmarks.timing import machine_info, matmul_peak
 from .train import resolve_device, retain_freed_memory
 
@@ -36,9 +36,9 @@ DEFAULT_OUT = "docs/performance.md"
 
 def _parse_models(text: str) -> list[str]:
     models = [m.strip().lower() for m in text.split(",") if m.strip()]
-    bad = [m for m in models if m not in MODELS]
+    bad = [m for m in models if m not in BENCHED_NETS]
     if not models or bad:
-        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(MODELS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(BENCHED_NETS)}, got {text!r}")
     return models
 
 
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     quick = args.quick
-    models = args.models or (["a"] if quick else list(MODELS))
+    models = args.models or (["a"] if quick else list(BENCHED_NETS))
     rounds = args.reps or (2 if quick else 7)
     if rounds < 1 or args.batch < 1:
         raise SystemExit(f"error: expected --reps and --batch >= 1, got {rounds}, {args.batch}")

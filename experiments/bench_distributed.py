@@ -15,7 +15,7 @@ import sys
 import torch
 
 from .cifar.parallel_speed import measure
-from .cifar.recipes import RECIPES
+from .cifar.config import recipe
 from .train import distributed
 from .train.commands import refusal
 
@@ -33,12 +33,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error(f"--steps: expected a whole number >= 1, got {args.steps}")
-    cfg = dict(RECIPES[f"cifar_model_{args.model}"]["fast"], model=f"cifar_model_{args.model}",
-               device="cpu", sync_bn=args.sync_bn)
-    if args.batch_size:
-        cfg["batch_size"] = args.batch_size
+    changes = dict(device="cpu", sync_bn=args.sync_bn)
+    if args.batch_size is not None:
+        changes["batch_size"] = args.batch_size
     if args.fp32:
-        cfg.update(bf16=False, channels_last=False)
+        changes.update(bf16=False, channels_last=False)
+    try:
+        cfg = recipe(f"cifar_model_{args.model}", "fast").replace(**changes)
+    except ValueError as err:   # SettingsError: --batch-size 0
+        return refusal(err)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
     finally:
         distributed.stop(parallel)
     if parallel is None or parallel.writes:
-        out.update(model=args.model, bf16=cfg["bf16"], channels_last=cfg["channels_last"],
+        out.update(model=args.model, bf16=cfg.bf16, channels_last=cfg.channels_last,
                    sync_bn=args.sync_bn)
         print(json.dumps(out), file=sys.stdout)
     return distributed.exit_now(parallel, 0)   # under torchrun: no interpreter teardown

@@ -2,7 +2,8 @@
 
     python -m experiments.evaluate --checkpoint runs/cifar_model_b-fast-s0 --data-dir DIR [--split test]
 
-The net is rebuilt from the config stored in the checkpoint; the data folder may be in either
+The net is rebuilt from the config stored in the checkpoint (:mod:`experiments.catalog`: any run
+folder; a sweep's ensemble is reported member by member); the data folder may be in either
 format (python batches or image folders) and its classes must match the run's number of classes.
 ``--split val`` carves the run's own validation split out of train again (same seed and size), so
 evaluation choices such as ``--tta-shift`` can be made on it and not on test. ``--against``
@@ -14,18 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
 
-import nets
-
+from .catalog import TrainedRun, Views, load_trained, shown
 from .cifar.recipes import prepare, split_train
+from .common.settings import whole_number
 from .data.cifar10 import DataNotFoundError, find_data_dir, load_cifar10
 from .report.paired import compare_predictions
-from .train import (build_model, evaluate, load_run, make_eval, num_classes_of, resolve_device,
-                    to_channels_last)
+from .train import evaluate, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,87 +53,77 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_split(args: argparse.Namespace, cfg: dict):
+def _load_split(args: argparse.Namespace, run: TrainedRun):
     """The split to evaluate; ``val`` is rebuilt from the run's ``val_split`` and ``seed``."""
     root = find_data_dir(args.data_dir, download=False)
     if args.split != "val":
         return load_cifar10(root, args.split, limit_per_class=args.limit_per_class)
-    limit = cfg.get("limit_per_class") if args.limit_per_class is None else args.limit_per_class
+    cfg = run.config
+    limit = cfg.limit_per_class if args.limit_per_class is None else args.limit_per_class
     _, val = split_train(load_cifar10(root, "train", limit_per_class=limit), cfg)
     if val is None:
         raise ValueError(f"--split val: expected a run trained with a validation split, "
-                         f"got val_split={cfg.get('val_split')!r} in {cfg.get('name')}'s config")
+                         f"got val_split={cfg.val_split!r} in {cfg.name}'s config")
     return val
 
 
-def _report_members(results, cfg, opt_state, as_json: bool) -> int:
-    """One line per ensemble member: its hyperparameters, seed, accuracy and loss."""
+def _diverged(opt_state, members: int) -> list[bool]:
+    """Each member's divergence flag of an ensemble's optimizer state (all False without one)."""
     # (a checkpoint read without a template gives optim.VmappedState back as a dict)
-    flags = opt_state.get("diverged") if isinstance(opt_state, dict) else getattr(opt_state, "diverged", None)
-    diverged = flags.tolist() if flags is not None else [False] * len(results)
+    if isinstance(opt_state, dict):
+        flags = opt_state["diverged"] if "diverged" in opt_state else None
+    else:
+        flags = getattr(opt_state, "diverged", None)
+    return flags.tolist() if flags is not None else [False] * members
+
+
+def _report_members(results, run: TrainedRun, as_json: bool) -> int:
+    """One line per ensemble member: its hyperparameters, seed, accuracy and loss."""
     rows = []
-    for k, (res, point, seed, bad) in enumerate(zip(results, cfg["points"], cfg["seeds"], diverged)):
-        hp = " ".join(f"{n} {v:g}" for n, v in point.items())
-        print(f"  member {k:3d}: {hp} seed {seed}: accuracy {100 * res.accuracy:6.2f}%  loss "
+    for k, (res, member, bad) in enumerate(zip(results, run.member_list(),
+                                               _diverged(run.opt_state, run.members))):
+        hp = " ".join(f"{n} {v:g}" for n, v in member.point.items())
+        print(f"  member {k:3d}: {hp} seed {member.seed}: accuracy {100 * res.accuracy:6.2f}%  loss "
               f"{res.loss:.4f}{'  (diverged: frozen)' if bad else ''}")
-        rows.append({**point, "seed": seed, "accuracy": res.accuracy, "loss": res.loss,
-                     "diverged": bad})
+        rows.append({**member.point, "seed": member.seed, "accuracy": res.accuracy,
+                     "loss": res.loss, "diverged": bad})
     if as_json:
         print(json.dumps({"members": rows}))
     return 0
 
 
 class _Loaded(NamedTuple):
-    """A checkpoint made ready to evaluate: its config, progress, predictor and arrays."""
+    """A run made ready to evaluate: the run, its predictor and arrays on the device, its views."""
 
-    cfg: dict
-    progress: dict
+    run: TrainedRun
     predict: object
     params: dict
     state: dict
-    members: int | None
-    num_classes: int
-    opt_state: object
-    views: str
+    views: Views
 
 
 def _load(checkpoint: str, args: argparse.Namespace, device) -> _Loaded:
     """Read ``checkpoint`` and build its predictor with the TTA of its config or of the flags."""
-    # CheckpointError (unreadable, or NaN / inf inside) is a ValueError.
-    tree, progress, cfg = load_run(Path(checkpoint))
-    if "params" not in tree or not cfg.get("model"):
+    run = load_trained(checkpoint)
+    if run.config is None:
         raise ValueError(f"expected a training run's checkpoint (params, state and a config "
-                         f"naming its model), got {checkpoint}")
-    params, state = tree["params"], tree["state"]
-    members = len(cfg["seeds"]) if cfg.get("seeds") else None   # an ensemble (a sweep)
-    num_classes = num_classes_of(nets.unstack(params)[0] if members else params)
-    net = build_model(cfg["model"], num_classes, cfg)
-    if members:
-        net = nets.ensemble(net, members)
-    tta = cfg.get("tta_flip", False) if args.tta_flip is None else args.tta_flip
-    shift = cfg.get("tta_shift", 0) if args.tta_shift is None else args.tta_shift
-    weight = cfg.get("tta_shift_weight") if args.tta_shift_weight is None else args.tta_shift_weight
-    predict = make_eval(net, tta_flip=tta, tta_shift=shift, shift_weight=weight,
-                        bf16=bool(cfg.get("bf16")), channels_last=bool(cfg.get("channels_last")))
-    params = {k: v.to(device) for k, v in params.items()}
-    state = {k: v.to(device) for k, v in state.items()}
-    if cfg.get("channels_last"):
-        params = to_channels_last(params)
-    views = (f"tta_flip={tta}, tta_shift={shift}"
-             + (f", tta_shift_weight={weight:g}" if shift and weight is not None else ""))
-    return _Loaded(cfg, progress, predict, params, state, members, num_classes,
-                   tree.get("opt_state"), views)
+                         f"naming its model), got {run.what} in {checkpoint}")
+    views = run.views(tta_flip=args.tta_flip, tta_shift=args.tta_shift,
+                      shift_weight=args.tta_shift_weight)
+    predict, params, state = run.predictor(views, device)
+    return _Loaded(run, predict, params, state, views)
 
 
-def _check_classes(run: _Loaded, data) -> None:
-    if run.num_classes != len(data.classes):
-        raise ValueError(f"expected a data set with {run.num_classes} classes (as the checkpoint's "
-                         f"last layer), got {len(data.classes)} classes {data.classes}")
+def _check_classes(loaded: _Loaded, data) -> None:
+    if loaded.run.num_classes != len(data.classes):
+        raise ValueError(f"expected a data set with {loaded.run.num_classes} classes (as the "
+                         f"checkpoint's last layer), got {len(data.classes)} classes {data.classes}")
 
 
-def _header(run: _Loaded, args, data) -> str:
-    return (f"{run.cfg['model']} ({run.cfg.get('name')}, after {run.progress.get('epoch')} epochs) "
-            f"on {args.split} of {data.images.shape[0]} images, {run.views}")
+def _header(loaded: _Loaded, args, data) -> str:
+    run, n = loaded.run, loaded.run.epochs_done
+    return (f"{run.model} ({run.name}, after {n} epoch{'s' * (n != 1)}) on {args.split} of "
+            f"{data.images.shape[0]} images, {loaded.views.describe()}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,37 +133,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: evaluate: {err}", file=sys.stderr)
         return 2
 
-    if args.batch_size < 1:
-        return refuse(f"--batch-size: expected a whole number >= 1, got {args.batch_size}")
-    if args.limit_per_class is not None and args.limit_per_class < 1:
-        return refuse(f"--limit-per-class: expected a whole number >= 1, got {args.limit_per_class}")
     try:
+        whole_number(args.batch_size, "batch_size")
+        if args.limit_per_class is not None:
+            whole_number(args.limit_per_class, "limit_per_class")
         device = resolve_device(args.device)
-        run = _load(args.checkpoint, args, device)
-        data = _load_split(args, run.cfg)
-        _check_classes(run, data)
+        mine = _load(args.checkpoint, args, device)
+        data = _load_split(args, mine.run)
+        _check_classes(mine, data)
         other = None
         if args.against:
             other = _load(args.against, args, device)
-            if run.members or other.members:
-                raise ValueError("--against: expected two single-net runs, got an ensemble's "
-                                 "checkpoint (evaluate its members one by one)")
+            for loaded in (mine, other):
+                if loaded.run.members:
+                    raise ValueError(f"--against: expected two single-net runs, got an ensemble's "
+                                     f"checkpoint: {shown(loaded.run.path)} holds {loaded.run.what} "
+                                     "(evaluate its members one by one)")
             # test / train are the same folder for both; a validation split is the run's own
-            other_data = _load_split(args, other.cfg) if args.split == "val" else data
+            other_data = _load_split(args, other.run) if args.split == "val" else data
             if not (torch.equal(other_data.labels, data.labels)
                     and torch.equal(other_data.images, data.images)):
+                a, b = mine.run.config, other.run.config
                 raise ValueError(f"--against: expected both runs evaluated on the same {args.split} "
                                  f"images, got different ones (a validation split depends on the "
-                                 f"run's seed and val_split: {run.cfg.get('seed')}/"
-                                 f"{run.cfg.get('val_split')} against {other.cfg.get('seed')}/"
-                                 f"{other.cfg.get('val_split')})")
+                                 f"run's seed and val_split: {a.seed}/{a.val_split} against "
+                                 f"{b.seed}/{b.val_split})")
     except (DataNotFoundError, FileNotFoundError, ValueError) as err:
         return refuse(str(err).removeprefix("evaluate: "))
-    res = evaluate(run.predict, run.params, run.state, data, device=device,
+    res = evaluate(mine.predict, mine.params, mine.state, data, device=device,
                    batch_size=args.batch_size, prepare=prepare)
-    print(_header(run, args, data))
-    if run.members:
-        return _report_members(res, run.cfg, run.opt_state, args.json)
+    print(_header(mine, args, data))
+    if mine.run.members:
+        print(f"{mine.run.what}: evaluate reports each member")
+        return _report_members(res, mine.run, args.json)
     print(f"accuracy {100 * res.accuracy:.2f}%  loss {res.loss:.4f}")
     per_class = res.per_class_accuracy()
     for name, acc, n in zip(data.classes, per_class.tolist(), res.confusion.sum(1).tolist()):
@@ -185,10 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         res_b = evaluate(other.predict, other.params, other.state, data, device=device,
                          batch_size=args.batch_size, prepare=prepare)
         paired = compare_predictions(res.predictions, res_b.predictions, data.labels)
-        name_a, name_b = run.cfg.get("name") or "A", other.cfg.get("name") or "B"
         print(f"against {_header(other, args, data)}")
         print(f"accuracy {100 * res_b.accuracy:.2f}%  loss {res_b.loss:.4f}")
-        print(paired.describe(name_a, name_b))
+        print(paired.describe(mine.run.config.name or "A", other.run.config.name or "B"))
         result["against"] = {"accuracy": res_b.accuracy, "loss": res_b.loss,
                              **paired._asdict()}
     if args.json:

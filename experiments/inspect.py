@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import nets
-
+from .catalog import feature_layers, load_trained
 from .cifar.recipes import prepare
+from .common.settings import whole_number
 from .data.cifar10 import find_data_dir, load_cifar10
-from .report.filters import feature_map_grid, feature_maps, input_image, load_checkpoint, save_png
+from .report.filters import feature_map_grid, feature_maps, input_image, save_png
 from .report.inspect import plot_activation_histograms, plot_gradient_flow, plot_heatmaps
 from .train.commands import refusal
 from .train.telemetry import TELEMETRY, read_telemetry, watched
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="See docs/training.md (telemetry).")
     a = p.add_argument
     a("run", help="a run folder (runs/<name>)")
-    a("--layer", action="append", help="layer(s) for feature maps (default: the first and last ReLU)")
+    a("--layer", action="append", help="layer(s) for feature maps (default: the first ReLU and the "
+                                      "last one of the convolutions)")
     a("--images", type=int, default=256, help="test images for the histograms (default: 256)")
     a("--data-dir", help="CIFAR-10 folder (default: $CIFAR10_DIR, else ./data)")
     a("--out", help="folder for the PNGs (default: <run>/figures)")
@@ -41,12 +42,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = Path(args.run)
     out = Path(args.out) if args.out else run / "figures"
     try:
+        whole_number(args.images, "images")
         rows = read_telemetry(run / TELEMETRY, 10**9, 0)
-        net, params, state, kind = load_checkpoint(run)
-        x, _ = input_image(kind, None, data_dir=args.data_dir, cifar_index=0)
+        loaded = load_trained(run).single("inspect", "evaluate reports each member")
+        net, params, state = loaded.net, loaded.params, loaded.state
+        x, _ = input_image(loaded.image_kind, None, data_dir=args.data_dir, cifar_index=0)
         names = watched(net)
-        relus = nets.leaf_names(net, op="ReLU")
-        chosen = args.layer or [relus[0], relus[-1]]
+        chosen = args.layer or feature_layers(loaded, "--layer")
         maps = feature_maps(net, params, state, x, chosen)
         per_class = max(1, args.images // 10)
         batch = load_cifar10(find_data_dir(args.data_dir, download=False), "test",

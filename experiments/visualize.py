@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import nets
-
+from .catalog import feature_layers, load_trained
 from .report.filters import (feature_map_grid, feature_maps, filter_figures, input_image,
-                             load_checkpoint, save_png, weight_histograms)
-from .train.runs import checkpoint_path
+                             save_png, weight_histograms)
+from .train.commands import refusal
+from .train.registry import NET_BUILDERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,8 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--checkpoint", required=True,
       help="a run folder (runs/<name>), our .safetensors checkpoint or a torchvision VGG16 .pth")
-    a("--model", help="net of a checkpoint whose metadata names none (cifar_model_a/b/c, "
-                      "cifar_transfer, vgg16)")
+    a("--model", help=f"net of a checkpoint whose metadata names none ({', '.join(NET_BUILDERS)})")
     a("--image", help="image for the feature maps (default: CIFAR-10 test image --cifar-index)")
     a("--cifar-index", type=int, default=0,
       help="CIFAR-10 test image when no --image; only that image is decoded (default: 0)")
@@ -47,18 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    path = checkpoint_path(args.checkpoint)
     try:  # everything that can refuse the input comes before the first write
-        net, params, state, kind = load_checkpoint(path, args.model)
-        params = {k: params[k] for k in net.layer.param_shapes}  # layer order
-        relus = nets.leaf_names(net, op="ReLU")
-        chosen = args.layers or [relus[0], [n for n in relus if n.startswith("features")][-1]]
-        x, shown = input_image(kind, args.image, resize=args.resize, data_dir=args.data_dir,
-                               cifar_index=args.cifar_index)
-        maps = feature_maps(net, params, state, x, chosen)
+        run = load_trained(args.checkpoint, model=args.model).single(
+            "visualize", "evaluate reports each member")
+        params, state = run.params, run.state
+        chosen = args.layers or feature_layers(run, "--layers")
+        x, shown = input_image(run.image_kind, args.image, resize=args.resize,
+                               data_dir=args.data_dir, cifar_index=args.cifar_index)
+        maps = feature_maps(run.net, params, state, x, chosen)
     except (ValueError, FileNotFoundError, OSError, IndexError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refusal(err)
+    path = run.path
     out = Path(args.out) if args.out else path.parent / "figures"
     out.mkdir(parents=True, exist_ok=True)
     png = lambda what: out / f"{args.prefix}{what}.png"  # noqa: E731

@@ -294,3 +294,37 @@ def test_different_keys_give_different_validation_sets():
     _, a = D.validation_split(labels, 0.2, jr.key(1))
     _, b = D.validation_split(labels, 0.2, jr.key(2))
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("odd", ["0000.png", "0001.png"])
+def test_an_odd_sized_image_is_the_one_named_even_when_it_sorts_first(tmp_path, odd):
+    write_folder(tmp_path / "c10", 3)
+    bad = tmp_path / "c10" / "train" / "airplane" / odd        # the first file of the split, or not
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(bad)
+    with pytest.raises(ValueError, match=rf"expected every image 32x32 \(as 29 of the 30 in .*\), "
+                                         rf"got 40x30 in .*airplane/{odd}$"):
+        D.load_cifar10(tmp_path / "c10", "train", workers=1, progress=False, cache=False)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_odd_sized_image_is_named_across_decoding_chunks(tmp_path, monkeypatch, workers):
+    write_folder(tmp_path / "c10", 2)
+    monkeypatch.setattr(D, "_DECODE_CHUNK", 3)                  # 7 chunks of the 20 test files
+    bad = tmp_path / "c10" / "test" / "airplane" / "0000.png"  # first; 2 of its chunk of 3 are 8x8
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(bad)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "c10" / "test" / "automobile" / "0000.png")
+    with pytest.raises(ValueError, match=r"expected every image 32x32 \(as 18 of the 20 in .*\), got 8x8 "
+                                         r"in .*airplane/0000\.png \(and 1 more of another size\)$"):
+        D.load_cifar10(tmp_path / "c10", "test", workers=workers, progress=False, cache=False)
+
+
+def test_hidden_folders_are_not_classes_and_hidden_files_not_images(tmp_path):
+    truth = write_folder(tmp_path / "c10", 2)
+    for split in ("train", "test"):                         # Jupyter's checkpoints, in one split only
+        (tmp_path / "c10" / split / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "c10" / "train" / ".cache").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "c10" / "train" / "cat" / "._0000.png")
+    (tmp_path / "c10" / "train" / "dog" / ".ipynb_checkpoints").mkdir()
+    ds = D.load_cifar10(tmp_path / "c10", "train", workers=1, progress=False, cache=False)
+    assert ds.classes == D.CIFAR10_CLASSES
+    assert torch.equal(ds.images, truth["train"][0]) and torch.equal(ds.labels, truth["train"][1])

@@ -31,3 +31,11 @@ def test_telemetry_overhead_is_measured_against_the_step():
     out = telemetry_overhead("cifar_model_a", batch=4, rounds=1, bf16=False, channels_last=False)
     assert out["step_s"] > 0 and out["pass_s"] > 0
     assert abs(out["overhead_at_default"] - out["pass_s"] / (50 * out["step_s"])) < 1e-12
+
+
+def test_inspect_refuses_zero_or_negative_images_in_one_line_before_reading_the_run(tmp_path, capsys):
+    for n in ("0", "-3"):
+        assert inspect.main([str(tmp_path), "--images", n, "--out", str(tmp_path / "figs")]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --images: expected a whole number >= 1, got {n}\n"
+    assert not (tmp_path / "figs").exists()

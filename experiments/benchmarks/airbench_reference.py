@@ -11,12 +11,12 @@ same numbers; tests/test_speedrun.py checks that a few steps of each give the sa
 from __future__ import annotations
 
 import math
-from typing import Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..airbench.config import SpeedrunConfig
 from ..airbench.recipe import param_labels
 from .timing import interleaved, median
 
@@ -56,19 +56,19 @@ class ConvGroup(nn.Module):
         return self.activ2(self.norm2(self.conv2(x)))
 
 
-def reference_module(cfg: Mapping, whiten: torch.Tensor | None = None,
+def reference_module(cfg: SpeedrunConfig, whiten: torch.Tensor | None = None,
                      num_classes: int = 10) -> nn.Sequential:
     """airbench's ``make_net`` for the recipe ``cfg`` (widths, activation, batch-norm settings,
     scale); layer 0's weight is ``whiten`` when given. Every parameter trains (``requires_grad``);
     :class:`ReferenceRun` switches off what the recipe freezes."""
-    act = {"gelu": nn.GELU, "relu": nn.ReLU}[cfg["activation"]]
-    widths = list(cfg["widths"])
+    act = {"gelu": nn.GELU, "relu": nn.ReLU}[cfg.activation]
+    widths = list(cfg.widths)
     net = nn.Sequential(_dirac_(nn.Conv2d(3, 24, 2, padding=0, bias=True)), act(),
-                        ConvGroup(24, widths[0], act, cfg["bn_momentum"], cfg["bn_eps"]),
-                        ConvGroup(widths[0], widths[1], act, cfg["bn_momentum"], cfg["bn_eps"]),
-                        ConvGroup(widths[1], widths[2], act, cfg["bn_momentum"], cfg["bn_eps"]),
+                        ConvGroup(24, widths[0], act, cfg.bn_momentum, cfg.bn_eps),
+                        ConvGroup(widths[0], widths[1], act, cfg.bn_momentum, cfg.bn_eps),
+                        ConvGroup(widths[1], widths[2], act, cfg.bn_momentum, cfg.bn_eps),
                         nn.MaxPool2d(3), nn.Flatten(), nn.Linear(widths[2], num_classes, bias=False),
-                        Mul(cfg["scale"]))
+                        Mul(cfg.scale))
     if whiten is not None:
         with torch.no_grad():
             net[0].weight.copy_(whiten)
@@ -99,49 +99,49 @@ class ReferenceRun:
     ``whiten_bias_epochs`` epochs; the lookahead every ``lookahead_every`` steps.
     """
 
-    def __init__(self, module: nn.Module, cfg: Mapping, steps_per_epoch: int, *,
+    def __init__(self, module: nn.Module, cfg: SpeedrunConfig, steps_per_epoch: int, *,
                  bf16: bool = False, channels_last: bool = False):
         self.module, self.cfg = module, cfg
         self.bf16, self.channels_last = bf16, channels_last
-        self.total = cfg["epochs"] * steps_per_epoch
+        self.total = cfg.epochs * steps_per_epoch
         self.steps_per_epoch = steps_per_epoch
         self.count = 0
         labels = param_labels(cfg)(dict(module.named_parameters()))
-        s = 1024 * (1 + 1 / (1 - cfg["momentum"]))
-        lr = cfg["lr"] / s
-        wd = cfg["weight_decay"] * cfg["batch_size"] / s
+        s = 1024 * (1 + 1 / (1 - cfg.momentum))
+        lr = cfg.lr / s
+        wd = cfg.weight_decay * cfg.batch_size / s
         groups = {"other": [], "whiten_bias": [], "norm_bias": []}
         for name, p in module.named_parameters():
             p.requires_grad_(labels[name] != "frozen")
             if labels[name] != "frozen":
                 groups[labels[name]].append(p)
-        lr_bias = lr * cfg["bias_scaler"]
+        lr_bias = lr * cfg.bias_scaler
         self.opt = torch.optim.SGD(
             [dict(params=groups["other"] + groups["whiten_bias"], lr=lr, weight_decay=wd / lr),
              dict(params=groups["norm_bias"], lr=lr_bias, weight_decay=wd / lr_bias)],
-            momentum=cfg["momentum"], nesterov=bool(cfg["nesterov"]))
+            momentum=cfg.momentum, nesterov=bool(cfg.nesterov))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._factor)
         self.whiten_bias = groups["whiten_bias"]
-        self.lookahead = LookaheadState(module) if cfg["lookahead"] else None
+        self.lookahead = LookaheadState(module) if cfg.lookahead else None
         if channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
 
     def _factor(self, step: int) -> float:
         c = self.cfg
-        if c["schedule"] == "constant":
+        if c.schedule == "constant":
             return 1.0
-        w = int(self.total * c["peak_fraction"])
+        w = int(self.total * c.peak_fraction)
         if step < w:
             frac = step / w
-            return c["start_factor"] * (1 - frac) + 1.0 * frac
+            return c.start_factor * (1 - frac) + 1.0 * frac
         frac = (min(step, self.total) - w) / (self.total - w)
-        return 1.0 * (1 - frac) + c["end_factor"] * frac
+        return 1.0 * (1 - frac) + c.end_factor * frac
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One step on the normalised batch ``x``; returns the summed loss (detached)."""
         epoch = self.count // self.steps_per_epoch
         for p in self.whiten_bias:
-            p.requires_grad_(epoch < self.cfg["whiten_bias_epochs"])
+            p.requires_grad_(epoch < self.cfg.whiten_bias_epochs)
         self.module.train()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -149,7 +149,7 @@ class ReferenceRun:
             logits = self.module(x)
         if logits.dtype in (torch.bfloat16, torch.float16):
             logits = logits.float()
-        loss = F.cross_entropy(logits, y, label_smoothing=self.cfg["label_smoothing"],
+        loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing,
                                reduction="none").sum()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -157,15 +157,15 @@ class ReferenceRun:
         self.sched.step()
         self.count += 1
         if self.lookahead is not None:
-            if self.count % self.cfg["lookahead_every"] == 0:
-                decay = self.cfg["lookahead_decay"] * (self.count / self.total) ** 3
+            if self.count % self.cfg.lookahead_every == 0:
+                decay = self.cfg.lookahead_decay * (self.count / self.total) ** 3
                 self.lookahead.update(self.module, decay)
             if self.count >= self.total:
                 self.lookahead.update(self.module, 1.0)
         return loss.detach()
 
 
-def time_steps(cfg: Mapping, steps: int, rounds: int = 3, *, device: str = "cpu",
+def time_steps(cfg: SpeedrunConfig, steps: int, rounds: int = 3, *, device: str = "cpu",
                seed: int = 0) -> dict:
     """Seconds per training step of the pure speedrun step and of :class:`ReferenceRun`, at
     ``cfg``'s batch size, bf16 and channels_last, on random images, interleaved: each round runs
@@ -181,16 +181,16 @@ def time_steps(cfg: Mapping, steps: int, rounds: int = 3, *, device: str = "cpu"
     from ..train.build import build_loss
 
     g = torch.Generator().manual_seed(seed)
-    b = cfg["batch_size"]
+    b = cfg.batch_size
     images = torch.randint(0, 256, (b, 3, 32, 32), dtype=torch.uint8, generator=g)
     train = Dataset(images, torch.randint(0, 10, (len(images),), generator=g), tuple(range(10)))
     # the schedule and the lookahead span every step timed (and the warm-up)
-    steps_per_epoch = math.ceil((1 + steps * rounds) / cfg["epochs"])
+    steps_per_epoch = math.ceil((1 + steps * rounds) / cfg.epochs)
     net, opt, hooks = parts(cfg, train, steps_per_epoch)
     dev = torch.device(device)
     x = torch.randn(b, 3, 32, 32, generator=g).to(dev)
     y = torch.randint(0, 10, (b,), generator=g).to(dev)
-    bf16, cl = bool(cfg["bf16"]), bool(cfg["channels_last"])
+    bf16, cl = bool(cfg.bf16), bool(cfg.channels_last)
 
     params, state = net.init(jr.key(seed), device=dev)
     opt_state = opt.init(params)

@@ -51,20 +51,30 @@ import optim
 from layers import random as jr
 
 from ..train import make_step, to_channels_last
+from ..train.registry import build_net
 from .reference import ReferenceLoop, reference_module
 from .timing import interleaved, matmul, median, timed
 
-__all__ = ["Config", "CONFIGS", "MODELS", "LR", "MOMENTUM", "WEIGHT_DECAY", "LABEL_SMOOTHING",
+__all__ = ["Config", "CONFIGS", "BENCHED_NETS", "benched_net", "LR", "MOMENTUM", "WEIGHT_DECAY", "LABEL_SMOOTHING",
            "step_flops", "make_runner", "bench_steps", "best_config", "best_peer", "targets", "render"]
 
 LR, MOMENTUM, WEIGHT_DECAY, LABEL_SMOOTHING = 0.01, 0.9, 5e-4, 0.1
 
-# name -> (pure net builder, dropout rates of the recipes; A has no dropout)
-MODELS: dict[str, tuple[Callable, dict]] = {
-    "a": (nets.model_a, {}),
-    "b": (nets.model_b, {"dropout": 0.1, "head_dropout": 0.2}),
-    "c": (nets.model_c, {"dropout": 0.1, "head_dropout": 0.2}),
+#: The nets whose step is timed, by the letter ``--models`` names them: ``letter -> (the model
+#: registry's name, the dropout rates of its recipes)`` (A has no dropout).
+BENCHED_NETS: dict[str, tuple[str, dict]] = {
+    "a": ("cifar_model_a", {}),
+    "b": ("cifar_model_b", {"dropout": 0.1, "head_dropout": 0.2}),
+    "c": ("cifar_model_c", {"dropout": 0.1, "head_dropout": 0.2}),
 }
+
+
+def benched_net(model: str) -> nets.Net:
+    """The net of ``BENCHED_NETS[model]`` for CIFAR-10's 10 classes (the model registry's)."""
+    if model not in BENCHED_NETS:
+        raise ValueError(f"benched_net: expected model in {sorted(BENCHED_NETS)}, got {model!r}")
+    name, options = BENCHED_NETS[model]
+    return build_net(name, 10, options)
 
 
 @dataclass(frozen=True)
@@ -123,11 +133,11 @@ def make_runner(config: Config, model: str, batch: int, device: torch.device | s
     training loop does; it returns the step's loss. Both sides start from the same parameters
     (``net.init(key(0))``) and see the same fixed batch.
     """
-    if model not in MODELS:
-        raise ValueError(f"make_runner: expected model in {sorted(MODELS)}, got {model!r}")
+    if model not in BENCHED_NETS:
+        raise ValueError(f"make_runner: expected model in {sorted(BENCHED_NETS)}, got {model!r}")
     device = torch.device(device)
-    build, kwargs = MODELS[model]
-    net = build(**kwargs)
+    net = benched_net(model)
+    kwargs = BENCHED_NETS[model][1]
     params, state = net.init(jr.key(0), device=device)
     x, y = _batch(batch, device, side)
     if config.reference:
@@ -169,7 +179,7 @@ def bench_steps(model: str, batch: int, rounds: int, device: torch.device | str,
     stream = sys.stderr if stream is None else stream
     device = torch.device(device)
     torch._dynamo.reset()
-    flops = step_flops(MODELS[model][0](**MODELS[model][1]), batch)
+    flops = step_flops(benched_net(model), batch)
     fns, first_call = {}, {}
     for config in configs:
         run = make_runner(config, model, batch, device)

@@ -13,7 +13,7 @@ import optim
 from layers import random as jr
 
 from ..train import make_step, to_channels_last
-from ..train.runs import build_model
+from ..train.registry import build_net
 from ..train.telemetry import DEFAULT_EVERY, layer_stats
 from .timing import interleaved, median
 
@@ -23,7 +23,7 @@ __all__ = ["telemetry_overhead"]
 def telemetry_overhead(model: str = "cifar_model_b", batch: int = 512, rounds: int = 5,
                        device="cpu", bf16: bool = True, channels_last: bool = True) -> dict:
     """``{step_s, pass_s, overhead_at_default}`` (seconds, median of interleaved rounds)."""
-    net = build_model(model, 10, {"dropout": 0.1, "head_dropout": 0.2})
+    net = build_net(model, 10, {"dropout": 0.1, "head_dropout": 0.2})
     params, state = net.init(jr.key(0), device=device)
     opt = optim.sgd(0.1, momentum=0.9, nesterov=True)
     opt_state = opt.init(params)

@@ -7,7 +7,9 @@ Two on-disk formats are read:
   order and ``b"labels"``. They are unpickled by a restricted unpickler that only resolves the
   numpy names an array needs, and only from those known file names;
 * an image-folder tree ``train/<class>/*.png|jpg`` and ``test/<class>/*`` (classes in the official
-  CIFAR-10 order when the names are the CIFAR-10 names, else sorted).
+  CIFAR-10 order when the names are the CIFAR-10 names, else sorted; a name starting with ``.``,
+  such as ``.ipynb_checkpoints``, is neither a class nor an image). Every image has one size: an
+  odd one is named, measured against the size most images have.
 
 Every split is decoded once into ``images (N, 3, H, W) uint8`` and ``labels (N,) int64`` and kept
 in a safetensors cache file (``$PURENN_CACHE`` else ``$XDG_CACHE_HOME/purenn`` else
@@ -17,6 +19,7 @@ folder and split that an older file list left behind. The data folder itself is 
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -25,7 +28,7 @@ import pickle
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -62,6 +65,7 @@ _BATCH_DIR = "cifar-10-batches-py"
 _BATCH_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _CACHE_VERSION = 1
+_DECODE_CHUNK = 500   # files per decoding task (one process's share at a time)
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -240,13 +244,20 @@ def _load_batches(batch_dir: Path, split: str, limit_per_class: int | None) -> D
 # Image folders
 
 
+def _hidden(path: Path) -> bool:
+    """A name starting with ``.`` (``.ipynb_checkpoints``, macOS's ``._0001.png``): not data."""
+    return path.name.startswith(".")
+
+
 def _folder_classes(root: Path) -> tuple[str, ...]:
     """Class names of an image-folder tree: official CIFAR-10 order if they match, else sorted.
+    Hidden folders (a name starting with ``.``, such as Jupyter's ``.ipynb_checkpoints``) are not
+    classes.
 
     Both splits, where both exist, must hold the same class folders: a class present in only
     one of them would shift every label after it, so it is an error that names it.
     """
-    per_split = {split: {p.name for p in (root / split).iterdir() if p.is_dir()}
+    per_split = {split: {p.name for p in (root / split).iterdir() if p.is_dir() and not _hidden(p)}
                  for split in ("train", "test") if (root / split).is_dir()}
     names = set().union(*per_split.values())
     if len(per_split) == 2 and per_split["train"] != per_split["test"]:
@@ -268,7 +279,8 @@ def _folder_files(root: Path, split: str, classes: Sequence[str],
     files, labels = [], []
     for c, name in enumerate(classes):
         class_dir = split_dir / name
-        found = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        found = sorted(p for p in class_dir.iterdir()
+                       if p.suffix.lower() in _IMAGE_SUFFIXES and not _hidden(p))
         if not found:
             raise ValueError(f"load_cifar10: expected *.png or *.jpg images in every class folder, "
                              f"got none in {class_dir}")
@@ -281,8 +293,17 @@ def _folder_files(root: Path, split: str, classes: Sequence[str],
     return files, labels
 
 
-def _decode_chunk(paths: list[str]) -> tuple[np.ndarray | None, str | None]:
-    """Decode ``paths`` to ``(n, H, W, 3) uint8``; on failure ``(None, message naming the file)``."""
+class _Decoded(NamedTuple):
+    """One chunk of decoded files: ``images (n, H, W, 3) uint8`` when they all have one size (else
+    None), each file's ``sizes`` ``(W, H)``, and ``error`` naming a file that did not decode."""
+
+    images: np.ndarray | None
+    sizes: list[tuple[int, int]]
+    error: str | None = None
+
+
+def _decode_chunk(paths: list[str]) -> _Decoded:
+    """Decode ``paths``; a file that does not decode stops the chunk (its ``error`` names it)."""
     from PIL import Image
 
     out = []
@@ -292,27 +313,38 @@ def _decode_chunk(paths: list[str]) -> tuple[np.ndarray | None, str | None]:
                 im.load()
                 arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
         except Exception as err:
-            return None, f"load_cifar10: cannot decode image {p}: {type(err).__name__}: {err}"
-        if out and arr.shape != out[0].shape:
-            return None, (f"load_cifar10: expected every image {out[0].shape[1]}x{out[0].shape[0]} "
-                          f"like the first of its chunk, got {arr.shape[1]}x{arr.shape[0]} in {p}")
+            return _Decoded(None, [], f"load_cifar10: cannot decode image {p}: {type(err).__name__}: {err}")
         out.append(arr)
-    return np.stack(out), None
+    sizes = [(a.shape[1], a.shape[0]) for a in out]
+    return _Decoded(np.stack(out) if len(set(sizes)) == 1 else None, sizes)
+
+
+def _odd_size(files: Sequence[Path], sizes: Sequence[tuple[int, int]], desc: str) -> str:
+    """The error naming the first file whose size is not the one most files have (so an odd
+    image is the one named even when it sorts first)."""
+    counts = collections.Counter(sizes)
+    (w, h), n = counts.most_common(1)[0]
+    k = next(i for i, size in enumerate(sizes) if size != (w, h))
+    others = len(sizes) - n
+    return (f"load_cifar10: expected every image {w}x{h} (as {n} of the {len(sizes)} in {desc}), "
+            f"got {sizes[k][0]}x{sizes[k][1]} in {files[k]}"
+            + (f" (and {others - 1} more of another size)" if others > 1 else ""))
 
 
 def _decode_files(files: list[Path], workers: int, progress: bool, desc: str) -> torch.Tensor:
-    chunk = 500
+    chunk = _DECODE_CHUNK
     chunks = [[str(f) for f in files[i:i + chunk]] for i in range(0, len(files), chunk)]
-    arrays, done = [], 0
+    arrays, sizes, done = [], [], 0
     bar = ProgressBar(len(files), f"decoding {desc}", enabled=None if progress else False)
 
     def consume(results):
         nonlocal done
-        for arr, err in results:
-            if err is not None:
-                raise ValueError(err)
-            arrays.append(arr)
-            done += len(arr)
+        for decoded in results:
+            if decoded.error is not None:
+                raise ValueError(decoded.error)
+            arrays.append(decoded.images)
+            sizes.extend(decoded.sizes)
+            done += len(decoded.sizes)
             bar.update(done, done)
 
     if workers <= 1 or len(chunks) == 1:
@@ -322,9 +354,8 @@ def _decode_files(files: list[Path], workers: int, progress: bool, desc: str) ->
             consume(pool.map(_decode_chunk, chunks))
     if progress:
         bar.close(f"decoded {desc}: {done} images")
-    shapes = {a.shape[1:] for a in arrays}
-    if len(shapes) != 1:
-        raise ValueError(f"load_cifar10: expected images of one size in {desc}, got sizes {sorted(shapes)}")
+    if len(set(sizes)) != 1:
+        raise ValueError(_odd_size(files, sizes, desc))
     return torch.from_numpy(np.concatenate(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -493,7 +524,7 @@ def load_cifar10_image(root: str | os.PathLike, index: int, split: str = "test")
         k -= len(part)
     if fmt == "batches":
         return torch.from_numpy(part[k].reshape(3, 32, 32).copy())
-    arr, err = _decode_chunk([str(part[k])])
-    if err is not None:
-        raise ValueError(err)
-    return torch.from_numpy(arr[0]).permute(2, 0, 1).contiguous()
+    decoded = _decode_chunk([str(part[k])])
+    if decoded.error is not None:
+        raise ValueError(decoded.error)
+    return torch.from_numpy(decoded.images[0]).permute(2, 0, 1).contiguous()

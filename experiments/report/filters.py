@@ -38,13 +38,11 @@ import torch
 import nets
 from nets.checkpoint import atomic_write
 
-from ..train.runs import (MODELS, build_model, check_finite, checkpoint_path, load_run,
-                          num_classes_of)
 from .plots import save_figure
 
 __all__ = ["grid_size", "tile_grid", "first_layer_filters", "last_conv_filters", "titled_size",
            "titled", "filter_title", "filter_figures", "weight_histograms", "feature_maps",
-           "feature_map_grid", "conv_weights", "load_checkpoint", "input_image", "save_png"]
+           "feature_map_grid", "conv_weights", "input_image", "save_png"]
 
 #: The filter pictures are at least this many pixels wide (:func:`titled`).
 MIN_WIDTH = 512
@@ -271,45 +269,7 @@ def save_png(image: np.ndarray, path: str | Path, *, title: str = "") -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints and the command line
-
-
-def load_checkpoint(path: str | Path, model: str | None = None):
-    """``(net, params, state, kind)`` of a checkpoint; ``kind`` is ``"imagenet"`` (VGG16) or
-    ``"cifar"`` (our nets; 32x32 images). ``path`` is a run folder (its
-    ``checkpoint.safetensors``), a ``.safetensors`` file of ``nets.save`` or a torchvision VGG16
-    ``.pth``. ``model`` (a name of :data:`experiments.train.runs.MODELS`) names the net of a
-    ``.safetensors`` file when its config does not.
-
-    Raises:
-      FileNotFoundError: no such file, or no checkpoint in the run folder.
-      ValueError: no model named, parameters that are not the model's, an unreadable file, or
-        (:class:`~experiments.train.runs.NonFiniteCheckpointError`) NaN / inf inside.
-    """
-    path = checkpoint_path(path)
-    if path.suffix == ".pth":
-        params, state = nets.load_torchvision_weights(path)
-        check_finite({"params": params, "state": state}, f"visualize: {path}")
-        net = build_model("vgg16", num_classes_of(params), {"batch_norm": bool(state)})
-        return net, params, state, "imagenet"
-    tree, _, config = load_run(path)
-    params = tree["params"] if isinstance(tree, dict) and "params" in tree else tree
-    state = tree.get("state", {}) if isinstance(tree, dict) and "params" in tree else {}
-    model = config.get("model") if model is None else model
-    if model not in MODELS:
-        raise ValueError(f"visualize: expected --model among {sorted(MODELS)} for {path} (its "
-                         f"metadata names no model), got {model!r}")
-    try:
-        k = num_classes_of(params)
-    except ValueError:  # no linear layer: the check of the names below says what is wrong
-        k = 10
-    net = build_model(model, k, {**config, "batch_norm": bool(state)})
-    if set(net.layer.param_shapes) != set(params):
-        want, got = set(net.layer.param_shapes), set(params)
-        raise ValueError(f"visualize: expected the parameters of {net.name} in {path}, got "
-                         f"other names (missing {sorted(want - got)[:5]}, unexpected "
-                         f"{sorted(got - want)[:5]})")
-    return net, params, state, ("imagenet" if model == "vgg16" else "cifar")
+# The input image (the net comes from the run loader, :mod:`experiments.catalog`)
 
 
 def input_image(kind: str, image: str | Path | None = None, *, resize: int | None = None,

@@ -1,5 +1,8 @@
 """Figures of a training run (matplotlib, Agg backend, PNG): accuracy and loss curves per epoch
-for the train / val / test splits, and a confusion matrix."""
+for the train / val / test splits, and a confusion matrix.
+
+    run.after_epoch.append(plot_run)      # the curves and the confusion matrix after every epoch
+"""
 from __future__ import annotations
 
 import io
@@ -17,7 +20,10 @@ from nets.checkpoint import atomic_write  # noqa: E402
 
 from ..common.progress import member_mean  # noqa: E402
 
-__all__ = ["plot_curves", "plot_confusion", "save_figure"]
+__all__ = ["plot_curves", "plot_confusion", "plot_run", "save_figure"]
+
+#: Up to this many epochs, every epoch is a tick (so a 1-epoch run is not drawn at 0.96, 0.98, ...).
+_EVERY_EPOCH_TICKED = 12
 
 _SPLITS = (("train", "tab:blue"), ("val", "tab:orange"), ("test", "tab:green"))
 
@@ -43,13 +49,25 @@ def _curve(history: Sequence[Mapping], metric: str, path: Path, ylabel: str, tit
         if pts:
             ax.plot(*zip(*pts), marker="o", markersize=3, color=color, label=split)
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _epoch_ticks(ax, epochs)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def _epoch_ticks(ax, epochs: Sequence[int]) -> None:
+    """Whole-number epoch ticks: each epoch when there are few (one epoch: a tick at 1 on an axis
+    one epoch wide either side), else whole numbers chosen by matplotlib."""
+    shown = sorted(set(epochs))
+    if 0 < len(shown) <= _EVERY_EPOCH_TICKED:
+        ax.set_xticks(shown)
+        if len(shown) == 1:
+            ax.set_xlim(shown[0] - 1, shown[0] + 1)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_curves(history: Sequence[Mapping], out_dir: str | Path, title: str = "") -> list[Path]:
@@ -97,18 +115,19 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: str | 
     return path
 
 
-def plot_run(run, history: list[dict], results: dict, classes) -> None:
-    """A run's figures after each epoch (a :class:`~experiments.train.lifecycle.Run`'s
-    ``after_epoch`` callback): the curves of the history so far (the mean over the members of an
-    ensemble) and the confusion matrix of the last evaluated split (test, else val)."""
+def plot_run(run, history: Sequence[Mapping], results: Mapping, classes: Sequence[str]) -> list[Path]:
+    """The figures of a run after an epoch, in its folder ``run.dir``: ``accuracy.png`` and
+    ``loss.png`` of the history so far (an ensemble's: the mean over its members whose values
+    are finite) and ``confusion.png`` of the last evaluation (test, else val; not for an
+    ensemble). Fits ``Run.after_epoch`` (:mod:`experiments.train.lifecycle`)."""
     title = run.config.name
-    if any(isinstance(row.get("train_loss"), list) for row in history):   # an ensemble: means
-        history = [{k: member_mean(v) if isinstance(v, list) else v for k, v in row.items()}
-                   for row in history]
-        plot_curves(history, run.dir, title=f"{title} (mean over the members)")
-        return
-    plot_curves(history, run.dir, title=title)
+    if any(isinstance(row["train_loss"], list) for row in history):   # an ensemble: means
+        means = [{k: member_mean(v) if isinstance(v, list) else v for k, v in row.items()}
+                 for row in history]
+        return plot_curves(means, run.dir, title=f"{title} (mean over the members)")
+    written = plot_curves(history, run.dir, title=title)
     which = "test" if "test" in results else ("val" if "val" in results else None)
     if which is not None:
-        plot_confusion(results[which].confusion, classes, run.dir / "confusion.png",
-                       title=f"{which}, epoch {history[-1]['epoch']}")
+        written.append(plot_confusion(results[which].confusion, classes, run.dir / "confusion.png",
+                                      title=f"{which}, epoch {history[-1]['epoch']}"))
+    return written
