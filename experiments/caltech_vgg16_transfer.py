@@ -14,7 +14,11 @@ from typing import Sequence
 
 import torch
 
+from .common.settings import SettingsError
+from .train.commands import refusal
+from .train.lifecycle import EXIT_INTERRUPTED, RunRefused
 from .transfer.caltech_head import CUT, WeightsNotFoundError, add_caltech_flags, benchmark, run
+from .transfer.config import CaltechHeadConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,22 +27,24 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See docs/transfer.md.")
     add_caltech_flags(p, data_required=False)
+    d = CaltechHeadConfig()
     a = p.add_argument
-    a("--seed", type=int, default=0, help="split, head init and shuffling (default: 0)")
-    a("--epochs", type=int, default=10, help="epochs (default: 10)")
-    a("--lr", type=float, default=1e-3, help="SGD learning rate (default: 0.001)")
-    a("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    a("--batch-size", type=int, default=32, help="images per step and per feature batch (default: 32)")
-    a("--dropout", choices=sorted(CUT), default="eval",
+    a("--seed", type=int, default=d.seed, help="split, head init and shuffling (default: 0)")
+    a("--epochs", type=int, default=d.epochs, help="epochs (default: 10)")
+    a("--lr", type=float, default=d.lr, help="SGD learning rate (default: 0.001)")
+    a("--momentum", type=float, default=d.momentum, help="SGD momentum (default: 0.9)")
+    a("--batch-size", type=int, default=d.batch_size, help="images per step and per feature batch (default: 32)")
+    a("--dropout", choices=sorted(CUT), default=d.dropout,
       help="eval: cache the 4096-d penultimate features, dropout off; train: replay VGG16's "
            "classifier dropouts each step, exactly as training through the net (default: eval)")
-    a("--resize", type=int, default=256, help="shorter side before the crop (default: 256)")
-    a("--crop", type=int, default=224, help="centre crop (default: 224)")
+    a("--resize", type=int, default=d.resize, help="shorter side before the crop (default: 256)")
+    a("--crop", type=int, default=d.crop, help="centre crop (default: 224)")
     a("--feature-cache", help="feature cache folder (default: <purenn cache>/features)")
     a("--no-cache", action="store_true", help="compute the frozen features without caching them")
-    a("--cache-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+    a("--cache-dtype", choices=["float32", "bfloat16", "float16"], default=d.cache_dtype,
       help="dtype of the cached features (default: float32)")
-    a("--out", help="folder for results.json and the trained head")
+    a("--out", help="folder for config.json, results.json and the trained head (a folder "
+                    "holding results of other settings is refused and left as it was)")
     a("--benchmark", type=int, metavar="STEPS",
       help="time STEPS head steps through the frozen net vs on cached features (random weights, "
            "--crop sized images, --batch-size), then exit")
@@ -58,10 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.data:
         parser.error("--data is required (unless --benchmark)")
     try:
-        results = run(args)
-    except (WeightsNotFoundError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        cfg = CaltechHeadConfig(**{k: getattr(args, k) for k in CaltechHeadConfig.names()})
+        results = run(cfg, args.out)
+    except (SettingsError, RunRefused, WeightsNotFoundError, FileNotFoundError, ValueError) as err:
+        return refusal(err)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing written (the results are written when the run ends)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(json.dumps({k: v for k, v in results.items() if k != "history"}))
     return 0
 

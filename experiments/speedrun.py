@@ -14,23 +14,32 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .airbench import RECIPE, check_config, run_speedrun
-from .airbench.recipe import MODEL
+from .airbench import RECIPE, SpeedrunConfig, run_speedrun
+from .cifar.recipes import resolve_data_dir
+from .common.settings import SettingsError, whole_number
 from .data.cifar10 import DataNotFoundError
-from .train import CHECKPOINT, load_run
-from .train.commands import guarded, refusal
+from .train.commands import refusal
+from .train.lifecycle import RunRefused, open_run, run_folder, stored_config
 
-#: Flags a resumed run may take (the rest would be ignored: the saved config is used).
-RESUME_FLAGS = ("data_dir", "device", "max_epochs")
+COMMAND = "python -m experiments.speedrun"
 
 B = argparse.BooleanOptionalAction
 
+#: Flags that set the setting of the same name (``--batch-size`` -> ``batch_size``).
+SETTING_FLAGS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
+                 "bias_scaler", "label_smoothing", "schedule", "activation", "bn_scale", "whiten",
+                 "whiten_bias_epochs", "flip", "alt_flip", "translate", "lookahead", "seed",
+                 "device", "bf16", "channels_last", "compile", "val_split", "limit_per_class",
+                 "data_dir")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every recipe flag defaults to None = "take airbench94's value" (shown in --help)."""
-    p = argparse.ArgumentParser(prog="python -m experiments.speedrun", description=__doc__.split("\n\n")[0],
+    """Every setting flag defaults to None: airbench94's value (a new run, shown in --help) or
+    the run's own (``--resume``)."""
+    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Recipe: " + ", ".join(f"{k}={v}" for k, v in RECIPE.items())
+                                epilog="Recipe: " + ", ".join(f"{k}={v}" for k, v in RECIPE.to_json().items()
+                                                              if k not in ("name", "data_dir"))
                                 + ". See docs/speedrun.md.")
     a = p.add_argument
     a("--epochs", type=int, help="training epochs (default 10)")
@@ -41,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--weight-decay", type=float, help="weight decay per 1024 examples, decoupled (0.0153)")
     a("--bias-scaler", type=float, help="learning-rate multiplier of the batch-norm biases (64)")
     a("--label-smoothing", type=float, help="label smoothing of the loss (0.2)")
-    a("--schedule", choices=("triangular", "constant"), help="learning-rate schedule (triangular)")
+    a("--schedule", help="learning-rate schedule: triangular (default) or constant")
     a("--widths", help="the three conv groups' widths (64,256,256)")
-    a("--activation", choices=("gelu", "relu"), help="activation (gelu)")
+    a("--activation", help="activation: gelu (default) or relu")
     a("--bn-scale", action=B, help="train the batch norms' scale (off: fixed at 1)")
     a("--whiten", action=B, help="first conv fixed to the data's whitening filters (on); "
                                  "--no-whiten trains it from the default init")
@@ -54,107 +63,84 @@ def build_parser() -> argparse.ArgumentParser:
     a("--translate", type=int, metavar="PIXELS", help="random translation, reflection padded (2; 0: off)")
     a("--ema", "--lookahead", dest="lookahead", action=B,
       help="lookahead: pull the weights to their moving average every 5 steps (on)")
-    a("--tta", action=B, help="test-time augmentation: mirror and 1-pixel translations (on)")
+    a("--tta", action=B, help="test-time augmentation: mirror and 1-pixel translations (on); "
+                              "sets the trainer's tta_flip and tta_shift")
     a("--seed", type=int, help="seed of the run key (0)")
     a("--device", help="auto (CUDA when available, else CPU), cpu, cuda, ...")
     a("--bf16", action=B, help="bfloat16 autocast (on)")
     a("--channels-last", action=B, help="channels-last memory format (on)")
     a("--compile", action=B, help="torch.compile the step (off)")
-    a("--out", default="runs", help="folder of the run folders (default: runs)")
+    a("--out", help="folder of the run folders (default: runs)")
     a("--name", help="run folder name (default: speedrun-s<seed>)")
     a("--data-dir", help="CIFAR-10 folder (default: $CIFAR10_DIR, else ./data)")
     a("--val-split", help="validation images carved from train: a fraction or a count (0)")
     a("--limit-per-class", type=int, help="only the first N images of each class (smoke runs)")
     a("--no-test", action="store_true", help="do not evaluate on the test split each epoch")
-    a("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    a("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint, with its saved "
+                                          "settings (a flag that changes one is refused unless the "
+                                          "run can soundly continue with it)")
     a("--max-epochs", type=int, help="stop (resumably) after this many completed epochs")
     return p
 
 
-def parse_widths(text: str) -> list[int]:
+def parse_widths(text: str) -> tuple[int, ...]:
+    """``"64,256,256"`` -> ``(64, 256, 256)`` (the config checks the count and the range)."""
     try:
-        widths = [int(w) for w in text.split(",")]
+        return tuple(int(w) for w in text.split(","))
     except ValueError:
-        raise ValueError(f"--widths: expected three whole numbers >= 1 (e.g. 64,256,256), got {text!r}") from None
-    return widths
+        raise SettingsError(f"--widths: expected three whole numbers >= 1 (e.g. 64,256,256), "
+                            f"got {text!r}") from None
 
 
-RECIPE_FLAGS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "bias_scaler",
-                "label_smoothing", "schedule", "activation", "bn_scale", "whiten",
-                "whiten_bias_epochs", "flip", "alt_flip", "translate", "lookahead", "tta", "seed",
-                "device", "bf16", "channels_last", "compile", "val_split", "limit_per_class")
-
-
-def resolve_config(args: argparse.Namespace) -> dict:
-    """airbench94's recipe with the given flags laid over it, checked (ValueError, one line)."""
-    cfg = dict(RECIPE)
-    cfg.update({k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) is not None})
+def _given(args: argparse.Namespace) -> dict:
+    """The settings the command line sets: the flags that were given."""
+    given = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) is not None}
+    if "val_split" in given:
+        given["val_split"] = str(given["val_split"])
     if args.widths is not None:
-        cfg["widths"] = parse_widths(args.widths)
-    cfg["val_split"] = str(cfg["val_split"])
-    cfg.update(data_dir=args.data_dir, test=not args.no_test)
-    cfg["name"] = args.name or f"speedrun-s{cfg['seed']}"
-    check_config(cfg)
-    if args.max_epochs is not None and args.max_epochs < 1:
-        raise ValueError(f"--max-epochs: expected a whole number >= 1, got {args.max_epochs}")
-    return cfg
+        given["widths"] = parse_widths(args.widths)
+    if args.tta is not None:
+        given.update(tta_flip=args.tta, tta_shift=1 if args.tta else 0)
+    if args.no_test:
+        given["test"] = False
+    return given
 
 
-def resume_config(args: argparse.Namespace) -> dict:
-    """The saved config of ``--resume``'s run with ``--data-dir`` / ``--device`` applied;
-    ValueError for any other flag, or a run of another experiment."""
-    defaults = vars(build_parser().parse_args([]))
-    given = sorted(k for k, v in vars(args).items()
-                   if k not in RESUME_FLAGS + ("resume", "out") and v != defaults.get(k))
-    if given:
-        raise ValueError("--resume: expected only --data-dir, --device or --max-epochs beside it "
-                         "(the run's saved config is used), got "
-                         + ", ".join("--" + k.replace("_", "-") for k in given))
-    _, _, cfg = load_run(Path(args.resume))
-    if cfg.get("model") != MODEL:
-        raise ValueError(f"{args.resume}: expected a run of experiments.speedrun, got one of "
-                         f"{cfg.get('model')!r}")
-    cfg.update({k: getattr(args, k) for k in ("data_dir", "device") if getattr(args, k)})
-    if args.max_epochs is not None and args.max_epochs < 1:
-        raise ValueError(f"--max-epochs: expected a whole number >= 1, got {args.max_epochs}")
-    check_config(cfg)
-    return cfg
+def requested_config(args: argparse.Namespace) -> tuple[SpeedrunConfig, Path, bool]:
+    """``(config, run folder, resume)`` the flags ask for; SettingsError / RunRefused (one line).
+
+    A new run is airbench94's recipe with the given flags laid over it; ``--resume`` lays them
+    over the run's stored config, and the lifecycle then continues or refuses."""
+    given = _given(args)
+    if args.max_epochs is not None:
+        whole_number(args.max_epochs, "max_epochs")
+    if args.resume:
+        for name in ("name", "out"):
+            if getattr(args, name) is not None:
+                raise RunRefused(f"--{name}: expected none with --resume (the run keeps its own), "
+                                 f"got {getattr(args, name)}")
+        run_dir = Path(args.resume)
+        stored, _ = stored_config(run_dir, SpeedrunConfig)
+        return stored.replace(**given), run_dir, True
+    cfg = RECIPE.replace(**given)
+    cfg = cfg.replace(name=args.name or f"speedrun-s{cfg.seed}")
+    return cfg, run_folder(args.out or "runs", cfg.name), False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.resume:
-            cfg, run_dir = resume_config(args), Path(args.resume)
-        else:
-            cfg = resolve_config(args)
-            run_dir = Path(args.out) / cfg["name"]
-            if (run_dir / CHECKPOINT).exists():
-                raise ValueError(f"{run_dir} already holds a run; continue it with --resume "
-                                 f"{run_dir} or pick another --name")
-    except (ValueError, FileNotFoundError) as err:   # CheckpointError is a ValueError
+        cfg, run_dir, resume = requested_config(args)
+        run = open_run(run_dir, resolve_data_dir(cfg), command=COMMAND, resume=resume)
+        result, code = run_speedrun(run, max_epochs=args.max_epochs)
+    except (SettingsError, RunRefused, DataNotFoundError, FileNotFoundError) as err:
         return refusal(err)
-    resume_cmd = f"python -m experiments.speedrun --resume {run_dir}"
-    try:
-        out, code = guarded(lambda: run_speedrun(cfg, run_dir, resume=bool(args.resume),
-                                                 max_epochs=args.max_epochs,
-                                                 resume_command=resume_cmd))
-    except (DataNotFoundError, FileNotFoundError) as err:
-        return refusal(err)
-    if code is not None:
-        return code
-    result, problem = out
-    if problem is not None:
-        return refusal(problem)
-    if result.status == "interrupted":
-        return 130
-    if result.status == "stopped":
-        print(f"stopped after epoch {args.max_epochs}; continue with: {resume_cmd}", file=sys.stderr)
-        return 0
-    last = result.history[-1] if result.history else {}
-    print(json.dumps({k: last.get(k) for k in ("epoch", "val_accuracy", "test_accuracy")}))
-    return 0
+    if code == 0 and result.status == "done":
+        last = result.history[-1] if result.history else {}
+        print(json.dumps({k: last.get(k) for k in ("epoch", "val_accuracy", "test_accuracy")}))
+    return code
 
 
 if __name__ == "__main__":
     sys.exit(main())
+

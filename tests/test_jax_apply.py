@@ -244,3 +244,57 @@ def test_jax_train_follows_the_torch_step_in_float64_and_reports_its_numbers(jax
         assert abs(row["loss_jax"] - row["loss_torch"]) < 1e-12, row
     assert 0 <= record["epochs"][0]["test_accuracy"] <= 1
     assert record["compile_s"] > 0 and record["jax_images_per_s"] > 0 and record["torch_images_per_s"] > 0
+
+
+# ------------------------------------------------- python -m experiments.jax_train: refusals
+# (each before jax is imported, so these run in the test session's own process)
+
+
+def _one_error_line(capsys) -> str:
+    """The one ``error:`` line on stderr (beside the data's progress lines), no traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_jax_train_refuses_a_batch_larger_than_the_data_in_one_line(tiny_cifar, capsys):
+    from experiments import jax_train
+    assert jax_train.main(["--data-dir", str(tiny_cifar), "--batch-size", "61"]) == 2
+    assert "--batch-size: expected at most 60 (the training images), got 61" in _one_error_line(capsys)
+
+
+def test_jax_train_refuses_a_missing_data_folder_in_one_line(tmp_path, capsys):
+    from experiments import jax_train
+    assert jax_train.main(["--data-dir", str(tmp_path / "nowhere")]) == 2
+    line = _one_error_line(capsys)
+    assert "expected CIFAR-10" in line and str(tmp_path / "nowhere") in line
+
+
+@pytest.mark.parametrize("flag", ["--limit-per-class", "--test-limit-per-class"])
+def test_jax_train_refuses_limit_per_class_0_as_every_command_does(flag, tmp_path, capsys):
+    from experiments import jax_train
+    assert jax_train.main([flag, "0", "--data-dir", str(tmp_path)]) == 2
+    assert f"{flag}: expected a whole number >= 1, got 0" in _one_error_line(capsys)
+    assert jax_train.build_parser().parse_args([flag, "all"]).__dict__[flag[2:].replace("-", "_")] is None
+
+
+def test_jax_train_refuses_a_record_of_other_settings_and_leaves_it(tiny_cifar, tmp_path, capsys):
+    from experiments import jax_train
+    from experiments.common.files import write_json
+    from experiments.jax import JaxTrainConfig, check_record_path
+    out = tmp_path / "record.json"
+    write_json(out, {"config": JaxTrainConfig(epochs=1, data_dir="/elsewhere").to_json(), "epochs": []})
+    before = out.read_bytes()
+    assert jax_train.main(["--data-dir", str(tiny_cifar), "--epochs", "2", "--lr", "0.5",
+                           "--out", str(out)]) == 2
+    line = _one_error_line(capsys)
+    from experiments.common.settings import Difference
+    assert f"holds a record of other settings: {Difference('epochs', 1, 2)}; {Difference('lr', None, 0.5)}" in line
+    assert out.read_bytes() == before
+    # the same settings read elsewhere: a measurement taken again
+    check_record_path(out, JaxTrainConfig(epochs=1, data_dir=str(tiny_cifar)))
+    out.write_text("{not json")
+    assert jax_train.main(["--data-dir", str(tiny_cifar), "--out", str(out)]) == 2
+    assert "--out: expected a new file or a jax_train record" in _one_error_line(capsys)
+    assert out.read_text() == "{not json"

@@ -16,11 +16,13 @@ import layers
 import nets
 import optim
 from experiments import evaluate, speedrun
-from experiments.airbench import (RECIPE, alternating_flip, augmenter, derived_rates, fit_config,
-                                  lookahead_decay, lookahead_step, param_labels, parts, sync)
+from experiments.airbench import (RECIPE, SpeedrunConfig, alternating_flip, augmenter,
+                                  derived_rates, lookahead_decay, lookahead_step, param_labels,
+                                  parts, sync)
 from experiments.train.lookahead import LookaheadState
 from experiments.benchmarks.airbench_reference import ReferenceRun, reference_module, time_steps
 from experiments.cifar.recipes import prepare
+from experiments.common.settings import Difference
 from experiments.data.dataset import Dataset
 from experiments.train import fit, load_run, make_eval, make_step
 from experiments.train.build import build_loss
@@ -30,7 +32,7 @@ from nets.whitening import image_patches, patch_covariance, whitening_filters
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg"
-SMALL = dict(RECIPE, widths=[8, 16, 16])
+SMALL = RECIPE.replace(widths=(8, 16, 16))
 
 
 def _correlated_images(n=16, size=12, seed=0, dtype=torch.float64):
@@ -92,7 +94,7 @@ def test_airbench_net_has_the_torch_modules_names_shapes_and_outputs():
     # airbench's init: the first in_channels filters of every conv are the identity
     eye = params["3.conv1.weight"][:64, :, 1, 1]
     assert torch.equal(eye, torch.eye(64)) and not params["3.conv1.weight"][64:].eq(0).all()
-    small = nets.airbench(widths=SMALL["widths"], whiten=torch.randn(24, 3, 2, 2, dtype=torch.float64))
+    small = nets.airbench(widths=SMALL.widths, whiten=torch.randn(24, 3, 2, 2, dtype=torch.float64))
     p, s = small.init(jr.key(1), dtype=torch.float64)
     m = reference_module(SMALL).double()
     x = torch.randn(6, 3, 32, 32, dtype=torch.float64)
@@ -115,7 +117,7 @@ def test_parameter_groups_freeze_the_whitening_weight_and_the_batch_norm_scales(
     assert param_labels(RECIPE)(params) == {
         "0.weight": "frozen", "0.bias": "whiten_bias", "2.conv1.weight": "other",
         "2.norm1.weight": "frozen", "2.norm1.bias": "norm_bias", "7.weight": "other"}
-    ablated = param_labels(dict(RECIPE, whiten=False, bn_scale=True))(params)
+    ablated = param_labels(RECIPE.replace(whiten=False, bn_scale=True))(params)
     assert ablated["0.weight"] == "other" and ablated["2.norm1.weight"] == "other"
     rates = derived_rates(RECIPE)
     s = 1024 * (1 + 1 / 0.15)
@@ -128,7 +130,7 @@ def test_parameter_groups_freeze_the_whitening_weight_and_the_batch_norm_scales(
 def test_triangular_schedule_is_airbenchs_get_lr():
     total = 47
     schedule = optim.triangular_schedule(2.0, total)
-    ref = ReferenceRun(reference_module(SMALL), dict(SMALL, epochs=1), total)
+    ref = ReferenceRun(reference_module(SMALL), SMALL.replace(epochs=1), total)
     for t in range(total + 1):
         assert schedule(t) == pytest.approx(2.0 * ref._factor(t), rel=1e-14)
         assert float(schedule(torch.tensor(t))) == pytest.approx(schedule(t), rel=1e-14)
@@ -138,8 +140,8 @@ def test_triangular_schedule_is_airbenchs_get_lr():
 def test_pure_speedrun_steps_equal_airbenchs_torch_steps():
     """Groups, rates on the mean loss, Nesterov, schedule, whitening-bias cut, label smoothing and
     the lookahead: six float64 steps of both recipes land on the same weights."""
-    cfg = dict(SMALL, epochs=2, batch_size=8, whiten_bias_epochs=1, lookahead_every=2,
-               bf16=False, channels_last=False)
+    cfg = SMALL.replace(epochs=2, batch_size=8, whiten_bias_epochs=1, lookahead_every=2,
+                        bf16=False, channels_last=False)
     steps_per_epoch = 3
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 8, 3, 32, 32, generator=g, dtype=torch.float64)
@@ -208,14 +210,15 @@ def test_alternating_flip_mirrors_each_image_on_alternate_epochs():
 
 
 def test_tta_is_airbenchs_weighted_mean_of_the_mirrored_and_translated_views():
-    cfg = fit_config(SMALL)
-    assert (cfg["tta_flip"], cfg["tta_shift"], cfg["tta_shift_weight"]) == (True, 1, 0.5)
-    assert (fit_config(dict(SMALL, tta=False))["tta_flip"], fit_config(dict(SMALL, tta=False))["tta_shift"]) == (False, 0)
-    net = nets.airbench(widths=SMALL["widths"])
+    cfg = SMALL
+    assert (cfg.tta_flip, cfg.tta_shift, cfg.tta_shift_weight) == (True, 1, 0.5)
+    no_tta, _, _ = speedrun.requested_config(speedrun.build_parser().parse_args(["--no-tta"]))
+    assert (no_tta.tta_flip, no_tta.tta_shift) == (False, 0)
+    net = nets.airbench(widths=SMALL.widths)
     params, state = net.init(jr.key(0), dtype=torch.float64)
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
-    predict = make_eval(net, tta_flip=cfg["tta_flip"], tta_shift=cfg["tta_shift"],
-                        shift_weight=cfg["tta_shift_weight"])
+    predict = make_eval(net, tta_flip=cfg.tta_flip, tta_shift=cfg.tta_shift,
+                        shift_weight=cfg.tta_shift_weight)
     f = lambda v: net.apply(params, state, v, train=False)[0]  # noqa: E731
 
     def shifted(v):                                             # moved by (1, 1) and (-1, -1)
@@ -240,17 +243,17 @@ def test_tta_is_airbenchs_weighted_mean_of_the_mirrored_and_translated_views():
 
 
 @pytest.mark.parametrize("change", [{}, {"whiten": False}, {"lookahead": False}, {"alt_flip": False},
-                                    {"flip": False, "translate": 0, "tta": False},
+                                    {"flip": False, "translate": 0, "tta_flip": False, "tta_shift": 0},
                                     {"activation": "relu", "label_smoothing": 0.0},
                                     {"bn_scale": True, "schedule": "constant", "nesterov": False}])
 def test_every_ablation_of_the_recipe_trains(change):
-    cfg = dict(SMALL, widths=[4, 8, 8], epochs=2, batch_size=8, bf16=False, channels_last=False,
-               lookahead_every=2, **change)
+    cfg = SMALL.replace(widths=(4, 8, 8), epochs=2, batch_size=8, bf16=False, channels_last=False,
+                        lookahead_every=2, **change)
     g = torch.Generator().manual_seed(1)
     train = Dataset(torch.randint(0, 256, (24, 3, 32, 32), generator=g, dtype=torch.uint8),
                     torch.randint(0, 10, (24,), generator=g), tuple(range(10)))
     net, opt, hooks = parts(cfg, train, 3)
-    result = fit(fit_config(cfg), net=net, opt=opt, loss_fn=build_loss(cfg), train=train,
+    result = fit(cfg, net=net, opt=opt, loss_fn=build_loss(cfg), train=train,
                  test=train, augment=augmenter(cfg), prepare=prepare, quiet=True, hooks=hooks)
     assert result.status == "done" and len(result.history) == 2
     assert all(torch.isfinite(v).all() for v in result.params.values())
@@ -324,15 +327,128 @@ def test_a_bad_flag_is_one_line_and_exit_2_before_any_folder(flags, needle, tmp_
     assert not (tmp_path / "runs").exists()
 
 
-def test_resume_refuses_other_flags_and_missing_runs(tmp_path, capsys):
+def test_resume_of_a_folder_without_a_run_is_one_line(tmp_path, capsys):
     assert speedrun.main(["--resume", str(tmp_path / "nothing"), "--lr", "2"]) == 2
-    assert "--resume: expected only --data-dir, --device or --max-epochs beside it" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: expected a run folder with a checkpoint.safetensors")
+    assert len(err.strip().splitlines()) == 1
     assert speedrun.main(["--resume", str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "nothing").exists()
+
+
+# ----------------------------------------------------------------------------- the run lifecycle
+
+TINY = ["--widths", "4,8,8", "--batch-size", "20", "--epochs", "2", "--no-bf16",
+        "--no-channels-last", "--whiten-bias-epochs", "1"]
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def stopped_run(cifar_folder, tmp_path):
+    """``(argv, run folder)`` of a speedrun stopped after 1 of 2 epochs on a generated CIFAR-10."""
+    data = cifar_folder(4, 2)
+    argv = TINY + ["--data-dir", str(data), "--out", str(tmp_path / "runs")]
+    assert speedrun.main(argv + ["--name", "r", "--max-epochs", "1"]) == 0
+    return argv, tmp_path / "runs" / "r"
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--epochs", "3"], [f"{Difference('epochs', 2, 3)} (its triangular schedule spans them"]),
+    (["--lr", "2"], [str(Difference("lr", 11.5, 2.0))]),
+    (["--limit-per-class", "2"], [str(Difference("limit_per_class", None, 2))]),
+    (["--no-alt-flip", "--seed", "1"], [str(Difference("seed", 0, 1)), str(Difference("alt_flip", True, False))]),
+])
+def test_resume_with_a_changed_setting_is_refused_in_one_line_and_the_folder_is_untouched(
+        stopped_run, flags, named, capsys):
+    _, run = stopped_run
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert speedrun.main(["--resume", str(run)] + flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "holds a run trained with other settings" in err[0]
+    for part in named:
+        assert part in err[0], (part, err[0])
+    assert _snapshot(run) == before
+
+
+def test_a_rerun_into_a_folder_with_a_run_is_refused_and_names_the_resume_command(stopped_run, capsys):
+    argv, run = stopped_run
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert speedrun.main(argv + ["--name", "r"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"python -m experiments.speedrun --resume {run}" in err[0]
+    assert _snapshot(run) == before
+    assert speedrun.main(argv + ["--name", "../escape"]) == 2
+    assert "--name: expected a folder name inside --out" in capsys.readouterr().err
+
+
+def test_resume_with_the_same_values_or_another_device_continues(stopped_run, capsys):
+    _, run = stopped_run
+    assert speedrun.main(["--resume", str(run), "--epochs", "2", "--device", "cpu", "--lr", "11.5"]) == 0
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert json.loads((run / "config.json").read_text())["device"] == "cpu"
+
+
+def test_more_epochs_of_a_constant_rate_run_without_lookahead_train_them(cifar_folder, tmp_path, capsys):
+    data = cifar_folder(4, 2)
+    argv = TINY + ["--data-dir", str(data), "--out", str(tmp_path / "runs"), "--name", "c",
+                   "--schedule", "constant", "--no-lookahead"]
+    assert speedrun.main(argv) == 0
+    run = tmp_path / "runs" / "c"
+    assert speedrun.main(["--resume", str(run), "--epochs", "3"]) == 0
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epoch"] == 3
+
+
+def _old_format(cfg: SpeedrunConfig) -> dict:
+    """The config the speedrun stored before the typed config: its recipe dict (``tta`` on/off,
+    no trainer TTA keys) with ``fit_config``'s ``tta_flip`` / ``tta_shift`` derived from it."""
+    old = {k: v for k, v in cfg.to_json().items() if k not in ("tta_flip", "tta_shift")}
+    old["tta"] = cfg.tta_flip
+    return {**old, "tta_flip": bool(old["tta"]), "tta_shift": 1 if old["tta"] else 0}
+
+
+def test_a_speedrun_folder_written_before_the_typed_config_still_loads_and_resumes(stopped_run, capsys):
+    from experiments.train.lifecycle import stored_config
+    from experiments.train.runs import save_checkpoint
+
+    _, run = stopped_run
+    cfg, progress = stored_config(run, SpeedrunConfig)
+    tree, progress, _ = load_run(run)
+    old = _old_format(cfg)
+    old.pop("tta_shift_weight")                     # older still: every view weighs the same
+    (run / "config.json").write_text(json.dumps(old))
+    save_checkpoint(run / "checkpoint.safetensors", tree["params"], tree["state"], tree["opt_state"],
+                    tree["key"], progress, old)
+    loaded, _ = stored_config(run, SpeedrunConfig)
+    assert loaded == cfg.replace(tta_shift_weight=None)
+    assert (loaded.tta_flip, loaded.tta_shift, loaded.widths) == (True, 1, (4, 8, 8))
+    assert SpeedrunConfig.from_json(SpeedrunConfig.upgrade(dict(old, tta=False, tta_flip=False, tta_shift=0))).tta_shift == 0
+    assert speedrun.main(["--resume", str(run)]) == 0
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert "tta" not in json.loads((run / "config.json").read_text())
+
+
+def test_config_json_round_trips_and_refuses_unknown_settings():
+    cfg = RECIPE.replace(widths=(8, 16, 16), name="x", data_dir="/data")
+    assert SpeedrunConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+    with pytest.raises(ValueError, match="unknown crop"):
+        SpeedrunConfig.from_json(dict(cfg.to_json(), crop=4))
+    assert cfg.net_options() == dict(widths=[8, 16, 16], activation="gelu", bn_momentum=0.4,
+                                     bn_eps=1e-12, scale=1 / 9)
 
 
 def test_time_steps_times_the_pure_step_and_the_torch_twin_interleaved():
-    out = time_steps(dict(SMALL, widths=[4, 8, 8], batch_size=16, bf16=False, channels_last=False),
+    out = time_steps(SMALL.replace(widths=(4, 8, 8), batch_size=16, bf16=False, channels_last=False),
                      steps=1, rounds=2)
     assert set(out) == {"pure", "torch.nn", "ratio"} and out["pure"] > 0 and out["torch.nn"] > 0
     assert out["ratio"] == pytest.approx(out["torch.nn"] / out["pure"])

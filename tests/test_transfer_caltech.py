@@ -24,6 +24,7 @@ from experiments import caltech_vgg16_features as cf_cli
 from experiments import train as trainer
 from experiments import caltech_vgg16_transfer as ct_cli
 from experiments.data import caltech256 as cd
+from experiments.common.settings import Difference
 from experiments.transfer import caltech_blocks as cf
 from experiments.transfer import caltech_head as ct
 from experiments.transfer import feature_cache as fc
@@ -250,6 +251,53 @@ def test_transfer_entry_point_trains_reports_and_reuses_its_feature_cache(tree, 
     assert again["test_accuracy"] == first["test_accuracy"] and again["history"] == first["history"]
     head, _ = nets.load(tmp_path / "out" / "head.safetensors")
     assert head["classifier.6.weight"].shape == (3, 4096)
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_transfer_rerun_with_other_settings_is_refused_in_one_line_and_the_folder_untouched(
+        tree, vgg16_pth, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--data", str(tree), "--weights", str(vgg16_pth), "--train-per-class", "4",
+            "--test-per-class", "2", "--resize", "36", "--crop", "32", "--epochs", "1",
+            "--batch-size", "4", "--no-cache", "--out", str(out)]
+    assert ct_cli.main(argv) == 0
+    assert json.loads((out / "config.json").read_text())["epochs"] == 1
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert ct_cli.main(argv + ["--epochs", "2", "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    named = f"{Difference('epochs', 1, 2)}; {Difference('lr', 0.001, 0.01)}"
+    assert f"holds results computed with other settings: {named}" in err[0]
+    assert _snapshot(out) == before
+    # where the cache and the data are is no setting of the results
+    assert ct_cli.main(argv + ["--feature-cache", str(tmp_path / "c2")]) == 0
+    # a folder of an older purenn (results, no config): refused, left as it was
+    (out / "config.json").unlink()
+    before = _snapshot(out)
+    assert ct_cli.main(argv) == 2
+    assert "did not record the settings" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_features_rerun_with_other_settings_is_refused_and_a_bad_value_is_one_line(
+        tree, vgg16_pth, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--data", str(tree), "--weights", str(vgg16_pth), "--train-per-class", "4",
+            "--test-per-class", "2", "--resize", "36", "--crop", "32", "--epochs", "1",
+            "--hidden", "8", "--no-probes", "--batch-size", "4", "--no-cache", "--out", str(out)]
+    assert cf_cli.main(argv) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert cf_cli.main(argv + ["--heads", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(Difference("heads", (3, 4), (3,))) in err[0]
+    assert _snapshot(out) == before
+    assert cf_cli.main(argv[:-2] + ["--probe-lr", "inf"]) == 2
+    assert "--probe-lr: expected a finite number" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])

@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 
 import nets
 from experiments import cifar_transfer as ctr_cli
+from experiments.common.settings import Difference
 from experiments.transfer import cifar_split as ctr
+from experiments.transfer.config import (FEATURES, CifarTransferStudy, check_output,
+                                         open_output)
 from experiments.data.cifar10 import CIFAR10_CLASSES
 from experiments.data.dataset import Dataset
 from layers import random as jr
@@ -82,19 +85,20 @@ def test_smoke_run_on_a_subset_fills_the_table_and_a_rerun_resumes(tmp_path, mon
     train = load_cifar10(root, "train", limit_per_class=12, progress=False)
     test = load_cifar10(root, "test", limit_per_class=6, progress=False)
     # a smoke run: every method, a few steps each
-    monkeypatch.setitem(ctr.RECIPE, "pretrain", {**ctr.RECIPE["pretrain"], "batch_size": 30})
+    monkeypatch.setitem(ctr.RECIPE, "pretrain", ctr.RECIPE["pretrain"].replace(batch_size=30))
     for part in ("features", "finetune", "scratch"):
-        monkeypatch.setitem(ctr.RECIPE, part, {**ctr.RECIPE[part], "epochs": {4: 2}, "batch_size": 8})
-    monkeypatch.setitem(ctr.RECIPE["features"], "hidden", 16)
-    kw = dict(shots=(4,), draws=(1,), pretrain_epochs=1, feature_cache=tmp_path / "cache")
-    results = ctr.run_study(train, test, tmp_path / "study", **kw)
+        monkeypatch.setitem(ctr.RECIPE, part, ctr.RECIPE[part].replace(epochs_by_shots={4: 2}, batch_size=8))
+    monkeypatch.setitem(ctr.RECIPE, "features", ctr.RECIPE["features"].replace(hidden=16))
+    study = CifarTransferStudy(shots=(4,), draws=(1,), pretrain_epochs=1,
+                               feature_cache=str(tmp_path / "cache"))
+    results = ctr.run_study(train, test, tmp_path / "study", study)
     cells = {k for k in results if not k.startswith("_")}
     assert cells == {f"n4-d0-{m}" for m in ctr.METHODS}
     assert all(0 <= results[c]["accuracy"] <= 1 for c in cells)
     table = (tmp_path / "study" / "table.md").read_text()
     assert all(m in table for m in ctr.METHODS)
     capsys.readouterr()
-    again = ctr.run_study(train, test, tmp_path / "study", **kw)
+    again = ctr.run_study(train, test, tmp_path / "study", study)
     err = capsys.readouterr().err
     assert "resuming" in err and "n4-d0-" not in err          # nothing retrained
     assert again == results
@@ -108,3 +112,55 @@ def test_help_describes_the_study(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--shots" in out and "--draws" in out and "frozen+new-head" in out
+
+
+def test_the_table_shows_every_cell_the_folder_holds_whatever_the_flags():
+    results = {"_pretrained": "x", "n500-d0-scratch": {"accuracy": 0.8, "train_accuracy": 0.9},
+               "n32-d0-fine-tune": {"accuracy": 0.5, "train_accuracy": 1.0},
+               "n32-d0-probe-block2": {"accuracy": 0.4, "train_accuracy": 0.6}}
+    assert ctr.cells(results) == ((32, 500), ("probe-block2", "fine-tune", "scratch"))
+
+
+def test_epochs_by_images_per_class_read_back_from_json():
+    assert FEATURES.epochs_for(32) == 60 and FEATURES.epochs_for(500) == 20 and FEATURES.epochs_for(7) == 20
+    assert type(FEATURES).from_json(json.loads(json.dumps(FEATURES.to_json()))) == FEATURES
+    with pytest.raises(ValueError, match="epochs_by_shots"):
+        FEATURES.replace(epochs_by_shots={32: 0})
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_rerun_with_other_settings_is_refused_in_one_line_and_the_folder_is_untouched(tmp_path, capsys):
+    out = tmp_path / "study"
+    open_output(out, CifarTransferStudy(limit_per_class=12, pretrain_epochs=1, data_dir="/somewhere"))
+    (out / "results.json").write_text("{}")
+    before = _snapshot(out)
+    assert ctr_cli.main(["--out", str(out), "--limit-per-class", "20", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert f"{Difference('limit_per_class', 12, 20)}; {Difference('pretrain_epochs', 1, None)}" in err[0]
+    assert _snapshot(out) == before
+    # more cells, another data folder, another cache: the study continues
+    check_output(out, CifarTransferStudy(limit_per_class=12, pretrain_epochs=1, shots=(4, 8),
+                                         draws=(2, 1), methods=("scratch",), data_dir="/else",
+                                         feature_cache="/cache"))
+
+
+def test_a_study_folder_of_an_older_purenn_is_refused_in_one_line(tmp_path, capsys):
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "results.json").write_text('{"n32-d0-scratch": {"accuracy": 0.5}}')
+    assert ctr_cli.main(["--out", str(out), "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did not record the settings" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+
+
+def test_limit_per_class_0_and_mismatched_draws_are_refused_as_flags(tmp_path, capsys):
+    assert ctr_cli.main(["--out", str(tmp_path / "s"), "--limit-per-class", "0"]) == 2
+    assert "--limit-per-class: expected a whole number >= 1, got 0" in capsys.readouterr().err
+    assert ctr_cli.main(["--out", str(tmp_path / "s"), "--shots", "4", "8", "--draws", "1"]) == 2
+    assert "--draws: expected one count per --shots entry (2), got 1" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -1,25 +1,27 @@
 """One speedrun: the data, the airbench net with its whitening, the optimizer, the lookahead and
-the alternating flip handed to the one trainer (:func:`experiments.train.fit`), which keeps the
-run folder, progress bar, checkpoint and resume of every other experiment."""
+the alternating flip handed to the one trainer (:func:`experiments.train.fit`), inside the run
+lifecycle (:mod:`experiments.train.lifecycle`) that keeps the run folder, checkpoint and resume
+of every other experiment."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import Mapping
 
 import torch
 
 from ..cifar.recipes import load_data, prepare
+from ..report.plots import plot_run
 from ..train import fit, resolve_device, retain_freed_memory
 from ..train.build import build_loss
 from ..train.hooks import FitHooks
+from ..train.lifecycle import EXIT_REFUSED, Run
 from ..train.lookahead import with_lookahead
-from .recipe import alternating_flip, augmenter, build_net, build_optimizer, fit_config
+from .config import SpeedrunConfig
+from .recipe import alternating_flip, augmenter, build_net, build_optimizer
 
 __all__ = ["parts", "run_speedrun"]
 
 
-def parts(cfg: Mapping, train, steps_per_epoch: int, *, from_checkpoint: bool = False):
+def parts(cfg: SpeedrunConfig, train, steps_per_epoch: int, *, from_checkpoint: bool = False):
     """``(net, opt, hooks)`` of the run ``cfg`` on the training split ``train``.
 
     ``from_checkpoint``: the parameters will be loaded, so the whitening filters are not computed
@@ -27,37 +29,39 @@ def parts(cfg: Mapping, train, steps_per_epoch: int, *, from_checkpoint: bool = 
     """
     net = build_net(cfg, None if from_checkpoint else train.images, len(train.classes))
     opt = build_optimizer(cfg, steps_per_epoch)
-    flips = alternating_flip(cfg["seed"]) if cfg["flip"] and cfg["alt_flip"] else None
+    flips = alternating_flip(cfg.seed) if cfg.flip and cfg.alt_flip else None
     hooks = FitHooks(epoch_images=flips)
-    if cfg["lookahead"]:
-        opt, hooks = with_lookahead(net, opt, cfg["epochs"] * steps_per_epoch,
-                                    every=cfg["lookahead_every"], max_decay=cfg["lookahead_decay"],
+    if cfg.lookahead:
+        opt, hooks = with_lookahead(net, opt, cfg.epochs * steps_per_epoch,
+                                    every=cfg.lookahead_every, max_decay=cfg.lookahead_decay,
                                     hooks=hooks)
     return net, opt, hooks
 
 
-def run_speedrun(cfg: dict, run_dir: Path, *, resume: bool = False, max_epochs: int | None = None,
-                 resume_command: str | None = None, stream=None):
-    """Load the data ``cfg`` names, build the parts and train (or resume) in ``run_dir``.
+def run_speedrun(run: Run, *, max_epochs: int | None = None, stream=None):
+    """Load the data ``run.config`` names, build the parts and train (or resume) in ``run``.
 
-    Returns ``(FitResult, None)`` or ``(None, message)`` when the data cannot train (too few
-    images for one batch); every hyperparameter was checked before (``recipe.check_config``).
+    Returns ``(FitResult or None, exit status)``: :meth:`Run.guarded`'s, or ``(None, 2)`` with one
+    line on ``stream`` when the data cannot train (too few images for one batch); every setting
+    was checked when the config was made.
     """
+    stream = sys.stderr if stream is None else stream
+    cfg: SpeedrunConfig = run.config
     train, val, test = load_data(cfg)
-    steps_per_epoch = len(train.labels) // cfg["batch_size"]
+    steps_per_epoch = len(train.labels) // cfg.batch_size
     if steps_per_epoch < 1:
-        return None, (f"--batch-size {cfg['batch_size']}: expected at most the {len(train.labels)} "
-                      "training images (lower --batch-size, or raise --limit-per-class)")
-    if cfg.get("retain_freed_memory", True):
+        print(f"error: --batch-size {cfg.batch_size}: expected at most the {len(train.labels)} "
+              "training images (lower --batch-size, or raise --limit-per-class)", file=stream)
+        return None, EXIT_REFUSED
+    if cfg.retain_freed_memory:
         retain_freed_memory()
-    net, opt, hooks = parts(cfg, train, steps_per_epoch, from_checkpoint=resume)
-    device = resolve_device(cfg["device"])
+    net, opt, hooks = parts(cfg, train, steps_per_epoch, from_checkpoint=run.resumed)
+    device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    print(f"speedrun (airbench94 recipe) on {device}: epochs {cfg['epochs']}, batch "
-          f"{cfg['batch_size']}, {steps_per_epoch} steps per epoch, run dir {run_dir}",
-          file=sys.stderr if stream is None else stream)
-    result = fit(fit_config(cfg), net=net, opt=opt, loss_fn=build_loss(cfg), train=train, val=val,
-                 test=test, augment=augmenter(cfg), prepare=prepare, run_dir=run_dir,
-                 resume=resume, max_epochs=max_epochs, resume_command=resume_command,
-                 stream=stream, hooks=hooks)
-    return result, None
+    print(f"speedrun (airbench94 recipe) on {device}: epochs {cfg.epochs}, batch "
+          f"{cfg.batch_size}, {steps_per_epoch} steps per epoch, run dir {run.dir}", file=stream)
+    run.after_epoch.append(plot_run)
+    return run.guarded(lambda: fit(cfg, net=net, opt=opt, loss_fn=build_loss(cfg), train=train,
+                                   val=val, test=test, augment=augmenter(cfg), prepare=prepare,
+                                   run=run, max_epochs=max_epochs, stream=stream, hooks=hooks),
+                       stream=stream)

@@ -16,13 +16,14 @@ speed ratio; the compiled step's compile time is reported apart.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,54 +33,68 @@ import layers
 import nets
 import optim
 
+from ..cifar.config import RECIPES
+from ..common.files import DamagedFileError, read_json
+from ..common.settings import SettingsError, choice, number, optional, setting, whole
 from ..data.augment import augment_batch, normalize
 from ..data.cifar10 import find_data_dir, load_cifar10
+from ..data.settings import DataSettings
 from ..train.device import retain_freed_memory
 from ..train.keys import epoch_order, run_keys, step_keys
-from ..cifar.recipes import RECIPES
+from ..train.lifecycle import NonFiniteLossError, RunRefused
 
-__all__ = ["JaxTrainConfig", "run", "machine"]
+__all__ = ["JaxTrainConfig", "run", "machine", "check_record_path"]
 
+#: Model B's fast recipe: the net's dropouts, the optimizer and the loss the JAX run trains with.
 RECIPE = RECIPES["cifar_model_b"]["fast"]
 
 
-@dataclasses.dataclass
-class JaxTrainConfig:
-    """What :func:`run` trains. ``lr=None`` takes the fast recipe's peak rate scaled linearly
-    from its batch of 512 to ``batch_size``; ``limit_per_class=None`` uses the whole split."""
+def _data_setting(name: str, default):
+    """:class:`DataSettings`' setting ``name`` (its check and help) with another default."""
+    f = DataSettings.__dataclass_fields__[name]
+    return setting(default, f.metadata["check"], f.metadata["help"])
 
-    epochs: int = 3
-    batch_size: int = 128
-    limit_per_class: int | None = 256
-    test_limit_per_class: int | None = 100
-    seed: int = 0
-    lr: float | None = None
-    check_steps: int = 5
-    dtype: str = "float32"
-    impl: str = "fast"
-    data_dir: str | None = None
-    eval_batch_size: int = 500
+
+@dataclass(frozen=True)
+class JaxTrainConfig(DataSettings):
+    """What :func:`run` trains. ``lr=None`` takes the fast recipe's peak rate scaled linearly
+    from its batch of 512 to ``batch_size``; ``limit_per_class=None`` uses the whole split (the
+    data settings' check: ``0`` is refused, as by every command)."""
+
+    limit_per_class: int | None = _data_setting("limit_per_class", 256)
+    epochs: int = setting(3, whole(1), "training epochs")
+    batch_size: int = setting(128, whole(1), "images per step")
+    test_limit_per_class: int | None = setting(100, optional(whole(1)), "test on the first N images of each class (none: all)")
+    seed: int = setting(0, whole(0), "run key seed: init, order, augmentation, dropout")
+    lr: float | None = setting(None, optional(number(0, low_open=True)), "peak learning rate (none: the fast recipe's, scaled to the batch)")
+    check_steps: int = setting(5, whole(0), "run the torch step alongside for the first N steps")
+    dtype: str = setting("float32", choice("float32", "float64"), "parameter and input dtype")
+    impl: str = setting("fast", choice("fast", "explicit"), "layers' formulation")
+    eval_batch_size: int = setting(500, whole(1), "images per evaluation batch")
 
     def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else RECIPE["lr"] * self.batch_size / RECIPE["batch_size"]
+        return self.lr if self.lr is not None else RECIPE.lr * self.batch_size / RECIPE.batch_size
 
-    def check(self) -> None:
-        """A ValueError (one line, naming the flag) for a config that could not run."""
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("limit_per_class", "test_limit_per_class"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1 (or 0 for all), got {value!r}")
-        if not isinstance(self.check_steps, int) or self.check_steps < 0:
-            raise ValueError(f"--check-steps: expected an integer >= 0, got {self.check_steps!r}")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"--dtype: expected float32 or float64, got {self.dtype!r}")
-        if self.impl not in ("fast", "explicit"):
-            raise ValueError(f"--impl: expected fast or explicit, got {self.impl!r}")
-        if not self.peak_lr() > 0:
-            raise ValueError(f"--lr: expected a learning rate > 0, got {self.lr!r}")
+
+def check_record_path(path: str | Path, cfg: JaxTrainConfig) -> None:
+    """The run lifecycle of the record file ``--out``: a new file, or a rerun of the same
+    settings (a measurement taken again, written when it ends). A file that holds a record of
+    other settings is refused (:class:`RunRefused`, one line naming each differing setting;
+    ``data_dir`` may differ) and left as it was; so is a file that is no record."""
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        data = read_json(path)
+        stored = JaxTrainConfig.from_json(data.get("config") if isinstance(data, dict) else None,
+                                          where=f"{path}: config")
+    except (DamagedFileError, SettingsError) as err:
+        raise RunRefused(f"--out: expected a new file or a jax_train record, got {path} ({err}); "
+                         "it is left as it was: pick another --out") from None
+    diffs = stored.differences(cfg, ignore=JaxTrainConfig.resumable)
+    if diffs:
+        raise RunRefused(f"{path} holds a record of other settings: {'; '.join(map(str, diffs))}. "
+                         "It is left as it was: pick another --out")
 
 
 def machine() -> dict[str, Any]:
@@ -99,14 +114,14 @@ def machine() -> dict[str, Any]:
 
 
 def _schedule(cfg: JaxTrainConfig, total_steps: int):
-    return optim.one_cycle_schedule(cfg.peak_lr(), total_steps, pct_start=RECIPE["pct_start"],
-                                    div_factor=RECIPE["div_factor"],
-                                    final_div_factor=RECIPE["final_div_factor"])
+    return optim.one_cycle_schedule(cfg.peak_lr(), total_steps, pct_start=RECIPE.pct_start,
+                                    div_factor=RECIPE.div_factor,
+                                    final_div_factor=RECIPE.final_div_factor)
 
 
 def _torch_optimizer(cfg, schedule):
-    return optim.sgd(schedule, momentum=RECIPE["momentum"], nesterov=RECIPE["nesterov"],
-                     weight_decay=RECIPE["weight_decay"],
+    return optim.sgd(schedule, momentum=RECIPE.momentum, nesterov=RECIPE.nesterov,
+                     weight_decay=RECIPE.weight_decay,
                      weight_decay_mask=optim.decay_mask_no_bias_or_norm)
 
 
@@ -117,9 +132,9 @@ def _optax_optimizer(cfg, schedule, total_steps, decay_mask):
     import jax.numpy as jnp
     import optax
     table = jnp.asarray([schedule(t) for t in range(total_steps + 1)], dtype=cfg.dtype)
-    return optax.chain(optax.add_decayed_weights(RECIPE["weight_decay"], mask=decay_mask),
-                       optax.sgd(lambda count: table[count], momentum=RECIPE["momentum"],
-                                 nesterov=RECIPE["nesterov"]))
+    return optax.chain(optax.add_decayed_weights(RECIPE.weight_decay, mask=decay_mask),
+                       optax.sgd(lambda count: table[count], momentum=RECIPE.momentum,
+                                 nesterov=RECIPE.nesterov))
 
 
 def _torch_step(net, opt, smoothing):
@@ -179,28 +194,32 @@ def _log(msg: str) -> None:
 
 def run(cfg: JaxTrainConfig) -> dict[str, Any]:
     """Train and return the record: config, machine, compile time, per-step times of both steps,
-    the first steps' differences, per-epoch loss and test accuracy."""
-    cfg.check()
+    the first steps' differences, per-epoch loss and test accuracy.
+
+    Raises (one line each, before jax is imported): DataNotFoundError for a missing data
+    folder, SettingsError for a batch larger than the training images; NonFiniteLossError
+    when the loss becomes NaN or infinite.
+    """
+    root = find_data_dir(cfg.data_dir)
+    train = load_cifar10(root, "train", limit_per_class=cfg.limit_per_class)
+    test = load_cifar10(root, "test", limit_per_class=cfg.test_limit_per_class)
+    steps_per_epoch = len(train.labels) // cfg.batch_size    # the last partial batch is dropped:
+    if steps_per_epoch == 0:                                 # one static shape, one compilation
+        raise SettingsError(f"--batch-size: expected at most {len(train.labels)} (the training "
+                            f"images), got {cfg.batch_size}")
     import jax
     jax.config.update("jax_enable_x64", True)     # keys and step counts are int64
     # As the torch trainer does (docs/performance.md): no page faults for freed and re-allocated
     # step buffers, which the torch step would otherwise pay and XLA's own allocator does not.
     retain_freed_memory()
     dtype = getattr(torch, cfg.dtype)
-    root = find_data_dir(cfg.data_dir)
-    train = load_cifar10(root, "train", limit_per_class=cfg.limit_per_class)
-    test = load_cifar10(root, "test", limit_per_class=cfg.test_limit_per_class)
-    steps_per_epoch = len(train.labels) // cfg.batch_size    # the last partial batch is dropped:
-    if steps_per_epoch == 0:                                 # one static shape, one compilation
-        raise ValueError(f"--batch-size: expected at most {len(train.labels)} (the training images), "
-                         f"got {cfg.batch_size}")
     total_steps = cfg.epochs * steps_per_epoch
     keys = run_keys(cfg.seed)
-    net = nets.model_b(num_classes=len(train.classes), dropout=RECIPE["dropout"],
-                       head_dropout=RECIPE["head_dropout"])
+    net = nets.model_b(num_classes=len(train.classes), dropout=RECIPE.dropout,
+                       head_dropout=RECIPE.head_dropout)
     params, state = net.init(keys.init, dtype=dtype)
     schedule = _schedule(cfg, total_steps)
-    smoothing = RECIPE["label_smoothing"]
+    smoothing = RECIPE.label_smoothing
 
     opt = _optax_optimizer(cfg, schedule, total_steps, optim.decay_mask_no_bias_or_norm(params))
     j_params, j_state = _copy_to_jax(params), _copy_to_jax(state)
@@ -215,7 +234,7 @@ def run(cfg: JaxTrainConfig) -> dict[str, Any]:
     t_step = _torch_step(net, t_opt, smoothing)
     torch_runs = {impl: (params, state, t_opt.init(params)) for impl in (cfg.impl, other)}
 
-    record: dict[str, Any] = {"config": dataclasses.asdict(cfg), "machine": machine(),
+    record: dict[str, Any] = {"config": cfg.to_json(), "machine": machine(),
                               "train_images": len(train.labels), "test_images": len(test.labels),
                               "steps_per_epoch": steps_per_epoch, "peak_lr": cfg.peak_lr(),
                               "check": [], "epochs": []}
@@ -258,7 +277,8 @@ def run(cfg: JaxTrainConfig) -> dict[str, Any]:
                      f"differ by {row['params_rel_diff']:.2e} (torch {other} vs {cfg.impl}: "
                      f"{row['params_rel_diff_torch_formulations']:.2e}), state by {row['state_rel_diff']:.2e}")
             if not math.isfinite(value):
-                raise FloatingPointError(f"jax_train: loss is {value} at epoch {epoch + 1}, step {s + 1}")
+                raise NonFiniteLossError(f"jax_train: expected a finite training loss, got {value} at epoch "
+                                         f"{epoch + 1}, step {s + 1}; nothing was written (lower --lr)")
         seconds = time.perf_counter() - started
         accuracy = evaluate(net, j_params, j_state, test, cfg, dtype)
         row = {"epoch": epoch + 1, "train_loss": statistics.fmean(losses), "test_accuracy": accuracy,

@@ -22,7 +22,6 @@ widened batch by batch while training). Pooled features are cached in float32.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -40,8 +39,9 @@ from ..data.cifar10 import cache_dir
 from ..train import fit_tensors, score_net
 from ..common.progress import ProgressBar
 from ..report.plots import save_figure
-from ..train.runs import write_json
+from ..common.files import write_json
 from . import feature_cache as fc
+from .config import CaltechBlocksConfig, check_output, open_output
 from .caltech_head import split_and_weights
 
 __all__ = ["report_head", "linear_probe", "block_features", "run"]
@@ -126,46 +126,50 @@ def _plot_probes(rows: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def run(args: argparse.Namespace, stream=None) -> dict:
-    """Both studies for parsed arguments; returns (and writes) ``{row: scores}``."""
+def run(cfg: CaltechBlocksConfig, out: str | Path | None = None, stream=None) -> dict:
+    """Both studies for the config ``cfg``; returns ``{row: scores}`` and writes it with the
+    config (and the probes' figure) into ``out`` (RunRefused, one line, before anything is
+    computed, when ``out`` holds results of other settings)."""
     stream = sys.stderr if stream is None else stream
     log = lambda s: print(s, file=stream, flush=True)  # noqa: E731
-    split, weights = split_and_weights(args, log)
+    if out is not None:
+        check_output(out, cfg)
+    split, weights = split_and_weights(cfg, log)
     k = len(split.classes)
     params, state = nets.load_torchvision_weights(weights, truncate_after_block=5)
     net = nets.vgg16(batch_norm=bool(state), truncate_after_block=5)
-    cache = None if args.no_cache else Path(args.feature_cache or cache_dir() / "features")
-    common = dict(flat_blocks=tuple(args.heads), flat_dtype=getattr(torch, args.cache_dtype),
-                  resize=args.resize, crop=args.crop, batch_size=args.batch_size, cache=cache,
+    cache = None if cfg.no_cache else Path(cfg.feature_cache or cache_dir() / "features")
+    common = dict(flat_blocks=tuple(cfg.heads), flat_dtype=getattr(torch, cfg.cache_dtype),
+                  resize=cfg.resize, crop=cfg.crop, batch_size=cfg.batch_size, cache=cache,
                   digest=fc.tree_digest({**params, **state}), log=stream)
     t0 = time.perf_counter()
     f_tr = _extract(net, params, state, split.train_files, **common)
     f_te = _extract(net, params, state, split.test_files, **common)
     log(f"features: {time.perf_counter() - t0:.1f} s")
     rows = {}
-    for b in args.heads:
+    for b in cfg.heads:
         t1 = time.perf_counter()
         rows[f"head-block{b}"] = _fit(
-            report_head(f_tr[f"block{b}"].shape[1], k, args.hidden), f_tr[f"block{b}"],
-            split.train_labels, f_te[f"block{b}"], split.test_labels, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=0.0,
-            key=jr.fold_in(jr.key(args.seed), 100 + b), num_classes=k, log=log)
+            report_head(f_tr[f"block{b}"].shape[1], k, cfg.hidden), f_tr[f"block{b}"],
+            split.train_labels, f_te[f"block{b}"], split.test_labels, epochs=cfg.epochs,
+            batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0,
+            key=jr.fold_in(jr.key(cfg.seed), 100 + b), num_classes=k, log=log)
         rows[f"head-block{b}"]["seconds"] = time.perf_counter() - t1
-    for b in range(1, 6) if args.probes else ():
+    for b in range(1, 6) if cfg.probes else ():
         t1 = time.perf_counter()
         x_tr, x_te = fc.standardize(f_tr[f"pooled{b}"].float(), f_te[f"pooled{b}"].float())
         rows[f"probe-block{b}"] = _fit(
             linear_probe(x_tr.shape[1], k), x_tr, split.train_labels, x_te, split.test_labels,
-            epochs=args.probe_epochs, batch_size=args.batch_size, lr=args.probe_lr,
-            momentum=args.momentum, weight_decay=args.probe_weight_decay,
-            key=jr.fold_in(jr.key(args.seed), 200 + b), num_classes=k, log=None)
+            epochs=cfg.probe_epochs, batch_size=cfg.batch_size, lr=cfg.probe_lr,
+            momentum=cfg.momentum, weight_decay=cfg.probe_weight_decay,
+            key=jr.fold_in(jr.key(cfg.seed), 200 + b), num_classes=k, log=None)
         rows[f"probe-block{b}"]["seconds"] = time.perf_counter() - t1
     for name, r in rows.items():
         log(f"{name:>14}: train {100 * r['train_accuracy']:6.2f}%  test "
             f"{100 * r['test_accuracy']:6.2f}%  mean recall {100 * r['test_mean_recall']:6.2f}%")
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
+        out = open_output(out, cfg)
         write_json(out / "results.json", rows)
-        if args.probes:
+        if cfg.probes:
             _plot_probes(rows, out / "probes.png")
     return rows

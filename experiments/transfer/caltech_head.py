@@ -53,8 +53,9 @@ from layers import random as jr
 from ..data import caltech256 as cd
 from ..data.cifar10 import cache_dir
 from ..train import fit_tensors, make_step, score_net
-from ..train.runs import write_json
 from . import feature_cache as fc
+from ..common.files import write_json
+from .config import CaltechHeadConfig, CaltechSettings, check_output, open_output
 
 __all__ = ["VGG16_URL", "VGG16_FILE", "HEAD", "CUT", "WeightsNotFoundError", "resolve_weights",
            "pretrained_vgg16", "frozen_mask", "head_optimizer", "frozen_optimizer",
@@ -180,7 +181,9 @@ def _features(net, params, state, files, *, digest, cut, resize, crop, batch_siz
 
 
 def add_caltech_flags(parser: argparse.ArgumentParser, *, data_required: bool = True) -> None:
-    """The flags both Caltech-256 studies share: the data, the weights and the split."""
+    """The flags both Caltech-256 studies share: the data, the weights and the split (their
+    defaults and checks are :class:`~experiments.transfer.config.CaltechSettings`')."""
+    d = CaltechSettings()
     a = parser.add_argument
     a("--data", required=data_required,
       help="Caltech-256 folder (holding 256_ObjectCategories/ or being it)"
@@ -188,47 +191,56 @@ def add_caltech_flags(parser: argparse.ArgumentParser, *, data_required: bool = 
     a("--weights", help="torchvision VGG16 .pth (default: torch hub cache, else download)")
     a("--offline", action="store_true", help="never download the weights")
     a("--clutter", action="store_true", help="keep class 257.clutter (left out by default)")
-    a("--train-per-class", type=int, default=32, help="training images per class (default: 32)")
-    a("--test-per-class", type=int, default=8, help="test images per class (default: 8)")
+    a("--train-per-class", type=int, default=d.train_per_class,
+      help=f"training images per class (default: {d.train_per_class})")
+    a("--test-per-class", type=int, default=d.test_per_class,
+      help=f"test images per class (default: {d.test_per_class})")
 
 
-def split_and_weights(args: argparse.Namespace, log) -> tuple[cd.Split, Path]:
+def split_and_weights(cfg: CaltechSettings, log) -> tuple[cd.Split, Path]:
     """The split (:func:`experiments.data.caltech256.split_per_class`) and the weights file
-    (:func:`resolve_weights`) the flags of :func:`add_caltech_flags` name."""
-    classes = cd.list_classes(args.data, include_clutter=args.clutter)
-    split = cd.split_per_class(classes, train_per_class=args.train_per_class,
-                               test_per_class=args.test_per_class, seed=args.seed)
+    (:func:`resolve_weights`) the config names."""
+    if cfg.data is None:
+        raise FileNotFoundError("--data: expected a Caltech-256 folder, got none")
+    classes = cd.list_classes(cfg.data, include_clutter=cfg.clutter)
+    split = cd.split_per_class(classes, train_per_class=cfg.train_per_class,
+                               test_per_class=cfg.test_per_class, seed=cfg.seed)
     log(f"caltech: {len(split.classes)} classes, {len(split.train_files)} train / "
         f"{len(split.test_files)} test images")
-    return split, resolve_weights(args.weights, download=not args.offline)
+    return split, resolve_weights(cfg.weights, download=not cfg.offline)
 
 
-def run(args: argparse.Namespace, stream=None) -> dict:
-    """The whole pipeline for parsed arguments; returns (and writes) the results dict."""
+def run(cfg: CaltechHeadConfig, out: str | Path | None = None, stream=None) -> dict:
+    """The whole pipeline for the config ``cfg``; returns the results dict, and writes it with
+    the config and the trained head into ``out`` (RunRefused, one line, before anything is
+    computed, when ``out`` holds results of other settings:
+    :func:`~experiments.transfer.config.check_output`)."""
     stream = sys.stderr if stream is None else stream
     log = lambda s: print(s, file=stream, flush=True)  # noqa: E731
-    split, weights = split_and_weights(args, log)
+    if out is not None:
+        check_output(out, cfg)
+    split, weights = split_and_weights(cfg, log)
     k = len(split.classes)
-    net, params, state = pretrained_vgg16(weights, k, seed=args.seed)
-    cache = None if args.no_cache else Path(args.feature_cache or cache_dir() / "features")
-    dtype = getattr(torch, args.cache_dtype)
-    cut = CUT[args.dropout]
+    net, params, state = pretrained_vgg16(weights, k, seed=cfg.seed)
+    cache = None if cfg.no_cache else Path(cfg.feature_cache or cache_dir() / "features")
+    dtype = getattr(torch, cfg.cache_dtype)
+    cut = CUT[cfg.dropout]
     t0 = time.perf_counter()
     digest = fc.tree_digest({k: v for k, v in {**params, **state}.items() if k not in HEAD})
-    common = dict(digest=digest, cut=cut, resize=args.resize, crop=args.crop, batch_size=args.batch_size,
+    common = dict(digest=digest, cut=cut, resize=cfg.resize, crop=cfg.crop, batch_size=cfg.batch_size,
                   cache=cache, dtype=dtype, log=stream)
     f_train = _features(net, params, state, split.train_files, **common).float()
     f_test = _features(net, params, state, split.test_files, **common).float()
     t_feat = time.perf_counter() - t0
     head, p, history = train_head_on_features(
-        net, params, f_train, split.train_labels, dropout=args.dropout, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        key=jr.fold_in(jr.key(args.seed), 1), log=log)
+        net, params, f_train, split.train_labels, dropout=cfg.dropout, epochs=cfg.epochs,
+        batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+        key=jr.fold_in(jr.key(cfg.seed), 1), log=log)
     s_test = score_net(head, p, {}, f_test, split.test_labels, k)
     s_train = score_net(head, p, {}, f_train, split.train_labels, k)
     results = {"classes": k, "train_images": len(split.train_files),
-               "test_images": len(split.test_files), "dropout": args.dropout,
-               "epochs": args.epochs, "lr": args.lr, "momentum": args.momentum,
+               "test_images": len(split.test_files), "dropout": cfg.dropout,
+               "epochs": cfg.epochs, "lr": cfg.lr, "momentum": cfg.momentum,
                "train_accuracy_last_epoch": history[-1]["train_accuracy"] if history else None,
                "train_accuracy_eval": s_train.accuracy, "test_accuracy": s_test.accuracy,
                "test_mean_recall": s_test.mean_recall, "history": history,
@@ -236,8 +248,8 @@ def run(args: argparse.Namespace, stream=None) -> dict:
                "weights": str(weights)}
     log(f"train {100 * s_train.accuracy:.2f}% (eval mode), test {100 * s_test.accuracy:.2f}%, "
         f"mean per-class recall {100 * s_test.mean_recall:.2f}%")
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
+        out = open_output(out, cfg)
         write_json(out / "results.json", results)
         nets.save(out / "head.safetensors", p, {"classes": list(split.classes)})
     return results

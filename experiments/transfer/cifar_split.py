@@ -14,7 +14,8 @@ with batch norm, built with :func:`nets.vgg_like`. On a 32x32 image its blocks g
 16x16x16, 32x8x8, 64x4x4, 128x2x2 and 128x1x1, so the report's block-3 and block-4 heads exist
 (on 1024 and 512 features instead of 200704 and 100352).
 
-Methods (all hyperparameters are in :data:`RECIPE`; see docs/transfer.md):
+Methods (all hyperparameters are in :data:`RECIPE`, typed configs of
+:mod:`experiments.transfer.config`; see docs/transfer.md):
 
 * ``probe-block{k}``: a linear classifier on the globally average-pooled, standardised
   features of block ``k`` (frozen, eval mode), for ``k = 1..5``: the transferability curve;
@@ -27,16 +28,19 @@ Methods (all hyperparameters are in :data:`RECIPE`; see docs/transfer.md):
   training mode, crop + flip augmentation);
 * ``scratch``: the same net from a random init, trained on B's few images only.
 
-Resumable: pretraining is an :func:`experiments.engine.fit` run in ``OUT/pretrain-<hash>`` (the
-hash names its config), continued when interrupted and skipped when complete; frozen features
-are cached (:func:`experiments.feature_cache.cached`); every finished cell of the table is
-written to ``OUT/results.json`` at once and skipped on a rerun.
+Resumable: the study's settings are ``OUT/config.json``; a rerun with other settings (the data,
+the pretraining's epochs) is refused in one line naming them, and one with more cells (shots,
+draws, methods) trains only those. Pretraining is an :func:`experiments.train.fit` run in the run
+lifecycle (:mod:`experiments.train.lifecycle`), in ``OUT/pretrain-<hash>`` (the hash names its
+recipe), continued when interrupted and skipped when complete; frozen features are cached
+(:func:`experiments.transfer.feature_cache.cached`); every finished cell of the table is
+written to ``OUT/results.json`` at once and skipped on a rerun. The table and the figure show
+every cell ``results.json`` holds.
 
     python -m experiments.cifar_transfer --out runs/cifar_transfer
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
@@ -53,41 +57,33 @@ from layers import random as jr
 from nets.compose import Flatten, Linear, ReLU, as_net, serial
 
 from ..cifar.recipes import augmenter, prepare
+from ..common.files import read_json, write_json
 from ..data.cifar10 import CIFAR10_CLASSES, cache_dir
 from ..data.dataset import Dataset
-from ..train import CHECKPOINT, fit, fit_tensors, score_net
+from ..report.plots import plot_run, save_figure
+from ..train import fit, fit_tensors, score_net
 from ..train.build import build_loss, build_optimizer
-from ..report.plots import save_figure
-from ..train.runs import write_json
+from ..train.lifecycle import Run, open_run
 from . import feature_cache as fc
+from .config import (FEATURES, FINETUNE, METHODS, PRETRAIN, PRETRAIN_HASHED, SCRATCH,
+                     CifarTransferStudy, HeadRecipe, TransferConfig, check_output,
+                     open_output)
 
-__all__ = ["CLASSES_A", "CLASSES_B", "RECIPE", "METHODS",
+__all__ = ["CLASSES_A", "CLASSES_B", "RECIPE", "METHODS", "COMMAND",
            "split_by_class", "draw_per_class", "block_features", "run_study", "format_table",
-           "plot_transferability"]
+           "plot_transferability", "cells", "open_pretrain", "pretrain"]
+
+COMMAND = "python -m experiments.cifar_transfer"
 
 CLASSES_A = CIFAR10_CLASSES[:5]
 CLASSES_B = CIFAR10_CLASSES[5:]
 
-METHODS = tuple(f"probe-block{k}" for k in range(1, 6)) + (
-    "head-block3", "head-block4", "frozen+new-head", "fine-tune", "scratch")
-
-#: Every hyperparameter of the study. ``pretrain`` is an engine.fit config (the "fast" recipe of
-#: experiments.cifar_common, shortened to fit a shared 2-core CPU); ``features`` trains every
-#: classifier on frozen features; ``finetune`` / ``scratch`` train whole nets. ``epochs`` maps
-#: images per class to epochs.
-RECIPE = {
-    "pretrain": dict(seed=0, epochs=8, batch_size=256, optimizer="sgd", lr=0.2, momentum=0.9,
-                     nesterov=True, weight_decay=5e-4, decay_mask=True, schedule="onecycle",
-                     pct_start=0.25, div_factor=10.0, final_div_factor=100.0,
-                     label_smoothing=0.1, crop=4, flip=True, tta_flip=False, bf16=False,
-                     channels_last=True, device="cpu", eval_batch_size=500),
-    "features": dict(lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=32, hidden=1024,
-                     epochs={32: 60, 500: 20}),
-    "finetune": dict(lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=32,
-                     epochs={32: 30, 500: 8}),
-    "scratch": dict(lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=32,
-                    epochs={32: 30, 500: 8}),
-}
+#: Every hyperparameter of the study (:mod:`experiments.transfer.config`): ``pretrain`` is the
+#: run on A (the CIFAR "fast" recipe, shortened to fit a shared 2-core CPU); ``features`` trains
+#: every classifier on frozen features; ``finetune`` / ``scratch`` train whole nets, each with its
+#: epochs by images per class.
+RECIPE: dict[str, TransferConfig | HeadRecipe] = {
+    "pretrain": PRETRAIN, "features": FEATURES, "finetune": FINETUNE, "scratch": SCRATCH}
 
 
 def split_by_class(data: Dataset, classes: Sequence[str]) -> Dataset:
@@ -138,12 +134,10 @@ def _features(net, params, state, images, *, batch_size, progress) -> dict:
     return out
 
 
-def _sgd(cfg: dict, epochs: int, n: int):
-    """SGD + Nesterov with a one-cycle schedule over ``epochs`` of ``n`` examples (the last
-    partial batch kept), decay off for biases and norms: :func:`build_optimizer` of ``cfg``."""
-    return build_optimizer(dict(cfg, epochs=epochs, optimizer="sgd", nesterov=True, decay_mask=True,
-                                schedule="onecycle", pct_start=0.25, div_factor=10.0,
-                                final_div_factor=100.0), math.ceil(n / cfg["batch_size"]))
+def _sgd(cfg: HeadRecipe, epochs: int, n: int):
+    """The recipe's optimizer (SGD + Nesterov, one-cycle, no decay on biases and norms) over
+    ``epochs`` of ``n`` examples, the last partial batch kept."""
+    return build_optimizer(cfg, cfg.steps_per_epoch(n), epochs=epochs)
 
 
 def _fresh_head(net, params, key):
@@ -154,7 +148,7 @@ def _fresh_head(net, params, key):
 
 def _train_on_features(method, n, feats_tr, y_tr, feats_te, y_te, net, pre_params, key):
     cfg = RECIPE["features"]
-    epochs = cfg["epochs"][n] if n in cfg["epochs"] else cfg["epochs"][max(cfg["epochs"])]
+    epochs = cfg.epochs_for(n)
     if method == "frozen+new-head":
         names = nets.leaf_names(net)
         cut = names[names.index(nets.block_ends(net)[-1]) + 1]  # block 5's dropout
@@ -170,82 +164,102 @@ def _train_on_features(method, n, feats_tr, y_tr, feats_te, y_te, net, pre_param
         else:
             k = int(method[-1])
             xtr, xte = fc.standardize(feats_tr[f"block{k}"], feats_te[f"block{k}"])
-            head = as_net(serial(Flatten(), Linear(xtr.shape[1], cfg["hidden"]), ReLU(),
-                                 Linear(cfg["hidden"], 5)), name=f"report head[block {k}]")
+            head = as_net(serial(Flatten(), Linear(xtr.shape[1], cfg.hidden), ReLU(),
+                                 Linear(cfg.hidden, 5)), name=f"report head[block {k}]")
         p0, _ = head.init(jr.fold_in(key, 0))
     result = fit_tensors(head, _sgd(cfg, epochs, len(y_tr)), xtr, y_tr, params=p0, state={},
-                         epochs=epochs, batch_size=cfg["batch_size"], key=jr.fold_in(key, 1))
+                         epochs=epochs, batch_size=cfg.batch_size, key=jr.fold_in(key, 1))
     s = score_net(head, result.params, {}, xte, y_te, 5)
     return s, result.history[-1]["train_accuracy"]
 
 
 def _train_whole(method, n, b_train, y_tr, b_test, net, pre_params, pre_state, key, log):
     cfg = RECIPE["finetune" if method == "fine-tune" else "scratch"]
-    epochs = cfg["epochs"][n] if n in cfg["epochs"] else cfg["epochs"][max(cfg["epochs"])]
+    epochs = cfg.epochs_for(n)
     if method == "fine-tune":
         params, state = _fresh_head(net, pre_params, jr.fold_in(key, 0)), pre_state
     else:
         params, state = net.init(jr.fold_in(key, 0))
     result = fit_tensors(net, _sgd(cfg, epochs, len(y_tr)), b_train, y_tr, params=params,
-                         state=state, epochs=epochs, batch_size=cfg["batch_size"],
-                         key=jr.fold_in(key, 1), augment=augmenter({"crop": 4, "flip": True}),
+                         state=state, epochs=epochs, batch_size=cfg.batch_size,
+                         # the pretraining's augmentation: crop 4 + flip
+                         key=jr.fold_in(key, 1), augment=augmenter(RECIPE["pretrain"]),
                          log=log)
     s = score_net(net, result.params, result.state, b_test.images, b_test.labels, 5, prepare=prepare)
     return s, result.history[-1]["train_accuracy"]
 
 
-def pretrain(a_train: Dataset, a_test: Dataset, out: Path, epochs: int | None = None,
-             stream=None) -> tuple[dict, dict, Path]:
-    """Pretrain :func:`nets.small_vgg16` on A (or continue / reuse the run): ``(params, state, run_dir)``."""
-    cfg = dict(RECIPE["pretrain"], model="cifar_transfer", name="pretrain-A")
-    if epochs is not None:
-        cfg["epochs"] = epochs
-    run_dir = out / f"pretrain-{fc.cache_key(**cfg)[:10]}"
+class _StudyRun(Run):
+    """The pretraining run: it continues when the study's command is run again (the study has no
+    ``--resume``), so that is the hint an interrupt prints."""
+
+    @property
+    def resume_hint(self) -> str:
+        return f"{self.command} --out {self.dir.parent}"
+
+
+def open_pretrain(out: Path, study: CifarTransferStudy) -> Run:
+    """The pretraining run of ``study`` in ``out/pretrain-<hash>``: new, or continued (reused
+    when complete); RunRefused (one line, nothing written) when the folder holds a run of
+    other data."""
+    cfg = RECIPE["pretrain"].replace(data_dir=study.data_dir, limit_per_class=study.limit_per_class)
+    if study.pretrain_epochs is not None:
+        cfg = cfg.replace(epochs=study.pretrain_epochs)
+    run_dir = out / f"pretrain-{fc.cache_key(**{k: getattr(cfg, k) for k in PRETRAIN_HASHED})[:10]}"
+    opened = open_run(run_dir, cfg, command=COMMAND, rerun_resumes=True)
+    run = _StudyRun(opened.dir, opened.config, opened.resumed, opened.command)
+    run.after_epoch.append(plot_run)
+    return run
+
+
+def pretrain(run: Run, a_train: Dataset, a_test: Dataset, stream=None) -> tuple[dict, dict, Path]:
+    """Pretrain :func:`nets.small_vgg16` on A in ``run`` (:func:`open_pretrain`):
+    ``(params, state, run_dir)``; KeyboardInterrupt when interrupted (its checkpoint saved)."""
+    cfg = run.config
     net = nets.small_vgg16(len(a_train.classes))
-    opt = build_optimizer(cfg, len(a_train.labels) // cfg["batch_size"])
-    resume = (run_dir / CHECKPOINT).is_file()
+    opt = build_optimizer(cfg, len(a_train.labels) // cfg.batch_size)
     result = fit(cfg, net=net, opt=opt, loss_fn=build_loss(cfg), train=a_train, test=a_test,
-                 augment=augmenter(cfg), prepare=prepare, run_dir=run_dir, resume=resume,
-                 stream=stream, resume_command=f"python -m experiments.cifar_transfer --out {out}")
+                 augment=augmenter(cfg), prepare=prepare, run=run, stream=stream)
     if result.status != "done":
         raise KeyboardInterrupt
     params = {k: v.contiguous() for k, v in result.params.items()}
-    return params, dict(result.state), run_dir
+    return params, dict(result.state), run.dir
 
 
 def _load_results(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
-def _save_results(path: Path, results: dict) -> None:
-    write_json(path, results)
+def cells(results: dict) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """``(shots, methods)`` of the cells ``results`` holds (``n{n}-d{d}-{method}``), in the order
+    of the table (sizes ascending, methods as :data:`METHODS`)."""
+    keys = [k for k in results if not k.startswith("_")]
+    shots = sorted({int(k.split("-", 2)[0][1:]) for k in keys})
+    methods = [m for m in METHODS if any(k.split("-", 2)[2] == m for k in keys)]
+    return tuple(shots), tuple(methods)
 
 
-def run_study(train: Dataset, test: Dataset, out: str | Path, *, shots: Sequence[int] = (32, 500),
-              draws: Sequence[int] = (3, 1), methods: Sequence[str] = METHODS,
-              pretrain_epochs: int | None = None, feature_cache: str | Path | None = None,
+def run_study(train: Dataset, test: Dataset, out: str | Path, study: CifarTransferStudy, *,
               stream=None) -> dict:
     """Run (or continue) the study on CIFAR-10 ``train`` / ``test``; returns ``results``:
     ``{"n{n}-d{d}-{method}": {"accuracy", "mean_recall", "train_accuracy", "seconds"}}``,
-    also written to ``out/results.json``; ``out/table.md`` holds :func:`format_table`."""
+    also written to ``out/results.json``; ``out/table.md`` holds :func:`format_table` of every
+    cell there. RunRefused (one line, nothing written) when ``out`` holds a study of other
+    settings."""
     stream = sys.stderr if stream is None else stream
     log = lambda s: print(s, file=stream, flush=True)  # noqa: E731
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if len(draws) != len(shots):
-        raise ValueError(f"run_study: expected one draw count per shots entry ({len(shots)}), "
-                         f"got {len(draws)}")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"run_study: expected methods among {METHODS}, got {unknown}")
+    check_output(out, study)
+    run = open_pretrain(Path(out), study)
+    out = open_output(out, study)
+    shots, draws, methods = study.shots, study.draw_counts(), study.methods
     a_train, a_test = split_by_class(train, CLASSES_A), split_by_class(test, CLASSES_A)
     b_train, b_test = split_by_class(train, CLASSES_B), split_by_class(test, CLASSES_B)
     t0 = time.perf_counter()
-    params, state, run_dir = pretrain(a_train, a_test, out, pretrain_epochs, stream)
+    params, state, run_dir = pretrain(run, a_train, a_test, stream)
     log(f"pretrained net: {run_dir} ({time.perf_counter() - t0:.0f} s this run)")
     net = nets.small_vgg16(5)
     weights = fc.tree_digest({**params, **state})
-    fdir = Path(feature_cache) if feature_cache is not None else cache_dir() / "features"
+    fdir = Path(study.feature_cache) if study.feature_cache is not None else cache_dir() / "features"
     results_path = out / "results.json"
     results = _load_results(results_path)
     if results.get("_pretrained") not in (None, weights):
@@ -287,12 +301,14 @@ def run_study(train: Dataset, test: Dataset, out: str | Path, *, shots: Sequence
                                                       b_test.labels, net, params, key)
                 results[cell] = {"accuracy": s.accuracy, "mean_recall": s.mean_recall,
                                  "train_accuracy": train_acc, "seconds": time.perf_counter() - t1}
-                _save_results(results_path, results)
+                write_json(results_path, results)
                 log(f"{cell}: test {100 * s.accuracy:.2f}% (mean recall {100 * s.mean_recall:.2f}%),"
                     f" train {100 * train_acc:.2f}%, {time.perf_counter() - t1:.1f} s")
-    table = format_table(results, shots, methods)
+    write_json(results_path, results)
+    held_shots, held_methods = cells(results)
+    table = format_table(results, held_shots, held_methods)
     atomic_write(out / "table.md", table + "\n")
-    plot_transferability(results, shots, out / "transferability.png")
+    plot_transferability(results, held_shots, out / "transferability.png")
     log(table)
     return results
 
