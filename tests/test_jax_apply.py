@@ -290,7 +290,8 @@ def test_jax_train_refuses_a_record_of_other_settings_and_leaves_it(tiny_cifar, 
                            "--out", str(out)]) == 2
     line = _one_error_line(capsys)
     from experiments.common.settings import Difference
-    assert f"holds a record of other settings: {Difference('epochs', 1, 2)}; {Difference('lr', None, 0.5)}" in line
+    assert (f"holds a record measured with other settings: {Difference('epochs', 1, 2)}; "
+            f"{Difference('lr', None, 0.5)}") in line
     assert out.read_bytes() == before
     # the same settings read elsewhere: a measurement taken again
     check_record_path(out, JaxTrainConfig(epochs=1, data_dir=str(tiny_cifar)))

@@ -41,7 +41,7 @@ from ..data.cifar10 import find_data_dir, load_cifar10
 from ..data.settings import DataSettings
 from ..train.device import retain_freed_memory
 from ..train.keys import epoch_order, run_keys, step_keys
-from ..train.lifecycle import NonFiniteLossError, RunRefused
+from ..train.lifecycle import NonFiniteLossError, RunRefused, refuse_differences
 
 __all__ = ["JaxTrainConfig", "run", "machine", "check_record_path"]
 
@@ -93,8 +93,7 @@ def check_record_path(path: str | Path, cfg: JaxTrainConfig) -> None:
                          "it is left as it was: pick another --out") from None
     diffs = stored.differences(cfg, ignore=JaxTrainConfig.resumable)
     if diffs:
-        raise RunRefused(f"{path} holds a record of other settings: {'; '.join(map(str, diffs))}. "
-                         "It is left as it was: pick another --out")
+        raise refuse_differences(path, "a record measured", diffs, "pick another --out")
 
 
 def machine() -> dict[str, Any]:

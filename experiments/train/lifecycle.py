@@ -42,7 +42,7 @@ from ..common.files import DamagedFileError, read_json, read_jsonl, write_json, 
 from ..common.settings import Difference, Settings, SettingsError
 from .runs import CHECKPOINT, CONFIG, METRICS, load_run, read_checkpoint_meta, save_checkpoint
 
-__all__ = ["RunRefused", "Run", "open_run", "run_folder", "NonFiniteLossError",
+__all__ = ["RunRefused", "Run", "open_run", "refuse_differences", "run_folder", "NonFiniteLossError",
            "sigterm_as_interrupt", "EXIT_OK", "EXIT_DIVERGED", "EXIT_REFUSED",
            "EXIT_INTERRUPTED"]
 
@@ -97,10 +97,14 @@ def _epochs_problem(stored: Settings, requested: Settings, done: int) -> str | N
     return None
 
 
-def _refusal(run_dir: Path, diffs: Sequence[Difference], why: dict[str, str], command: str) -> str:
-    shown = "; ".join(f"{d}" + (f" ({why[d.name]})" if d.name in why else "") for d in diffs)
-    return (f"{run_dir} holds a run trained with other settings: {shown}. It is left as it was: "
-            f"continue it with `{command} --resume {run_dir}` and its settings, or pick another --name")
+def refuse_differences(where: Path | str, what: str, diffs: Sequence[Difference],
+                       instead: str, why: dict[str, str] | None = None) -> RunRefused:
+    """The one refusal of a rerun or resume with changed settings: ``<where> holds <what> with
+    other settings: --lr 0.5 (the run's: 0.1) (why); ... It is left as it was: <instead>``."""
+    why = why or {}
+    shown = "; ".join(f"{d}" + (f" ({why[d.name]})" if why.get(d.name) else "") for d in diffs)
+    return RunRefused(f"{where} holds {what} with other settings: {shown}. It is left as it "
+                      f"was: {instead}")
 
 
 @dataclass
@@ -117,10 +121,13 @@ class Run:
     command: str
     writes: bool = True
     after_epoch: list[Callable] = field(default_factory=list)
+    hint: str | None = None
 
     @property
     def resume_hint(self) -> str:
-        return f"{self.command} --resume {self.dir}"
+        """The command that continues the run: ``hint`` when the command has its own way (a
+        study that continues when it is run again), else ``<command> --resume <dir>``."""
+        return self.hint or f"{self.command} --resume {self.dir}"
 
     @property
     def checkpoint(self) -> Path:
@@ -219,7 +226,8 @@ def stored_config(run_dir: Path, kind: type[Settings]):
 
 
 def open_run(run_dir: str | Path, requested: Settings, *, command: str, resume: bool = False,
-             rerun_resumes: bool = False, stored: Settings | None = None) -> Run:
+             rerun_resumes: bool = False, stored: Settings | None = None,
+             hint: str | None = None) -> Run:
     """Open ``run_dir`` for the config ``requested`` (module docstring).
 
     Args:
@@ -230,6 +238,8 @@ def open_run(run_dir: str | Path, requested: Settings, *, command: str, resume: 
       rerun_resumes: a rerun of the same command continues the run in the folder (the ablation's
         variants), instead of being refused as a run that exists.
       stored: the stored config, when the caller has read it already.
+      hint: the command that continues the run, when it is not ``<command> --resume <dir>``
+        (a study that continues when rerun).
 
     Raises:
       RunRefused: one line; nothing was written.
@@ -239,10 +249,11 @@ def open_run(run_dir: str | Path, requested: Settings, *, command: str, resume: 
     if not exists:
         if resume:
             raise RunRefused(f"--resume: expected a run folder with a {CHECKPOINT}, got {run_dir}")
-        return Run(run_dir, requested, resumed=False, command=command)
+        return Run(run_dir, requested, resumed=False, command=command, hint=hint)
+    continue_with = hint or f"{command} --resume {run_dir}"
     if not (resume or rerun_resumes):
-        raise RunRefused(f"{run_dir} already holds a run; continue it with `{command} --resume "
-                         f"{run_dir}` or pick another --name")
+        raise RunRefused(f"{run_dir} already holds a run; continue it with `{continue_with}` "
+                         "or pick another --name")
     if stored is None:
         stored, progress = stored_config(run_dir, type(requested))
     else:
@@ -258,6 +269,6 @@ def open_run(run_dir: str | Path, requested: Settings, *, command: str, resume: 
             why.setdefault(d.name, "")
     refused = [d for d in diffs if d.name in why]
     if refused:
-        why = {k: v for k, v in why.items() if v}
-        raise RunRefused(_refusal(run_dir, refused, why, command))
-    return Run(run_dir, requested, resumed=True, command=command)
+        raise refuse_differences(run_dir, "a run trained", refused, f"continue it with "
+                                 f"`{continue_with}` and its settings, or pick another --name", why)
+    return Run(run_dir, requested, resumed=True, command=command, hint=hint)

@@ -189,15 +189,6 @@ def _train_whole(method, n, b_train, y_tr, b_test, net, pre_params, pre_state, k
     return s, result.history[-1]["train_accuracy"]
 
 
-class _StudyRun(Run):
-    """The pretraining run: it continues when the study's command is run again (the study has no
-    ``--resume``), so that is the hint an interrupt prints."""
-
-    @property
-    def resume_hint(self) -> str:
-        return f"{self.command} --out {self.dir.parent}"
-
-
 def open_pretrain(out: Path, study: CifarTransferStudy) -> Run:
     """The pretraining run of ``study`` in ``out/pretrain-<hash>``: new, or continued (reused
     when complete); RunRefused (one line, nothing written) when the folder holds a run of
@@ -206,8 +197,9 @@ def open_pretrain(out: Path, study: CifarTransferStudy) -> Run:
     if study.pretrain_epochs is not None:
         cfg = cfg.replace(epochs=study.pretrain_epochs)
     run_dir = out / f"pretrain-{fc.cache_key(**{k: getattr(cfg, k) for k in PRETRAIN_HASHED})[:10]}"
-    opened = open_run(run_dir, cfg, command=COMMAND, rerun_resumes=True)
-    run = _StudyRun(opened.dir, opened.config, opened.resumed, opened.command)
+    # the study has no --resume: it continues when it is run again
+    run = open_run(run_dir, cfg, command=COMMAND, rerun_resumes=True,
+                   hint=f"{COMMAND} --out {out}")
     run.after_epoch.append(plot_run)
     return run
 

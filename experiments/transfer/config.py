@@ -24,7 +24,7 @@ from ..common.files import DamagedFileError, read_json, write_json
 from ..common.settings import (Settings, SettingsError, boolean, choice, number, optional, setting,
                                text, whole, whole_list)
 from ..data.settings import DataSettings
-from ..train.lifecycle import RunRefused
+from ..train.lifecycle import RunRefused, refuse_differences
 from ..train.settings import OptimizerSettings, TrainSettings
 
 __all__ = ["TransferConfig", "PRETRAIN", "HeadRecipe", "FEATURES", "FINETUNE", "SCRATCH",
@@ -215,9 +215,8 @@ def check_output(out: str | Path, cfg: Settings, *, results: str = "results.json
         raise RunRefused(f"{err}; it is left as it was: pick another --out") from None
     diffs = stored.differences(cfg, ignore=kind.resumable)
     if diffs:
-        raise RunRefused(f"{out} holds results computed with other settings: "
-                         f"{'; '.join(map(str, diffs))}. It is left as it was: rerun with its "
-                         "settings, or pick another --out")
+        raise refuse_differences(out, "results computed", diffs,
+                                 "rerun with its settings, or pick another --out")
 
 
 def open_output(out: str | Path, cfg: Settings, **kwargs) -> Path:
