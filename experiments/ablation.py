@@ -3,71 +3,95 @@
 The command line only; the study is :mod:`experiments.ensembles.ablation`.
 
     python -m experiments.ablation --model a --seeds 3 --epochs 10
-    python -m experiments.ablation --model b --seeds 3 --epochs 10      # rerun to resume
+    python -m experiments.ablation --model b --seeds 3 --epochs 10      # rerun to continue
+    python -m experiments.ablation --model b --seeds 3 --epochs 20      # 10 more epochs each
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
-from pathlib import Path
 from typing import Sequence
 
-from .cifar.recipes import check_config, load_data
+from .cifar.recipes import load_data, resolve_data_dir
+from .common.settings import SettingsError, whole_number
 from .data.cifar10 import DataNotFoundError
-from .ensembles.ablation import run_ablation, variant_config, variants
+from .ensembles.ablation import (COMMAND, ablation_rows, format_ablation, open_variants,
+                                 run_ablation, variant_configs, write_ablation)
+from .ensembles.config import ABLATION_MODEL_FLAGS, AblationConfig
 from .ensembles.grid import check_grid
 from .train import MAX_MEMBERS, retain_freed_memory
-from .train.commands import add_data_flags, guarded, refusal
-
-MODELS = {"a": "cifar_model_a", "b": "cifar_model_b", "c": "cifar_model_c"}
+from .train.commands import add_data_flags, refusal
+from .train.lifecycle import EXIT_OK, RunRefused, run_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.ablation", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See docs/sweeps.md.")
     a = p.add_argument
-    a("--model", choices=sorted(MODELS), required=True, help="the report's model")
-    a("--seeds", type=int, default=3, help="seeds per variant, trained as one ensemble (default: 3)")
-    a("--epochs", type=int, default=10, help="epochs per variant (default: 10; the report: 20)")
+    d = AblationConfig()
+    a("--model", choices=sorted(ABLATION_MODEL_FLAGS), required=True, help="the report's model")
+    a("--seeds", type=int, default=d.seeds,
+      help=f"seeds per variant, trained as one ensemble (default: {d.seeds})")
+    a("--epochs", type=int, default=d.epochs, help=f"epochs per variant (default: {d.epochs}; the report: 20)")
     add_data_flags(p)
     a("--name", help="folder of the variants (default: ablation-<model>)")
     a("--max-epochs", type=int, help="stop (resumably) after this many epochs of a variant")
     return p
 
 
+def continue_command(argv: Sequence[str]) -> str:
+    """The command line that continues this ablation: the same one, without ``--max-epochs``
+    (which would stop again where it stopped)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--max-epochs":
+            skip = True
+        elif not arg.startswith("--max-epochs="):
+            kept.append(arg)
+    return " ".join([COMMAND, *map(shlex.quote, kept)])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    model = MODELS[args.model]
-    base = dict(val_split=str(args.val_split), limit_per_class=args.limit_per_class,
-                data_dir=args.data_dir, device=args.device, test=True, bf16=False,
-                channels_last=False, compile=False)
     try:
-        check_grid({}, args.seeds, MAX_MEMBERS)
-        configs = [(name, variant_config(model, changes, seeds=args.seeds, epochs=args.epochs,
-                                         base=base)) for name, changes in variants(model)]
-        for _, cfg in configs:   # every variant's values before any training
-            check_config(cfg)
-        if args.max_epochs is not None and args.max_epochs < 1:
-            raise ValueError(f"--max-epochs: expected a whole number >= 1, got {args.max_epochs}")
-        train, _, _ = load_data(dict(cfg, test=False), progress=False)   # the data exists
+        study = AblationConfig(model=ABLATION_MODEL_FLAGS[args.model], seeds=args.seeds,
+                               epochs=args.epochs, val_split=str(args.val_split),
+                               limit_per_class=args.limit_per_class, data_dir=args.data_dir,
+                               device=args.device)
+        check_grid({}, study.seeds, MAX_MEMBERS)
+        if args.max_epochs is not None:
+            whole_number(args.max_epochs, "max_epochs")
+        study = resolve_data_dir(study)
+        folder = args.name or f"ablation-{args.model}"
+        out = run_folder(args.out, folder)
+        configs = variant_configs(study, folder)   # every variant's settings checked first
+        runs = open_variants(configs, out, continue_command(argv))   # writes nothing
+        train, val, test = load_data(configs[0][1])
         for name, cfg in configs:
-            if cfg["batch_size"] > len(train.labels):
-                raise ValueError(f"variant {name!r}: expected a batch of {cfg['batch_size']} to fit "
-                                 f"in the {len(train.labels)} training images (raise "
-                                 "--limit-per-class)")
-    except (ValueError, FileNotFoundError, DataNotFoundError) as err:
+            if cfg.batch_size > len(train.labels):
+                raise SettingsError(f"variant {name!r}: expected a batch of {cfg.batch_size} to fit "
+                                    f"in the {len(train.labels)} training images (raise "
+                                    "--limit-per-class)")
+    except (SettingsError, RunRefused, DataNotFoundError, FileNotFoundError) as err:
         return refusal(err)
     retain_freed_memory()
-    out = Path(args.out) / (args.name or f"ablation-{args.model}")
-    rows, code = guarded(lambda: run_ablation(model, seeds=args.seeds, epochs=args.epochs, base=base,
-                                              out=out, load_data=load_data, max_epochs=args.max_epochs))
-    if code is not None:
+    _, code = run_ablation([(name, run) for (name, _), run in zip(configs, runs)], train=train,
+                           val=val, test=test, max_epochs=args.max_epochs)
+    if code != EXIT_OK or not all((run.dir / "checkpoint.safetensors").is_file() for run in runs):
         return code
-    if (out / "ablation.md").is_file() and len(rows) == len(variants(model)):
-        print((out / "ablation.md").read_text())
-        return 0
-    print(f"stopped; rerun the same command to continue ({out})", file=sys.stderr)
+    try:   # the table is the folders', never the flags'
+        rows = ablation_rows(configs, out)
+    except RunRefused as err:
+        return refusal(err)
+    if any(r["epochs"] < cfg.epochs for r, (_, cfg) in zip(rows, configs)):
+        return code   # stopped at --max-epochs: the table waits for every variant
+    write_ablation(out, study.model, rows)
+    print(format_ablation(rows, study.model))
     return 0
 
 

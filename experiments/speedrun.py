@@ -3,6 +3,7 @@
 The command line only; the recipe is :mod:`experiments.airbench` (docs/speedrun.md).
 
     python -m experiments.speedrun                          # 10 epochs, all parts on
+    python -m experiments.speedrun --recipe cpu             # the CPU recipe (docs/speedrun.md)
     python -m experiments.speedrun --no-whiten --name no-whiten   # one part off (ablation)
     python -m experiments.speedrun --resume runs/speedrun-s0
 """
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .airbench import RECIPE, SpeedrunConfig, run_speedrun
+from .airbench import RECIPE, RECIPES, SpeedrunConfig, run_speedrun
 from .cifar.recipes import resolve_data_dir
 from .common.settings import SettingsError, whole_number
 from .data.cifar10 import DataNotFoundError
@@ -30,18 +31,20 @@ SETTING_FLAGS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_d
                  "bias_scaler", "label_smoothing", "schedule", "activation", "bn_scale", "whiten",
                  "whiten_bias_epochs", "flip", "alt_flip", "translate", "lookahead", "seed",
                  "device", "bf16", "channels_last", "compile", "val_split", "limit_per_class",
-                 "data_dir")
+                 "data_dir", "bn_momentum", "lookahead_every", "eval_every_epoch")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every setting flag defaults to None: airbench94's value (a new run, shown in --help) or
-    the run's own (``--resume``)."""
+    """Every setting flag defaults to None: the ``--recipe``'s value (a new run; airbench94's are
+    shown in --help) or the run's own (``--resume``)."""
     p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Recipe: " + ", ".join(f"{k}={v}" for k, v in RECIPE.to_json().items()
                                                               if k not in ("name", "data_dir"))
                                 + ". See docs/speedrun.md.")
     a = p.add_argument
+    a("--recipe", choices=sorted(RECIPES), help="the values the flags are laid over: airbench94 "
+                                                "(default) or cpu (docs/speedrun.md)")
     a("--epochs", type=int, help="training epochs (default 10)")
     a("--batch-size", type=int, help="images per step (default 1024; the rates scale with it)")
     a("--lr", type=float, help="learning rate per 1024 examples, airbench's decoupled form (11.5)")
@@ -53,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--schedule", help="learning-rate schedule: triangular (default) or constant")
     a("--widths", help="the three conv groups' widths (64,256,256)")
     a("--activation", help="activation: gelu (default) or relu")
+    a("--bn-momentum", type=float, help="batch norm's running-statistics momentum, torch's "
+                                        "convention (0.4)")
     a("--bn-scale", action=B, help="train the batch norms' scale (off: fixed at 1)")
     a("--whiten", action=B, help="first conv fixed to the data's whitening filters (on); "
                                  "--no-whiten trains it from the default init")
@@ -63,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--translate", type=int, metavar="PIXELS", help="random translation, reflection padded (2; 0: off)")
     a("--ema", "--lookahead", dest="lookahead", action=B,
       help="lookahead: pull the weights to their moving average every 5 steps (on)")
+    a("--lookahead-every", type=int, help="steps between lookahead pulls (5)")
     a("--tta", action=B, help="test-time augmentation: mirror and 1-pixel translations (on); "
                               "sets the trainer's tta_flip and tta_shift")
     a("--seed", type=int, help="seed of the run key (0)")
@@ -76,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--val-split", help="validation images carved from train: a fraction or a count (0)")
     a("--limit-per-class", type=int, help="only the first N images of each class (smoke runs)")
     a("--no-test", action="store_true", help="do not evaluate on the test split each epoch")
+    a("--eval-every-epoch", action=B, help="evaluate val / test after every epoch (on; off: only "
+                                           "after the last)")
     a("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint, with its saved "
                                           "settings (a flag that changes one is refused unless the "
                                           "run can soundly continue with it)")
@@ -115,15 +123,17 @@ def requested_config(args: argparse.Namespace) -> tuple[SpeedrunConfig, Path, bo
     if args.max_epochs is not None:
         whole_number(args.max_epochs, "max_epochs")
     if args.resume:
-        for name in ("name", "out"):
+        for name in ("name", "out", "recipe"):
             if getattr(args, name) is not None:
                 raise RunRefused(f"--{name}: expected none with --resume (the run keeps its own), "
                                  f"got {getattr(args, name)}")
         run_dir = Path(args.resume)
         stored, _ = stored_config(run_dir, SpeedrunConfig)
         return stored.replace(**given), run_dir, True
-    cfg = RECIPE.replace(**given)
-    cfg = cfg.replace(name=args.name or f"speedrun-s{cfg.seed}")
+    recipe = args.recipe or "airbench94"
+    cfg = RECIPES[recipe].replace(**given)
+    prefix = "speedrun" if recipe == "airbench94" else f"speedrun-{recipe}"
+    cfg = cfg.replace(name=args.name or f"{prefix}-s{cfg.seed}")
     return cfg, run_folder(args.out or "runs", cfg.name), False
 
 

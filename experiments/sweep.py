@@ -4,121 +4,125 @@ The command line only; the study is :mod:`experiments.ensembles.sweep`.
 
     python -m experiments.sweep --model tutorial --lr 1e-1,1e-2,1e-3,1e-4,1e-5 --momentum 0.9 --seeds 3 --epochs 4
     python -m experiments.sweep --model tutorial --lr 1e-3 --momentum 0.85,0.9,0.92,0.95,0.99,1.2 --seeds 3
-    python -m experiments.sweep --resume runs/<name>
+    python -m experiments.sweep --resume runs/<name>                 # continue it
+    python -m experiments.sweep --resume runs/<name> --epochs 8      # more epochs (constant rate)
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from .cifar.recipes import check_config, load_data
+from .cifar.recipes import load_data, resolve_data_dir
+from .common.files import dumps
+from .common.settings import SettingsError, whole_number
 from .data.cifar10 import DataNotFoundError
-from .ensembles.grid import check_grid, members, parse_values
-from .ensembles.sweep import DEFAULTS, MODELS, run_sweep
-from .train import MAX_MEMBERS, load_run, retain_freed_memory
-from .train.commands import add_data_flags, guarded, refusal
+from .ensembles.config import MODEL_FLAGS, SweepConfig
+from .ensembles.grid import check_grid, parse_values
+from .ensembles.sweep import read_results, train_sweep, write_results
+from .train import MAX_MEMBERS, retain_freed_memory
+from .train.commands import refusal
+from .train.lifecycle import RunRefused, open_run, run_folder, stored_config
 
-#: The sweep's own defaults: the tutorial's training (SGD, no augmentation, batch 32, fp32).
-BASE = dict(optimizer="sgd", nesterov=False, weight_decay=0.0, decay_mask=False, schedule="constant",
-            label_smoothing=0.0, crop=0, flip=False, cutout=0, tta_flip=False, tta_shift=0,
-            bf16=False, channels_last=False, compile=False, eval_batch_size=1000, device="auto",
-            val_split="0", retain_freed_memory=True, momentum=0.0, lr=1e-3)
+COMMAND = "python -m experiments.sweep"
+
+#: Flags that are not settings of the run (they say how this command runs, not what it trains).
+_NOT_SETTINGS = ("out", "resume", "max_epochs", "max_members", "seeds", "first_seed")
+
+_D = SweepConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See docs/sweeps.md.")
+                                epilog="See docs/sweeps.md.", argument_default=argparse.SUPPRESS)
     a = p.add_argument
-    a("--model", choices=sorted(MODELS), default="tutorial", help="the net (default: tutorial)")
-    a("--lr", default="1e-3", help="comma list of learning rates (default: 1e-3)")
-    a("--momentum", default="0", help="comma list of momenta (default: 0)")
-    a("--weight-decay", default="0", help="comma list of L2 decays (default: 0)")
-    a("--seeds", type=int, default=1, help="seeds per grid point (default: 1)")
-    a("--first-seed", type=int, default=0, help="seed of the first member of each point (default: 0)")
-    a("--optimizer", choices=("sgd", "adam"), default="sgd", help="(default: sgd, as the report)")
+    a("--model", choices=sorted(MODEL_FLAGS), help="the net (default: tutorial)")
+    a("--lr", help=f"comma list of learning rates (default: {_D.lr[0]:g})")
+    a("--momentum", help="comma list of momenta (default: 0)")
+    a("--weight-decay", help="comma list of L2 decays (default: 0)")
+    a("--seeds", type=int, default=None, help="seeds per grid point (default: 1)")
+    a("--first-seed", type=int, default=None, help="seed of the first member of each point (default: 0)")
+    a("--optimizer", choices=("sgd", "adam"), help="(default: sgd, as the report)")
     a("--nesterov", action="store_true", help="Nesterov momentum")
-    a("--epochs", type=int, default=4, help="epochs (default: 4)")
-    a("--batch-size", type=int, default=32, help="images per step (default: 32, the report's)")
+    a("--epochs", type=int, help=f"epochs (default: {_D.epochs})")
+    a("--batch-size", type=int, help=f"images per step (default: {_D.batch_size}, the report's)")
     a("--member-data-order", action="store_true",
       help="each member its own data order (default: all members see the same batches)")
     a("--flip", action="store_true", help="random horizontal flips (default: none, as the tutorial)")
-    a("--crop", type=int, default=0, metavar="PIXELS", help="random crop padding (default: 0)")
+    a("--crop", type=int, metavar="PIXELS", help="random crop padding (default: 0)")
     a("--max-members", type=int, default=MAX_MEMBERS,
       help=f"refuse grids with more members (default: {MAX_MEMBERS})")
-    add_data_flags(p)
-    a("--name", help="run folder name (default: sweep-<model>-<n> members)")
-    a("--resume", metavar="RUN_DIR", help="continue a sweep from its checkpoint")
-    a("--max-epochs", type=int, help="stop (resumably) after this many completed epochs")
+    a("--val-split", help="validation images carved from train (default: 0)")
+    a("--limit-per-class", type=int, help="only the first N images of each class (smoke runs)")
+    a("--data-dir", help="CIFAR-10 folder (default: $CIFAR10_DIR, else ./data)")
+    a("--device", help="auto, cpu, cuda, ... (default: auto)")
+    a("--out", default="runs", help="folder of the run folders (default: runs)")
+    a("--name", help="run folder name (default: sweep-<model>-<n>members)")
+    a("--resume", metavar="RUN_DIR", default=None, help="continue a sweep from its checkpoint (flags given "
+                                          "with it must match its settings, or add epochs)")
+    a("--max-epochs", type=int, default=None, help="stop (resumably) after this many completed epochs")
     return p
 
 
-def sweep_config(args: argparse.Namespace) -> dict:
-    """The run's config from the flags; ValueError (one line naming the flag) for a bad grid."""
-    grid = {"lr": parse_values("lr", args.lr), "momentum": parse_values("momentum", args.momentum),
-            "weight_decay": parse_values("weight_decay", args.weight_decay)}
-    if args.optimizer == "adam" and grid["momentum"] != [0.0]:
-        raise ValueError("--momentum: expected none with --optimizer adam (its betas are fixed), "
-                         f"got {args.momentum}")
-    check_grid(grid, args.seeds, args.max_members)
-    ms = members(grid, args.seeds, args.first_seed)
-    cfg = dict(BASE, model=MODELS[args.model], optimizer=args.optimizer, nesterov=args.nesterov,
-               epochs=args.epochs, batch_size=args.batch_size, crop=args.crop, flip=args.flip,
-               val_split=str(args.val_split), limit_per_class=args.limit_per_class,
-               data_dir=args.data_dir, device=args.device, test=True, seed=args.first_seed,
-               grid=grid, points=[m.point for m in ms], seeds=[m.seed for m in ms],
-               member_data_order=args.member_data_order, recipe="sweep")
-    cfg["lr"] = grid["lr"][0]   # (check_config's learning-rate check; members take theirs)
-    cfg["name"] = args.name or f"sweep-{args.model}-{len(ms)}members"
-    check_config(cfg)
-    if args.max_epochs is not None and args.max_epochs < 1:
-        raise ValueError(f"--max-epochs: expected a whole number >= 1, got {args.max_epochs}")
-    return cfg
+def requested_config(args: argparse.Namespace) -> tuple[SweepConfig, Path, bool]:
+    """``(config, run folder, resume)`` the flags ask for: the defaults, or on ``--resume`` the
+    stored config, with the given flags laid over (SettingsError / RunRefused: one line).
+    Setting flags that were not given are absent from ``args`` (argparse.SUPPRESS)."""
+    changes = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    for name in ("lr", "momentum", "weight_decay"):
+        if name in changes:
+            changes[name] = parse_values(name, changes[name])
+    if "model" in changes:
+        changes["model"] = MODEL_FLAGS[changes["model"]]
+    if args.first_seed is not None:
+        changes["seed"] = args.first_seed
+    if args.max_epochs is not None:
+        whole_number(args.max_epochs, "max_epochs")
+    base = None if args.resume is None else stored_config(Path(args.resume), SweepConfig)[0]
+    cfg = SweepConfig.with_members(base, seeds_per_point=args.seeds, **changes)
+    check_grid(cfg.grid(), cfg.seeds_per_point, args.max_members)
+    if base is not None:
+        return cfg, Path(args.resume), True
+    cfg = cfg.replace(name=cfg.name or f"sweep-{_flag_of(cfg.model)}-{len(cfg.seeds)}members")
+    return cfg, run_folder(args.out, cfg.name), False
+
+
+def _flag_of(model: str) -> str:
+    return next(k for k, v in MODEL_FLAGS.items() if v == model)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-
     try:
-        if args.resume:
-            run_dir = Path(args.resume)
-            _, _, cfg = load_run(run_dir)
-            if cfg.get("recipe") != "sweep":
-                raise ValueError(f"{run_dir} is not a sweep (its config names recipe "
-                                 f"{cfg.get('recipe')!r})")
-            if args.data_dir:
-                cfg["data_dir"] = args.data_dir
-        else:
-            cfg = sweep_config(args)
-            run_dir = Path(args.out) / cfg["name"]
-            if (run_dir / "checkpoint.safetensors").exists():
-                raise ValueError(f"{run_dir} already holds a run; continue it with --resume "
-                                 f"{run_dir} or pick another --name")
+        cfg, run_dir, resume = requested_config(args)
+        cfg = resolve_data_dir(cfg)
+        run = open_run(run_dir, cfg, command=COMMAND, resume=resume)
         train, val, test = load_data(cfg)
-    except (ValueError, FileNotFoundError, DataNotFoundError) as err:   # CheckpointError too
+    except (SettingsError, RunRefused, DataNotFoundError, FileNotFoundError, ValueError) as err:
         return refusal(err)
-    if len(train.labels) < cfg["batch_size"]:
-        return refusal(f"--batch-size {cfg['batch_size']}: expected at most the "
-                      f"{len(train.labels)} training images")
-    if cfg.get("retain_freed_memory", True):
+    if len(train.labels) < cfg.batch_size:
+        return refusal(f"--batch-size {cfg.batch_size}: expected at most the "
+                       f"{len(train.labels)} training images (lower --batch-size, or raise "
+                       "--limit-per-class)")
+    if cfg.retain_freed_memory:
         retain_freed_memory()
-    print(f"sweep of {len(cfg['seeds'])} members ({cfg['model']}, grid "
-          f"{ {k: v for k, v in cfg['grid'].items() if v != [DEFAULTS[k]]} }) -> {run_dir}",
+    swept = {n: list(v) for n, v in cfg.grid().items() if len(v) > 1 or v != getattr(_D, n)}
+    print(f"sweep of {len(cfg.seeds)} members ({cfg.model}, grid {swept}, "
+          f"{cfg.seeds_per_point} seed{'s' * (cfg.seeds_per_point != 1)} per point) -> {run_dir}",
           file=sys.stderr)
-    done, code = guarded(lambda: run_sweep(
-        cfg, train=train, val=val, test=test, run_dir=run_dir, resume=bool(args.resume),
-        max_epochs=args.max_epochs, resume_command=f"python -m experiments.sweep --resume {run_dir}"))
-    if code is not None:
+    result, code = run.guarded(lambda: train_sweep(cfg, run=run, train=train, val=val, test=test,
+                                                   max_epochs=args.max_epochs))
+    if code != 0 or result.status != "done":
         return code
-    result, rows = done
-    if result.status == "interrupted":
-        return 130
-    if result.status == "done":
-        print((run_dir / "table.md").read_text(), file=sys.stderr)
-        print(json.dumps(rows))
+    try:   # the table is the folder's, never the flags'
+        results = read_results(run_dir)
+    except RunRefused as err:
+        return refusal(err)
+    write_results(run_dir, results)
+    print((run_dir / "table.md").read_text(), file=sys.stderr)
+    print(dumps(results.rows))
     return 0
 
 

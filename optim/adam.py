@@ -103,8 +103,14 @@ def scale_by_adam(lr=1e-3, b1=0.9, b2=0.999, eps: float = 1e-8,
         else:
             bias_correction1 = [1 - b1 ** t for _ in g]
             bias_correction2 = [1 - b2 ** t for _ in g]
-        step_sizes = [(rate / bc) * -1 for bc in bias_correction1]
-        bias_correction2_sqrt = [bc ** 0.5 for bc in bias_correction2]
+        # (a Python number over a tensor is reciprocal-then-multiply in torch, a rounding away
+        # from the host path's division: divide a float64 tensor instead)
+        step_sizes = [(_as64(rate) / bc if isinstance(bc, torch.Tensor) else rate / bc) * -1
+                      for bc in bias_correction1]
+        # torch.optim takes the host's pow(x, 0.5), which is not always sqrt(x) (a last bit apart),
+        # and ``tensor ** 0.5`` is sqrt: a tensor exponent gives pow's bits
+        bias_correction2_sqrt = [torch.pow(bc, _as64(0.5)) if isinstance(bc, torch.Tensor) else bc ** 0.5
+                                 for bc in bias_correction2]
         if amsgrad:
             nu_max = foreach("maximum", nu_max_old, nu, in_place=donate)
             denom = foreach("sqrt", nu_max, in_place=False)

@@ -200,8 +200,8 @@ def _leaf_op(op: str, t: torch.Tensor, args: tuple, kwargs: dict, in_place: bool
     dtype first, as torch casts a Python scalar to the op's compute type: the same value, the
     same bits. A tensor ``alpha`` of ``add`` becomes ``addcmul(t, other, alpha)`` (one rounding,
     as ``add``'s scalar alpha: the same bits); a tensor ``value`` of ``addcdiv`` becomes
-    ``addcdiv(t, value * a, b)`` (torch's own order of operations) and of ``addcmul``
-    ``t + a * b * value`` (a rounding apart).
+    ``addcdiv(t, value * a, b)`` and of ``addcmul`` ``addcmul(t, value * a, b)`` (torch's own
+    order of operations: the same bits as the Python number, checked in tests/test_optim_tensor_hyperparams.py).
     """
     def cast(x):
         if isinstance(x, torch.Tensor) and x.dim() == 0 and x.dtype != t.dtype and t.is_floating_point():
@@ -222,8 +222,9 @@ def _leaf_op(op: str, t: torch.Tensor, args: tuple, kwargs: dict, in_place: bool
         a, b = args
         return t.addcdiv_(value * a, b) if in_place else torch.addcdiv(t, value * a, b)
     if op == "addcmul" and isinstance(value, torch.Tensor):
-        out = args[0] * args[1] * value
-        return t.add_(out) if in_place else t + out
+        # torch's CPU kernel computes t + (value * a) * b: the same with value folded into a
+        a, b = args
+        return t.addcmul_(value * a, b) if in_place else torch.addcmul(t, value * a, b)
     if in_place and hasattr(t, f"{op}_"):
         return getattr(t, f"{op}_")(*args, **kwargs)
     if in_place:   # e.g. maximum, which has no in-place method

@@ -18,6 +18,11 @@ ulps rather than bit for bit.
     triangular_schedule(v, T, p, f0, f1)(t)    = v * (f0 + (1 - f0) t / w) for t < w = int(p T),
                                                  then v * (1 + (f1 - 1)(t - w) / (T - w))  LambdaLR
 
+The initial or peak value (``init_value``, ``max_lr``, ``peak_value``) may be a 0-d floating
+tensor, a member's own rate under ``vmap``: the schedule then returns a 0-d float64 tensor with
+the bits of the Python-number schedule (the same float64 operations in the same order;
+tests/test_optim_tensor_hyperparams.py checks it under vmap).
+
 Every schedule also takes the step as a 0-d int64 tensor (a member's count under ``vmap``) and
 then returns a 0-d float64 tensor computed on the device with the same formula, branches
 written as ``torch.where``: nothing is read on the host, so the schedule runs inside
@@ -39,6 +44,17 @@ def _real(fn: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{fn}: expected {name} to be a real number, got {type(value).__name__}")
     return float(value)
+
+
+def _peak(fn: str, name: str, value):
+    """A schedule's scale (its initial or peak value): a real number as a float, or a 0-d
+    floating tensor as it is (a member's own peak under ``vmap``; not read on the host)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise TypeError(f"{fn}: expected {name} to be a real number or a 0-d floating tensor, "
+                            f"got {value.dtype} of shape {tuple(value.shape)}")
+        return value.to(torch.float64)
+    return _real(fn, name, value)
 
 
 def _int(fn: str, name: str, value, minimum: int) -> int:
@@ -96,7 +112,7 @@ def constant_schedule(value: float) -> Schedule:
 
 def step_decay_schedule(init_value: float, step_size: int, gamma: float = 0.1) -> Schedule:
     """``t -> init_value * gamma ** (t // step_size)`` (torch StepLR)."""
-    init_value = _real("step_decay_schedule", "init_value", init_value)
+    init_value = _peak("step_decay_schedule", "init_value", init_value)
     step_size = _int("step_decay_schedule", "step_size", step_size, 1)
     gamma = _real("step_decay_schedule", "gamma", gamma)
 
@@ -108,7 +124,7 @@ def step_decay_schedule(init_value: float, step_size: int, gamma: float = 0.1) -
 def multistep_schedule(init_value: float, milestones: Sequence[int], gamma: float = 0.1) -> Schedule:
     """``t -> init_value * gamma ** (number of milestones <= t)`` (torch MultiStepLR; a milestone
     listed twice decays twice, as torch's Counter does)."""
-    init_value = _real("multistep_schedule", "init_value", init_value)
+    init_value = _peak("multistep_schedule", "init_value", init_value)
     gamma = _real("multistep_schedule", "gamma", gamma)
     ms = sorted(_int("multistep_schedule", "each milestone", m, 0) for m in milestones)
 
@@ -123,7 +139,7 @@ def multistep_schedule(init_value: float, milestones: Sequence[int], gamma: floa
 
 def exponential_schedule(init_value: float, gamma: float) -> Schedule:
     """``t -> init_value * gamma ** t`` (torch ExponentialLR)."""
-    init_value = _real("exponential_schedule", "init_value", init_value)
+    init_value = _peak("exponential_schedule", "init_value", init_value)
     gamma = _real("exponential_schedule", "gamma", gamma)
 
     def schedule(t: int) -> float:
@@ -134,7 +150,7 @@ def exponential_schedule(init_value: float, gamma: float) -> Schedule:
 def cosine_annealing_schedule(init_value: float, T_max: int, eta_min: float = 0.0) -> Schedule:
     """``t -> eta_min + (init_value - eta_min) * (1 + cos(pi * t / T_max)) / 2``
     (torch CosineAnnealingLR; like torch it keeps following the cosine past ``T_max``)."""
-    init_value = _real("cosine_annealing_schedule", "init_value", init_value)
+    init_value = _peak("cosine_annealing_schedule", "init_value", init_value)
     T_max = _int("cosine_annealing_schedule", "T_max", T_max, 1)
     eta_min = _real("cosine_annealing_schedule", "eta_min", eta_min)
 
@@ -150,7 +166,7 @@ def linear_schedule(init_value: float, start_factor: float = 1.0 / 3, end_factor
     """``t -> init_value * (start_factor + (end_factor - start_factor) * min(t, T) / T)``
     (torch LinearLR; a linear warm-up when ``start_factor < end_factor = 1``)."""
     fn = "linear_schedule"
-    init_value = _real(fn, "init_value", init_value)
+    init_value = _peak(fn, "init_value", init_value)
     start_factor = _real(fn, "start_factor", start_factor)
     end_factor = _real(fn, "end_factor", end_factor)
     if not 0 < start_factor <= 1:
@@ -179,7 +195,7 @@ def one_cycle_schedule(max_lr: float, total_steps: int, pct_start: float = 0.3,
     past ``total_steps`` is an error.
     """
     fn = "one_cycle_schedule"
-    max_lr = _real(fn, "max_lr", max_lr)
+    max_lr = _peak(fn, "max_lr", max_lr)
     total_steps = _int(fn, "total_steps", total_steps, 1)
     pct_start = _real(fn, "pct_start", pct_start)
     if not 0 <= pct_start <= 1:
@@ -288,7 +304,7 @@ def triangular_schedule(peak_value: float, total_steps: int, peak_fraction: floa
     (torch: ``LambdaLR`` with airbench's ``get_lr``, the same formula, stepped once per update).
     """
     fn = "triangular_schedule"
-    peak_value = _real(fn, "peak_value", peak_value)
+    peak_value = _peak(fn, "peak_value", peak_value)
     total_steps = _int(fn, "total_steps", total_steps, 1)
     peak_fraction = _real(fn, "peak_fraction", peak_fraction)
     start_factor = _real(fn, "start_factor", start_factor)

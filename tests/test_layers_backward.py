@@ -10,16 +10,16 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from torch.autograd import gradcheck, gradgradcheck
 from torch.func import grad, jacrev, vjp, vmap
 
 import layers
 from layers import random as jr
 from nets.compose import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear,
                           MaxPool2d, ReLU, as_net, serial)
-# The parity test's cases (shapes, train / eval / no running statistics, eps, layouts, constant
-# channels); its dtype is not used: these tests run in float64.
-from test_layers_batch_norm import bn_cases, make_input as bn_input
+# The parity tests' cases (layers.testing): shapes, hyperparameters, train / eval / no running
+# statistics, eps, constant channels; their dtypes are not used: these tests run in float64.
+from layers.testing import (batch_norm_cases, check_autograd_function, conv2d_cases, layouts,
+                            make_input, max_pool2d_cases, value_kinds)
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")]
@@ -58,23 +58,12 @@ def assert_vjp_matches_fast(f, args, seed):
 
 # ----------------------------------------------------------------------------- against autograd
 
-@st.composite
-def conv_cases(draw):
-    groups = draw(st.sampled_from([1, 2, 3]))
-    cin, cout = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
-    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    # "same" with an even dilated kernel pads one more on the bottom/right: asymmetric.
-    padding = draw(st.one_of(st.just("same"), st.just("valid"),
-                             st.tuples(st.integers(0, 2), st.integers(0, 2))))
-    stride = (1, 1) if padding == "same" else (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    pads = (0, 0) if padding == "same" else ((0, 0) if padding == "valid" else padding)
-    size = [draw(st.integers(max(1, d * (k - 1) + 1 - 2 * p), d * (k - 1) + 5))
-            for k, d, p in zip(kernel, dilation, pads)]
-    n = draw(st.integers(0, 2))                            # 0: unbatched (C, H, W)
-    shape = ((n,) if n else ()) + (cin, *size)
-    return dict(shape=shape, weight=(cout, cin // groups, *kernel), bias=draw(st.booleans()),
-                hyper=dict(stride=stride, padding=padding, dilation=dilation, groups=groups))
+def conv_cases():
+    """The parity cases as (input shape, weight shape, bias, hyperparameters)."""
+    pair = lambda v: v if isinstance(v, (tuple, str)) else (v, v)     # noqa: E731 (as _padding takes them)
+    return conv2d_cases(max_batch=2).map(lambda c: dict(
+        shape=c.input_shape, weight=tuple(c.module.weight.shape), bias=c.module.bias is not None,
+        hyper={k: (v if k == "groups" else pair(v)) for k, v in c.kwargs.items() if k != "impl"}))
 
 
 @settings(max_examples=40)
@@ -110,18 +99,10 @@ def test_conv2d_input_gradient_is_the_transposed_convolution_of_the_output_gradi
     torch.testing.assert_close(pullback(dy)[0], dx if x.dim() == 4 else dx.squeeze(0), **TOL)
 
 
-@st.composite
-def pool_cases(draw):
-    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    padding = (draw(st.integers(0, kernel[0] // 2)), draw(st.integers(0, kernel[1] // 2)))
-    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    stride = draw(st.one_of(st.none(), st.tuples(st.integers(1, 3), st.integers(1, 3))))
-    size = [draw(st.integers(max(1, d * (k - 1) + 1 - 2 * p), d * (k - 1) + 6))
-            for k, p, d in zip(kernel, padding, dilation)]
-    n = draw(st.integers(0, 2))
-    return dict(shape=((n,) if n else ()) + (draw(st.integers(1, 2)), *size),
-                hyper=dict(kernel_size=kernel, stride=stride, padding=padding, dilation=dilation,
-                           ceil_mode=draw(st.booleans())))
+def pool_cases():
+    """The parity cases (windows of padding only already left out) as (shape, hyperparameters)."""
+    return max_pool2d_cases().map(lambda c: dict(
+        shape=c.input_shape, hyper={k: v for k, v in c.kwargs.items() if k != "impl"}))
 
 
 def _refused(f):
@@ -151,17 +132,18 @@ def test_adaptive_avg_pool2d_backward_equals_autograd_of_fast(size, n, out, seed
 
 
 @settings(max_examples=40)
-@given(case=bn_cases(), seed=SEEDS)
-def test_batch_norm_backward_equals_autograd_of_fast_in_train_and_eval(case, seed):
-    x = bn_input(case["shape"], seed, D, case["layout"], case["values"])     # ints: constant channels
-    c = case["shape"][1]
+@given(case=batch_norm_cases(), layout=layouts(), kind=value_kinds(), train=st.booleans(), seed=SEEDS)
+def test_batch_norm_backward_equals_autograd_of_fast_in_train_and_eval(case, layout, kind, train, seed):
+    x = make_input(case.input_shape, seed, D, layout, kind, **case.input_options)   # ints: constant channels
+    c = case.input_shape[1]
+    running, affine = case.module.track_running_stats, case.module.affine
     state = ({"running_mean": randn((c,), seed + 4), "running_var": randn((c,), seed + 5).abs() + 0.5,
-              "num_batches_tracked": torch.tensor(2)} if case["running"] else {})
-    args = [x] + ([randn((c,), seed + 2).abs() + 0.5, randn((c,), seed + 3)] if case["affine"] else [])
+              "num_batches_tracked": torch.tensor(2)} if running else {})
+    args = [x] + ([randn((c,), seed + 2).abs() + 0.5, randn((c,), seed + 3)] if affine else [])
 
     def f(impl, x, *affine):
         params = dict(zip(("weight", "bias"), affine))
-        y, _ = layers.batch_norm(params, state, x, train=case["train"], eps=case["eps"], impl=impl)
+        y, _ = layers.batch_norm(params, state, x, train=train, eps=case.kwargs["eps"], impl=impl)
         return y
 
     assert_vjp_matches_fast(f, args, seed)
@@ -298,17 +280,13 @@ GRADCHECK = {
 
 
 @pytest.mark.parametrize("name", sorted(GRADCHECK))
-def test_written_out_backward_passes_gradcheck_in_float64(name):
+def test_written_out_backward_passes_gradcheck_gradgradcheck_and_its_vmap_rule_equals_a_loop(name):
+    """layers.testing.check_autograd_function: gradcheck and gradgradcheck in float64 (double
+    backward is not required, but it holds: every backward is differentiable torch ops on the
+    inputs and outputs), and vmap of the forward and of the backward over 3 perturbed copies of
+    the inputs equal a loop over them."""
     f, inputs = GRADCHECK[name]
-    assert gradcheck(f, inputs())
-
-
-@pytest.mark.parametrize("name", sorted(GRADCHECK))
-def test_double_backward_through_the_written_out_backward_passes_gradgradcheck(name):
-    """Not required, but it holds: every backward is differentiable torch ops on the inputs and
-    outputs (nothing is saved that autograd cannot see through)."""
-    f, inputs = GRADCHECK[name]
-    assert gradgradcheck(f, inputs())
+    check_autograd_function(f, inputs())
 
 
 # ----------------------------------------------------------------------------- which backward runs

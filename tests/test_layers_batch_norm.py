@@ -2,18 +2,10 @@
 equinox-style properties (stats move in training, stay bit-identical in eval, formula by hand)."""
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from torch.func import functional_call, grad
+from torch.func import grad
 
 import layers
-from layouts import make_input as _make_input
-
-
-def make_input(shape, seed, dtype, layout, values):
-    """Inputs off zero mean and unit variance (normal * 2 + 0.5), or few ints (constant channels)."""
-    return _make_input(shape, seed, dtype, layout, values, scale=2.0, shift=0.5)
-
+from layers.testing import batch_norm_cases, check_layer, fixed_tolerance
 
 # float64: means/variances over at most N*H*W = 3*4*4 = 48 values; ATen uses a different
 # summation order (Welford), so outputs agree to ~1e-14 and 1e-10 is generous.
@@ -23,74 +15,11 @@ TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-
 STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-@st.composite
-def bn_cases(draw):
-    rank = draw(st.sampled_from([2, 3, 4]))
-    n = draw(st.integers(1, 3))
-    spatial = tuple(draw(st.integers(1, 4)) for _ in range(rank - 2))
-    if n * (spatial[0] if spatial else 1) * (spatial[1] if rank == 4 else 1) == 1:
-        n = 2                                          # one value per channel is an error case
-    return dict(
-        shape=(n, draw(st.integers(1, 4))) + spatial,
-        affine=draw(st.booleans()), running=draw(st.booleans()), train=draw(st.booleans()),
-        momentum=draw(st.one_of(st.none(), st.sampled_from([0.0, 0.1, 1.0]), st.floats(0, 1))),
-        eps=draw(st.sampled_from([1e-5, 1e-3, 0.1])), steps=draw(st.integers(1, 3)),
-        tracked=draw(st.integers(0, 5)),
-        dtype=draw(st.sampled_from([torch.float64, torch.float32])),
-        layout=draw(st.sampled_from(["contiguous", "channels_last", "transposed", "sliced"])),
-        values=draw(st.sampled_from(["normal", "ints"])), seed=draw(st.integers(0, 2**31 - 1)),
-        impl=draw(st.sampled_from(["fast", "explicit"])))
-
-
-def module_for(case):
-    cls = torch.nn.BatchNorm1d if len(case["shape"]) < 4 else torch.nn.BatchNorm2d
-    return cls(case["shape"][1], eps=case["eps"], momentum=case["momentum"], affine=case["affine"],
-               track_running_stats=case["running"], dtype=case["dtype"])
-
-
-def initial_trees(case):
-    g = torch.Generator().manual_seed(case["seed"] + 7)
-    c, dtype = case["shape"][1], case["dtype"]
-    params = {"weight": torch.rand(c, generator=g, dtype=dtype) + 0.5,
-              "bias": torch.randn(c, generator=g, dtype=dtype)} if case["affine"] else {}
-    state = {"running_mean": torch.randn(c, generator=g, dtype=dtype),
-             "running_var": torch.rand(c, generator=g, dtype=dtype) + 0.5,
-             "num_batches_tracked": torch.tensor(case["tracked"])} if case["running"] else {}
-    return params, state
-
-
-@settings(deadline=None, max_examples=100)
-@given(bn_cases())
-def test_batch_norm_output_gradients_and_running_stats_equal_torch_batchnorm(case):
-    module = module_for(case).train(case["train"])
-    params, state = initial_trees(case)
-    dtype = case["dtype"]
-    for step in range(case["steps"]):
-        x = make_input(case["shape"], case["seed"] + step, dtype, case["layout"], case["values"])
-        # functional_call writes the new running stats into the buffers it is given: clone them.
-        ref_state = {k: v.clone() for k, v in state.items()}
-        ref_params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-        ref_x = x.detach().clone().requires_grad_(True)
-        ref_y = functional_call(module, {**ref_params, **ref_state}, (ref_x,))
-        cotangent = torch.randn(ref_y.shape, generator=torch.Generator().manual_seed(step), dtype=dtype)
-        (ref_y * cotangent).sum().backward()
-
-        def loss(p, x):
-            y, new_state = layers.batch_norm(p, state, x, train=case["train"],
-                                             momentum=case["momentum"], eps=case["eps"],
-                                             impl=case["impl"])
-            return (y * cotangent).sum(), (y, new_state)
-
-        (g_params, g_x), (y, new_state) = grad(loss, argnums=(0, 1), has_aux=True)(params, x)
-        torch.testing.assert_close(y, ref_y.detach(), **TOL[dtype])
-        torch.testing.assert_close(g_x, ref_x.grad, **TOL[dtype])
-        assert set(g_params) == set(ref_params)
-        for k in ref_params:
-            torch.testing.assert_close(g_params[k], ref_params[k].grad, **TOL[dtype])
-        assert set(new_state) == set(ref_state)
-        for k in ref_state:
-            torch.testing.assert_close(new_state[k], ref_state[k], **TOL[dtype])
-        state = new_state
+def test_batch_norm_output_gradients_running_stats_purity_and_backward_equal_torch_batchnorm():
+    """Ranks 2-4, affine or not, running statistics or not, momentum None / 0 / 1 / any, eps,
+    train and eval, 1-3 calls in a row, constant channels (ints): output, input and parameter
+    gradients, the new state, purity, vmap in eval, and which backward ran."""
+    check_layer(layers.batch_norm, batch_norm_cases(), max_examples=100, tolerance=fixed_tolerance(TOL))
 
 
 def _trees(c=3, dtype=torch.float64):

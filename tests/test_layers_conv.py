@@ -1,18 +1,9 @@
 """conv2d: both formulations equal torch.nn.Conv2d (outputs and every gradient); bad input fails."""
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from torch.func import functional_call, grad
 
 import layers
-from layouts import make_input as _make_input
-
-
-def make_input(shape, seed, dtype, layout, values):
-    """Inputs with ints in [-2, 2]: exact zeros and repeated values."""
-    return _make_input(shape, seed, dtype, layout, values, int_range=(-2, 3))
-
+from layers.testing import check_layer, conv2d_cases, fixed_tolerance
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
 
@@ -22,72 +13,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
 
 
-@st.composite
-def conv_cases(draw):
-    groups = draw(st.sampled_from([1, 2, 3]))
-    cin = groups * draw(st.integers(1, 2))
-    cout = groups * draw(st.integers(1, 2))
-    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    dilation = draw(st.one_of(st.integers(1, 2), st.tuples(st.integers(1, 2), st.integers(1, 2))))
-    padding = draw(st.one_of(st.just("same"), st.just("valid"), st.integers(0, 2),
-                             st.tuples(st.integers(0, 2), st.integers(0, 2))))
-    stride = 1 if padding == "same" else draw(
-        st.one_of(st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
-    d2 = dilation if isinstance(dilation, tuple) else (dilation, dilation)
-    if isinstance(padding, str):        # "same" always fits; "valid" pads nothing
-        p2 = (0, 0) if padding == "valid" else None
-    else:
-        p2 = padding if isinstance(padding, tuple) else (padding, padding)
-    spatial = []
-    for axis, (k, d) in enumerate(zip(kernel, d2)):
-        need = 1 if p2 is None else max(1, d * (k - 1) + 1 - 2 * p2[axis])
-        spatial.append(draw(st.integers(need, need + 4)))
-    n = draw(st.integers(0, 3))                     # 0: unbatched (C, H, W)
-    shape = ((n,) if n else ()) + (cin, *spatial)
-    return dict(cin=cin, cout=cout, kernel=kernel, stride=stride, padding=padding,
-                dilation=dilation, groups=groups, shape=shape, bias=draw(st.booleans()),
-                dtype=draw(st.sampled_from([torch.float64, torch.float32])),
-                layout=draw(st.sampled_from(["contiguous", "channels_last", "transposed", "sliced"])),
-                values=draw(st.sampled_from(["normal", "ints"])),
-                seed=draw(st.integers(0, 2**31 - 1)), impl=draw(st.sampled_from(["fast", "explicit"])))
-
-
-def torch_conv(case):
-    return torch.nn.Conv2d(case["cin"], case["cout"], case["kernel"], stride=case["stride"],
-                           padding=case["padding"], dilation=case["dilation"],
-                           groups=case["groups"], bias=case["bias"], dtype=case["dtype"])
-
-
-def hyper(case):
-    return {k: case[k] for k in ("stride", "padding", "dilation", "groups")}
-
-
-@settings(deadline=None, max_examples=60)
-@given(conv_cases())
-def test_conv2d_output_and_gradients_equal_torch_conv2d(case):
-    with torch.random.fork_rng(devices=[]):              # seeded module init, global RNG untouched
-        torch.manual_seed(case["seed"])
-        module = torch_conv(case)
-    params = {k: v.detach().clone() for k, v in module.named_parameters()}
-    x = make_input(case["shape"], case["seed"], case["dtype"], case["layout"], case["values"])
-    ref_x = x.detach().clone().requires_grad_(True)
-    ref_params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    ref_y = functional_call(module, ref_params, (ref_x,))
-    g = torch.Generator().manual_seed(case["seed"] + 1)
-    cotangent = torch.randn(ref_y.shape, generator=g, dtype=case["dtype"])
-    (ref_y * cotangent).sum().backward()
-
-    def f(p, x):
-        return layers.conv2d(p, x, impl=case["impl"], **hyper(case))
-
-    y = f(params, x)
-    assert y.shape == ref_y.shape
-    torch.testing.assert_close(y, ref_y.detach(), **TOL[case["dtype"]])
-    g_params, g_x = grad(lambda p, x: (f(p, x) * cotangent).sum(), argnums=(0, 1))(params, x)
-    torch.testing.assert_close(g_x, ref_x.grad, **TOL[case["dtype"]])
-    assert set(g_params) == set(ref_params)
-    for k in ref_params:
-        torch.testing.assert_close(g_params[k], ref_params[k].grad, **TOL[case["dtype"]])
+def test_conv2d_output_gradients_purity_vmap_and_backward_equal_torch_conv2d():
+    """Both formulations (drawn), every stride / padding / dilation / groups form, float64 and
+    float32, four memory layouts, ints with ties: output, input and parameter gradients, purity,
+    vmap over the batch, and that impl="explicit" runs ExplicitConv2d's backward (fast: none)."""
+    check_layer(layers.conv2d, conv2d_cases(), max_examples=60, tolerance=fixed_tolerance(TOL))
 
 
 def test_conv2d_explicit_im2col_matches_f_unfold_layout():

@@ -9,13 +9,12 @@ from torch.func import grad
 
 import layers
 from layers import random as jr
-
-IMPLS = ["fast", "explicit"]
+from layers.testing import IMPLS, dtypes, seeds
 
 
 @settings(deadline=None, max_examples=40)
-@given(p=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1), impl=st.sampled_from(IMPLS),
-       dtype=st.sampled_from([torch.float64, torch.float32]))
+@given(p=st.floats(0.0, 1.0), seed=seeds(), impl=st.sampled_from(IMPLS),
+       dtype=dtypes())
 def test_dropout_output_is_mask_times_x_over_keep_prob_and_formulations_agree(p, seed, impl, dtype):
     x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(seed), dtype=dtype)
     key = jr.key(seed)
@@ -49,7 +48,7 @@ def test_dropout_different_keys_give_different_masks(impl):
 
 
 @settings(deadline=None, max_examples=25)
-@given(p=st.floats(0.05, 0.95), seed=st.integers(0, 2**31 - 1), impl=st.sampled_from(IMPLS))
+@given(p=st.floats(0.05, 0.95), seed=seeds(), impl=st.sampled_from(IMPLS))
 def test_dropout_keep_rate_within_six_sigma_of_one_minus_p(p, seed, impl):
     n = 100_000
     y = layers.dropout(torch.ones(n, dtype=torch.float64), p=p, train=True, key=jr.key(seed), impl=impl)

@@ -7,32 +7,16 @@ from hypothesis import strategies as st
 from torch.func import grad
 
 import layers
+from layers.testing import cross_entropy_cases, dtypes, seeds
 
 # float64: log_softmax over <= 5 classes plus a sum over <= 3*3*3 = 27 elements; ~1e-15 relative.
 # float32: eps 6e-8 times logits of magnitude ~5 and a 27-term sum -> ~1e-5; allow 1e-4.
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
 
 
-@st.composite
-def ce_cases(draw):
-    classes = draw(st.integers(1, 5))
-    batched = draw(st.booleans())
-    extra = tuple(draw(st.lists(st.integers(1, 3), max_size=2))) if batched else ()
-    lead = (draw(st.integers(1, 3)),) if batched else ()
-    shape = lead + (classes,) + extra
-    probabilities = draw(st.booleans())
-    return dict(
-        shape=shape, classes=classes, probabilities=probabilities,
-        weight=draw(st.booleans()), reduction=draw(st.sampled_from(["mean", "sum", "none"])),
-        label_smoothing=draw(st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0))),
-        ignore_index=-100 if probabilities else draw(st.one_of(st.just(-100), st.integers(0, classes - 1))),
-        dtype=draw(st.sampled_from([torch.float64, torch.float32])),
-        seed=draw(st.integers(0, 2**31 - 1)), impl=draw(st.sampled_from(["fast", "explicit"])))
-
-
-def make(case):
-    g = torch.Generator().manual_seed(case["seed"])
-    dtype, shape, classes = case["dtype"], case["shape"], case["classes"]
+def make(case, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape, classes = case["shape"], case["classes"]
     logits = torch.randn(shape, generator=g, dtype=dtype) * 3
     class_dim = 0 if len(shape) == 1 else 1
     if case["probabilities"]:
@@ -46,14 +30,13 @@ def make(case):
 
 
 @settings(deadline=None, max_examples=80)
-@given(ce_cases())
-def test_cross_entropy_value_and_gradients_equal_torch(case):
-    logits, target, weight = make(case)
+@given(cross_entropy_cases(), dtypes(), seeds())
+def test_cross_entropy_value_and_gradients_equal_torch(case, dtype, seed):
+    logits, target, weight = make(case, dtype, seed)
     if not case["probabilities"] and case["reduction"] == "mean":
         assume(bool((target != case["ignore_index"]).any()))     # all ignored: 0/0, tested below
     opts = dict(weight=weight, ignore_index=case["ignore_index"], reduction=case["reduction"],
                 label_smoothing=case["label_smoothing"])
-    dtype = case["dtype"]
     ref_logits = logits.clone().requires_grad_(True)
     ref_target = target.clone().requires_grad_(True) if case["probabilities"] else target
     ref = F.cross_entropy(ref_logits, ref_target, **opts)

@@ -295,3 +295,35 @@ def test_inductor_compiled_training_step_equals_eager():
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-5)
     for n in state:
         torch.testing.assert_close(new_state[n], ref_state[n], rtol=1e-4, atol=1e-5)
+
+
+def _small_serial_and_twin():
+    """A serial net of every compose layer with torch names, and its nn.Sequential twin."""
+    from collections import OrderedDict
+
+    from nets.compose import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear,
+                              MaxPool2d, ReLU, as_net, serial)
+    nn = torch.nn
+
+    def make_net():
+        features = serial(Conv2d(3, 4, 3, stride=2, padding=1), BatchNorm2d(4), ReLU(),
+                          Conv2d(4, 4, 3, padding=1, groups=2, bias=False), MaxPool2d(2), Dropout(0.0))
+        head = serial(AdaptiveAvgPool2d(2), Flatten(), Linear(16, 5))
+        return as_net(serial(features=features, classifier=head), name="small")
+
+    def make_twin():
+        features = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                 nn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False), nn.MaxPool2d(2),
+                                 nn.Dropout(0.0))
+        head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 5))
+        return nn.Sequential(OrderedDict(features=features, classifier=head))
+
+    return make_net, make_twin
+
+
+def test_a_serial_net_of_every_layer_equals_its_nn_sequential_twin_in_train_and_eval():
+    """nets.testing.check_net: names, logits, every gradient and the batch-norm state, batches
+    of 2 and 3 (tolerance: nets.testing's float64 1e-9)."""
+    from nets.testing import check_net
+    make_net, make_twin = _small_serial_and_twin()
+    check_net(make_net, make_twin, (3, 9, 9), num_classes=5, max_examples=4)

@@ -6,183 +6,33 @@ ours and torch.optim.lr_scheduler's), an optional weight-decay mask (torch: a se
 with weight_decay=0) and an optional set of frozen parameters (torch: their grad is None). Both
 ``update`` + ``apply_updates`` and the fused ``optim.step`` are checked after every step.
 """
-import math
-
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import optim
+from optim.testing import SHAPES, adam_hyperparameters, check_optimizer, sgd_hyperparameters
 
-STEPS = 20
-SHAPES = {"features.0.weight": (4, 3, 3, 3), "features.0.bias": (4,), "features.1.weight": (4,),
-          "features.1.bias": (4,), "classifier.weight": (5, 36), "classifier.bias": (5,),
-          "head.scale": ()}
-F32_EPS = torch.finfo(torch.float32).eps
-F64_EPS = torch.finfo(torch.float64).eps
+# Tolerance: optim.testing.tolerance, 10 * steps * eps(dtype) after `steps` steps (its docstring
+# gives the reason); the fused step against torch's foreach step is also checked bit for bit below.
 
 
-@st.composite
-def trees(draw):
-    """A flat state_dict-like tree: a random subset of SHAPES, each leaf float32 or float64."""
-    names = draw(st.lists(st.sampled_from(sorted(SHAPES)), min_size=2, max_size=len(SHAPES), unique=True))
-    seed = draw(st.integers(0, 2**31 - 1))
-    g = torch.Generator().manual_seed(seed)
-    dtypes = draw(st.lists(st.sampled_from([torch.float32, torch.float64]), min_size=len(names),
-                           max_size=len(names)))
-    return {n: torch.randn(SHAPES[n], generator=g, dtype=torch.float64).to(dt)
-            for n, dt in zip(sorted(names, key=list(SHAPES).index), dtypes)}
-
-
-@st.composite
-def schedules(draw, base_lr):
-    """(kind, kwargs): a schedule drawn with its hyperparameters, built by make_schedules."""
-    kind = draw(st.sampled_from(["none", "step", "multistep", "exponential", "cosine", "linear",
-                                 "onecycle", "warmup_cosine"]))
-    if kind == "step":
-        return kind, dict(step_size=draw(st.integers(1, 8)), gamma=draw(st.floats(0.1, 1.0)))
-    if kind == "multistep":
-        return kind, dict(milestones=draw(st.lists(st.integers(1, STEPS), max_size=4)),
-                          gamma=draw(st.floats(0.1, 1.0)))
-    if kind == "exponential":
-        return kind, dict(gamma=draw(st.floats(0.8, 1.0)))
-    if kind == "cosine":
-        return kind, dict(T_max=draw(st.integers(1, 2 * STEPS)), eta_min=draw(st.floats(0, base_lr)))
-    if kind == "linear":
-        return kind, dict(start_factor=draw(st.floats(0.01, 1.0)), end_factor=draw(st.floats(0.0, 1.0)),
-                          total_iters=draw(st.integers(1, STEPS)))
-    if kind == "onecycle":
-        return kind, dict(total_steps=draw(st.integers(STEPS, 2 * STEPS)),
-                          pct_start=draw(st.floats(0.1, 0.9)),
-                          anneal_strategy=draw(st.sampled_from(["cos", "linear"])),
-                          three_phase=draw(st.booleans()))
-    if kind == "warmup_cosine":
-        return kind, dict(warmup=draw(st.integers(1, STEPS // 2)), T_max=draw(st.integers(1, STEPS)),
-                          start_factor=draw(st.floats(0.01, 1.0)))
-    return kind, {}
-
-
-def make_schedules(kind, kw, base_lr, torch_opt):
-    """Our lr (float or schedule) and the torch scheduler driving torch_opt (or None)."""
-    S = torch.optim.lr_scheduler
-    if kind == "none":
-        return base_lr, None
-    if kind == "step":
-        return optim.step_decay_schedule(base_lr, **kw), S.StepLR(torch_opt, **kw)
-    if kind == "multistep":
-        return optim.multistep_schedule(base_lr, **kw), S.MultiStepLR(torch_opt, **kw)
-    if kind == "exponential":
-        return optim.exponential_schedule(base_lr, **kw), S.ExponentialLR(torch_opt, **kw)
-    if kind == "cosine":
-        return optim.cosine_annealing_schedule(base_lr, **kw), S.CosineAnnealingLR(torch_opt, **kw)
-    if kind == "linear":
-        return optim.linear_schedule(base_lr, **kw), S.LinearLR(torch_opt, **kw)
-    if kind == "onecycle":
-        return (optim.one_cycle_schedule(base_lr, **kw),
-                S.OneCycleLR(torch_opt, max_lr=base_lr, cycle_momentum=False, **kw))
-    warm = S.LinearLR(torch_opt, start_factor=kw["start_factor"], total_iters=kw["warmup"])
-    cos = S.CosineAnnealingLR(torch_opt, T_max=kw["T_max"])
-    return (optim.warmup_cosine_schedule(base_lr, kw["warmup"], kw["T_max"], kw["start_factor"]),
-            S.SequentialLR(torch_opt, [warm, cos], milestones=[kw["warmup"]]))
-
-
-def tolerance(dtype, steps):
-    """(rtol, atol) for comparing parameters after ``steps`` steps.
-
-    The fused step runs torch's foreach operations one for one and is expected bit-identical up
-    to the learning rate itself, which our schedules compute in closed form (torch multiplies
-    recursively, a few ulps of float64 apart). update + apply_updates rounds the lr-scaled update
-    before adding it (torch uses one fused multiply-add), one ulp of the parameter per step; the
-    errors add up over steps, and momentum / Adam's normalisation pass them on with gain <~ 10.
-    So: 10 * steps ulps of the dtype, relative, with the same absolute floor for values near 0.
-    """
-    eps = F32_EPS if dtype == torch.float32 else F64_EPS
-    return 10 * steps * eps, 10 * steps * eps
-
-
-def run_parity(data, make_ours, make_torch, base_lr):
-    params = data.draw(trees())
-    names = list(params)
-    decay_mask = data.draw(st.sampled_from([None, "fn", "tree"]))
-    frozen = data.draw(st.lists(st.sampled_from(names), max_size=len(names) - 1, unique=True))
-    seed = data.draw(st.integers(0, 2**31 - 1))
-    kind, kw = data.draw(schedules(base_lr))
-
-    no_decay = {n for n, m in optim.decay_mask_no_bias_or_norm(params).items() if not m} if decay_mask else set()
-    tparams = {n: torch.nn.Parameter(p.clone()) for n, p in params.items()}
-    groups = [{"params": [tparams[n] for n in names if n not in no_decay]}]
-    if no_decay:
-        groups.append({"params": [tparams[n] for n in names if n in no_decay], "weight_decay": 0.0})
-    groups = [gr for gr in groups if gr["params"]]
-    topt = make_torch(groups)
-    lr, tsched = make_schedules(kind, kw, base_lr, topt)
-
-    mask = {"fn": optim.decay_mask_no_bias_or_norm,
-            "tree": optim.decay_mask_no_bias_or_norm(params), None: None}[decay_mask]
-    opt = make_ours(lr, mask)
-    if frozen:
-        opt = optim.freeze(opt, {n: n in frozen for n in names})
-
-    state_u = state_f = opt.init(params)
-    p_u = p_f = params
-    g = torch.Generator().manual_seed(seed)
-    for t in range(1, STEPS + 1):
-        grads = {n: (torch.randn(p.shape, generator=g, dtype=torch.float64) + 0.1 * p.double()).to(p.dtype)
-                 for n, p in params.items()}
-        for n in names:
-            tparams[n].grad = None if n in frozen else grads[n].clone()
-        topt.step()
-        if tsched is not None:
-            tsched.step()
-        updates, state_u = opt.update(grads, state_u, p_u)
-        p_u = optim.apply_updates(p_u, updates)
-        p_f, state_f = optim.step(opt, grads, state_f, p_f)
-        for n in names:
-            expected = tparams[n].detach()
-            rtol, atol = tolerance(expected.dtype, t)
-            torch.testing.assert_close(p_f[n], expected, rtol=rtol, atol=atol,
-                                       msg=lambda m: f"fused step {t}, {n}: {m}")
-            torch.testing.assert_close(p_u[n], expected, rtol=rtol, atol=atol,
-                                       msg=lambda m: f"update+apply step {t}, {n}: {m}")
-            if n in frozen:
-                assert torch.equal(p_f[n], params[n]) and torch.equal(p_u[n], params[n])
-        assert math.isclose(optim.current_lr(state_f), topt.param_groups[0]["lr"], rel_tol=1e-12, abs_tol=1e-12 * base_lr)
-        assert optim.current_step(state_f) == t
-
-
-@settings(deadline=None, max_examples=25)
-@given(data=st.data())
-def test_sgd_trajectory_equals_torch_sgd(data):
-    lr = data.draw(st.one_of(st.just(0.0), st.floats(1e-6, 0.5)))   # (no subnormal rates)
-    momentum = data.draw(st.sampled_from([0.0, None]))
-    momentum = data.draw(st.floats(0.0, 0.999)) if momentum is None else momentum
-    nesterov = momentum > 0 and data.draw(st.booleans())
-    dampening = 0.0 if nesterov else data.draw(st.one_of(st.just(0.0), st.floats(0.0, 1.0)))
-    weight_decay = data.draw(st.one_of(st.just(0.0), st.floats(1e-6, 0.5)))
-    maximize = data.draw(st.booleans())
-    kw = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-              nesterov=nesterov, maximize=maximize)
-    run_parity(data,
-               lambda lr, mask: optim.sgd(lr, weight_decay_mask=mask, **kw),
-               lambda groups: torch.optim.SGD(groups, lr=lr, foreach=True, **kw), lr)
+def test_sgd_trajectory_equals_torch_sgd():
+    """20 steps of optim.sgd and torch.optim.SGD (foreach) over drawn lr (0 too), momentum,
+    dampening, Nesterov, weight decay, maximize, schedules, decay masks and frozen leaves."""
+    check_optimizer(lambda lr, mask, **hp: optim.sgd(lr, weight_decay_mask=mask, **hp),
+                    lambda groups, lr, **hp: torch.optim.SGD(groups, lr=lr, foreach=True, **hp),
+                    sgd_hyperparameters(), max_examples=25)
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
-@settings(deadline=None, max_examples=20)
-@given(data=st.data())
-def test_adam_trajectory_equals_torch_adam(name, data):
-    lr = data.draw(st.one_of(st.just(0.0), st.floats(1e-6, 0.1)))
-    betas = (data.draw(st.floats(0.0, 0.999)), data.draw(st.floats(0.0, 0.9999)))
-    eps = data.draw(st.one_of(st.just(1e-8), st.just(0.0), st.floats(1e-10, 0.1)))
-    weight_decay = data.draw(st.one_of(st.just(0.0), st.floats(1e-6, 0.5)))
-    amsgrad, maximize = data.draw(st.booleans()), data.draw(st.booleans())
-    kw = dict(betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+def test_adam_trajectory_equals_torch_adam(name):
+    """20 steps of optim.adam / adamw and torch.optim.Adam / AdamW (foreach) over drawn lr,
+    betas, eps (0 too), weight decay, amsgrad, maximize, schedules, masks and frozen leaves."""
     ours = optim.adam if name == "adam" else optim.adamw
     theirs = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-    run_parity(data,
-               lambda lr, mask: ours(lr, weight_decay_mask=mask, **kw),
-               lambda groups: theirs(groups, lr=lr, foreach=True, **kw), lr)
+    check_optimizer(lambda lr, mask, **hp: ours(lr, weight_decay_mask=mask, **hp),
+                    lambda groups, lr, **hp: theirs(groups, lr=lr, foreach=True, **hp),
+                    adam_hyperparameters(), max_examples=20)
 
 
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])

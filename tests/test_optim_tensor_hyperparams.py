@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch.func import vmap
 
 import optim
+from optim.testing import check_tensor_hyperparameters
 
 SEEDS = st.integers(0, 2**31 - 1)
 F64 = dict(dtype=torch.float64)
@@ -51,20 +52,58 @@ MAKERS = {
 }
 
 
-@settings(deadline=None, max_examples=12)
-@given(seed=SEEDS, kind=st.sampled_from(sorted(MAKERS)),
-       hypers=st.lists(st.tuples(st.floats(1e-4, 0.5), st.floats(0.05, 0.99), st.floats(0, 1e-2)),
-                       min_size=1, max_size=4))
-def test_vmapped_members_equal_runs_with_number_hyperparameters(seed, kind, hypers):
-    params, grads = _problem(seed)
-    make = MAKERS[kind]
-    runs = [_train(make, params, grads, *h)[0] for h in hypers]
-    columns = [torch.tensor(c, **F64) for c in zip(*hypers)]
-    batched, state = vmap(lambda *h: _train(make, params, grads, *h))(*columns)
-    _assert_members_equal(batched, runs)
-    counts = [leaf for leaf in torch.utils._pytree.tree_leaves(state)
-              if isinstance(leaf, torch.Tensor) and leaf.dtype == torch.int64]
-    assert counts and all(torch.equal(c, torch.full((len(hypers),), len(grads))) for c in counts)
+HYPERS = st.tuples(st.floats(1e-4, 0.5), st.floats(0.05, 0.99), st.floats(0, 1e-2))
+
+
+@pytest.mark.parametrize("kind", sorted(MAKERS))
+def test_vmapped_members_equal_runs_with_number_hyperparameters(kind):
+    """lr, momentum and weight decay as tensors: 1-4 members, 4 steps, the same bits."""
+    check_tensor_hyperparameters(MAKERS[kind], HYPERS, max_examples=3)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_tensor_betas_give_the_bits_of_python_numbers(name):
+    """docs/sweeps.md's claim for both betas (a tensor second beta was 2e-8 off before: Python
+    over a tensor is a reciprocal and a multiply in torch, and addcmul's value was folded in
+    another order than torch's kernel)."""
+    ours = optim.adam if name == "adam" else optim.adamw
+    check_tensor_hyperparameters(
+        lambda lr, b1, b2, wd: ours(lr, betas=(b1, b2), weight_decay=wd, amsgrad=True),
+        st.tuples(st.floats(1e-4, 0.1), st.floats(0.0, 0.999), st.floats(0.0, 0.9999), st.floats(0, 1e-2)),
+        max_examples=10)
+
+
+PEAKED = {
+    "cosine": lambda peak: optim.cosine_annealing_schedule(peak, 10, 1e-4),
+    "one_cycle": lambda peak: optim.one_cycle_schedule(peak, 12, three_phase=True),
+    "warmup_cosine": lambda peak: optim.warmup_cosine_schedule(peak, 2, 8),
+    "triangular": lambda peak: optim.triangular_schedule(peak, 12),
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(PEAKED))
+def test_a_member_has_its_own_peak_rate_under_a_schedule(schedule):
+    """A schedule's peak as a tensor (cosine_annealing_schedule(torch.tensor(...), 10) and the
+    others): each member of the vmapped run gets the bits of its own Python-number schedule."""
+    make_schedule = PEAKED[schedule]
+    check_tensor_hyperparameters(
+        lambda peak, mom: optim.sgd(make_schedule(peak), momentum=mom, nesterov=True),
+        st.tuples(st.floats(1e-3, 0.5), st.floats(0.05, 0.99)), max_examples=2)
+    check_tensor_hyperparameters(lambda peak: optim.adamw(make_schedule(peak), weight_decay=0.1),
+                                 st.tuples(st.floats(1e-4, 0.1)), max_examples=2)
+
+
+def test_every_schedule_peak_takes_a_tensor_with_the_bits_of_the_number():
+    for schedule in (lambda v: optim.step_decay_schedule(v, 3, 0.5), lambda v: optim.exponential_schedule(v, 0.9),
+                     lambda v: optim.multistep_schedule(v, [2, 5], 0.3), lambda v: optim.linear_schedule(v, 0.2),
+                     *PEAKED.values()):
+        peaks = [0.1, 0.37, 1e-3]
+        got = vmap(lambda v: vmap(schedule(v))(torch.arange(12)))(torch.tensor(peaks, **F64))
+        want = torch.tensor([[schedule(p)(t) for t in range(12)] for p in peaks], **F64)
+        assert torch.equal(got, want)
+    with pytest.raises(TypeError, match=r"cosine_annealing_schedule: expected init_value to be a real "
+                                        r"number or a 0-d floating tensor, got torch.int64 of shape \(\)"):
+        optim.cosine_annealing_schedule(torch.tensor(1), 10)
 
 
 @settings(deadline=None, max_examples=6)

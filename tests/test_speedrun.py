@@ -452,3 +452,53 @@ def test_time_steps_times_the_pure_step_and_the_torch_twin_interleaved():
                      steps=1, rounds=2)
     assert set(out) == {"pure", "torch.nn", "ratio"} and out["pure"] > 0 and out["torch.nn"] > 0
     assert out["ratio"] == pytest.approx(out["torch.nn"] / out["pure"])
+
+
+# ----------------------------------------------------------------------------- the CPU recipe
+
+
+def test_cpu_recipe_keeps_airbenchs_per_example_rates_and_horizons():
+    from experiments.airbench import CPU_RECIPE, RECIPES
+    cpu, b = CPU_RECIPE, CPU_RECIPE.batch_size
+    assert RECIPES == {"airbench94": RECIPE, "cpu": CPU_RECIPE} and b < RECIPE.batch_size
+    # lr and weight decay are per 1024 examples: the same per example at any batch size
+    assert (cpu.lr, cpu.weight_decay, cpu.momentum) == (RECIPE.lr, RECIPE.weight_decay, RECIPE.momentum)
+    for group in ("other", "norm_bias"):
+        assert derived_rates(cpu)[group][0] / b == pytest.approx(derived_rates(RECIPE)[group][0] / 1024)
+    # the statistics that count steps keep their horizon in examples
+    assert (1 - cpu.bn_momentum) ** (1024 / b) == pytest.approx(1 - RECIPE.bn_momentum, abs=1e-3)
+    assert cpu.lookahead_every * b == RECIPE.lookahead_every * RECIPE.batch_size
+    assert not cpu.eval_every_epoch and RECIPE.eval_every_epoch
+    text = speedrun.build_parser().format_help()
+    assert "--recipe" in text and "--eval-every-epoch" in text and "--bn-momentum" in text
+
+
+def test_recipe_cpu_evaluates_once_after_the_last_epoch_as_evaluate_does(cifar_folder, tmp_path, capsys):
+    data = cifar_folder(4, 2)
+    argv = ["--recipe", "cpu", "--widths", "4,8,8", "--batch-size", "10", "--epochs", "2",
+            "--val-split", "10", "--data-dir", str(data), "--out", str(tmp_path / "runs")]
+    assert speedrun.main(argv) == 0
+    run = tmp_path / "runs" / "speedrun-cpu-s0"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["eval_every_epoch"] is False and cfg["lookahead_every"] == 20 and cfg["batch_size"] == 10
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0]["test_accuracy"] is None and rows[0]["val_accuracy"] is None
+    assert rows[1]["test_accuracy"] is not None and rows[1]["val_accuracy"] is not None
+    assert rows[1]["eval_seconds"] > 0
+    out = capsys.readouterr()
+    assert "final evaluation: val_accuracy" in out.err
+    assert json.loads(out.out.strip().splitlines()[-1])["test_accuracy"] == rows[1]["test_accuracy"]
+    assert evaluate.main(["--checkpoint", str(run), "--data-dir", str(data), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["accuracy"] == pytest.approx(rows[1]["test_accuracy"])
+
+
+def test_recipe_with_resume_is_refused_in_one_line(stopped_run, capsys):
+    _, run = stopped_run
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert speedrun.main(["--resume", str(run), "--recipe", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --recipe: expected none with --resume")
+    assert _snapshot(run) == before

@@ -1,6 +1,8 @@
 """experiments.train, the trainer: the pure step, eval, speed options, resume, NaN guard, Ctrl-C, outputs."""
 import io
 import json
+import os
+import signal
 from functools import partial
 
 import pytest
@@ -303,6 +305,25 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_resume_is_bit_identical(tmp_pat
     assert _equal_trees(resumed.params, full.params)
     assert _equal_trees(resumed.opt_state, full.opt_state)
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
+
+
+def test_ctrl_c_inside_a_donated_step_waits_for_it_and_resume_is_bit_identical(tmp_path):
+    full, _ = _fit(tmp_path / "full")
+    calls = []
+
+    def loss_hit_by_ctrl_c(logits, y):
+        calls.append(1)
+        if len(calls) == 4:   # the 4th and last step of epoch 1, before its donated update
+            os.kill(os.getpid(), signal.SIGINT)
+        return layers.cross_entropy(logits, y)
+
+    (cut, code), _ = _fit(tmp_path / "cut", loss_fn=loss_hit_by_ctrl_c, guarded=True)
+    assert cut.status == "interrupted" and code == 130
+    _, progress, _ = trainer.load_run(tmp_path / "cut")
+    assert (progress["epoch"], progress["step"]) == (0, 4)   # the step finished, then it stopped
+    resumed, _ = _fit(tmp_path / "cut", resume=True)
+    assert _equal_trees(resumed.params, full.params)
+    assert _equal_trees(resumed.opt_state, full.opt_state)
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):

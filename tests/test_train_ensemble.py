@@ -3,6 +3,7 @@ diverging member is frozen without touching the others, and the ensemble resumes
 import io
 import json
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import pytest
@@ -15,6 +16,7 @@ import optim
 from experiments import train as trainer
 from experiments.data.augment import augment_batch, normalize
 from experiments.data.dataset import Dataset
+from experiments.train.settings import EnsembleSettings, TrainSettings
 from nets.compose import BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, as_net, serial
 
 F64 = torch.float64
@@ -34,7 +36,12 @@ def tiny_data(seed, n=36, classes=3, side=8):
                    torch.arange(n) % classes, tuple(f"c{i}" for i in range(classes)))
 
 
-CFG = dict(epochs=2, batch_size=12, device="cpu", eval_batch_size=16, name="ens")
+@dataclass(frozen=True)
+class EnsembleRun(EnsembleSettings, TrainSettings):
+    """The trainer's settings of a test run: one model (``seeds`` None) or an ensemble."""
+
+
+CFG = EnsembleRun(epochs=2, batch_size=12, device="cpu", eval_batch_size=16, name="ens")
 MAKE = staticmethod(lambda lr, momentum: optim.sgd(lr, momentum=momentum, nesterov=True))
 AUGMENT = partial(augment_batch, crop=2, flip=True, dtype=F64)
 PREPARE = partial(normalize, dtype=F64)
@@ -44,22 +51,24 @@ def _single(seed, lr, momentum, member_data_order=True, **kw):
     net = tiny_net()
     keys = trainer.run_keys(seed)
     params, state = net.init(keys.init, dtype=F64)
-    cfg = dict(CFG, seed=seed)
+    cfg = CFG.replace(seed=seed)
     return trainer.fit(cfg, net=net, opt=optim.sgd(lr, momentum=momentum, nesterov=True),
                        loss_fn=layers.cross_entropy, train=tiny_data(0), test=tiny_data(1, n=12),
                        augment=AUGMENT, prepare=PREPARE, params=params, state=state,
                        quiet=True, **kw)
 
 
-def _ensemble(seeds, lrs, moms, member_data_order=True, run_dir=None, **kw):
+def _ensemble(seeds, lrs, moms, member_data_order=True, run_dir=None, resume=False, **kw):
     net_k, opt_k, loss_k = trainer.ensemble_parts(tiny_net(), lambda lr, momentum: optim.sgd(
         lr, momentum=momentum, nesterov=True), {"lr": lrs, "momentum": moms}, layers.cross_entropy)
     init_keys = torch.stack([trainer.run_keys(s).init for s in seeds])
     params, state = net_k.init(init_keys, dtype=F64)
-    cfg = dict(CFG, seeds=list(seeds), member_data_order=member_data_order)
+    cfg = CFG.replace(seeds=tuple(seeds), member_data_order=member_data_order)
+    run = (None if run_dir is None
+           else trainer.open_run(run_dir, cfg, command="python -m tests.ensemble", resume=resume))
     return trainer.fit(cfg, net=net_k, opt=opt_k, loss_fn=loss_k, train=tiny_data(0),
                        test=tiny_data(1, n=12), augment=AUGMENT, prepare=PREPARE, params=params,
-                       state=state, run_dir=run_dir, stream=io.StringIO(), **kw)
+                       state=state, run=run, stream=io.StringIO(), **kw)
 
 
 def test_members_equal_separate_runs_with_their_seeds_and_hyperparameters():

@@ -10,12 +10,12 @@ library behind ``python -m experiments.speedrun`` (docs/speedrun.md).
 * :mod:`.run`: the parts handed to :func:`experiments.train.fit` (through ``FitHooks``).
 """
 from ..train.lookahead import LookaheadState, lookahead, lookahead_decay, lookahead_step, sync
-from .config import MODEL, RECIPE, SpeedrunConfig
+from .config import CPU_RECIPE, MODEL, RECIPE, RECIPES, SpeedrunConfig
 from .recipe import (alternating_flip, augmenter, build_net, build_optimizer, derived_rates,
                      param_labels, whitening_images)
 from .run import parts, run_speedrun
 
 __all__ = ["LookaheadState", "lookahead", "lookahead_decay", "lookahead_step", "sync", "MODEL",
-           "RECIPE", "SpeedrunConfig", "alternating_flip", "augmenter", "build_net",
+           "RECIPE", "CPU_RECIPE", "RECIPES", "SpeedrunConfig", "alternating_flip", "augmenter", "build_net",
            "build_optimizer", "derived_rates", "param_labels", "whitening_images", "parts",
            "run_speedrun"]

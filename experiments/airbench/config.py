@@ -23,7 +23,7 @@ from ..common.settings import (SettingsError, boolean, choice, number, setting, 
 from ..data.settings import DataSettings
 from ..train.settings import TrainSettings
 
-__all__ = ["SpeedrunConfig", "RECIPE", "MODEL", "SCHEDULES"]
+__all__ = ["SpeedrunConfig", "RECIPE", "CPU_RECIPE", "RECIPES", "MODEL", "SCHEDULES"]
 
 MODEL = "airbench94"
 SCHEDULES = ("triangular", "constant")
@@ -65,6 +65,9 @@ class SpeedrunConfig(DataSettings, TrainSettings):
     lookahead: bool = setting(True, boolean, "pull the weights to their moving average every --lookahead-every steps")
     lookahead_every: int = setting(5, whole(1), "steps between lookahead pulls")
     lookahead_decay: float = setting(0.95 ** 5, number(0, 1), "the lookahead's largest decay")
+    # When the held-out splits are evaluated.
+    eval_every_epoch: bool = setting(True, boolean, "evaluate val / test after every epoch (off: "
+                                                    "only after the last, as airbench does)")
 
     def check(self):
         super().check()
@@ -104,3 +107,14 @@ class SpeedrunConfig(DataSettings, TrainSettings):
 #: views are the mirror and the 1-pixel translations, weighted as airbench weights them.
 RECIPE = SpeedrunConfig(epochs=10, batch_size=1024, bf16=True, channels_last=True, tta_flip=True,
                         tta_shift=1, tta_shift_weight=0.5)
+
+#: The CPU recipe (``--recipe cpu``, docs/speedrun.md "A CPU recipe"): airbench94's parts and
+#: per-example hyperparameters at a batch size that suits a CPU, with the statistics that count
+#: steps rescaled to keep their horizon in examples (batch norm momentum ``1 - 0.6^(B/1024)``, a
+#: lookahead pull every ``5 * 1024 / B`` steps), fewer epochs, and the held-out splits evaluated
+#: once, after the last epoch.
+CPU_RECIPE = RECIPE.replace(batch_size=256, epochs=8, bn_momentum=round(1 - 0.6 ** (256 / 1024), 4),
+                            lookahead_every=20, eval_every_epoch=False)
+
+#: ``--recipe``: the values a new run's flags are laid over.
+RECIPES = {"airbench94": RECIPE, "cpu": CPU_RECIPE}

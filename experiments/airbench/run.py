@@ -5,20 +5,23 @@ of every other experiment."""
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 
 from ..cifar.recipes import load_data, prepare
+from ..common.files import write_jsonl
 from ..report.plots import plot_run
-from ..train import fit, resolve_device, retain_freed_memory
+from ..train import evaluate, fit, make_eval, resolve_device, retain_freed_memory
 from ..train.build import build_loss
 from ..train.hooks import FitHooks
 from ..train.lifecycle import EXIT_REFUSED, Run
+from ..train.runs import METRICS
 from ..train.lookahead import with_lookahead
 from .config import SpeedrunConfig
 from .recipe import alternating_flip, augmenter, build_net, build_optimizer
 
-__all__ = ["parts", "run_speedrun"]
+__all__ = ["parts", "run_speedrun", "final_evaluation"]
 
 
 def parts(cfg: SpeedrunConfig, train, steps_per_epoch: int, *, from_checkpoint: bool = False):
@@ -61,7 +64,36 @@ def run_speedrun(run: Run, *, max_epochs: int | None = None, stream=None):
     print(f"speedrun (airbench94 recipe) on {device}: epochs {cfg.epochs}, batch "
           f"{cfg.batch_size}, {steps_per_epoch} steps per epoch, run dir {run.dir}", file=stream)
     run.after_epoch.append(plot_run)
-    return run.guarded(lambda: fit(cfg, net=net, opt=opt, loss_fn=build_loss(cfg), train=train,
-                                   val=val, test=test, augment=augmenter(cfg), prepare=prepare,
-                                   run=run, max_epochs=max_epochs, stream=stream, hooks=hooks),
-                       stream=stream)
+    each = cfg.eval_every_epoch
+    result, code = run.guarded(
+        lambda: fit(cfg, net=net, opt=opt, loss_fn=build_loss(cfg), train=train,
+                    val=val if each else None, test=test if each else None,
+                    augment=augmenter(cfg), prepare=prepare, run=run, max_epochs=max_epochs,
+                    stream=stream, hooks=hooks),
+        stream=stream)
+    if not each and code == 0 and result is not None and result.status == "done" and result.history:
+        final_evaluation(cfg, net, result, val, test, device, run, stream)
+    return result, code
+
+
+def final_evaluation(cfg: SpeedrunConfig, net, result, val, test, device, run: Run, stream) -> dict:
+    """Evaluate the finished run's net on ``val`` and ``test`` (the config's test-time views)
+    once, after the last epoch: what ``eval_every_epoch=False`` does instead of evaluating
+    after every epoch. The results go into the last row of the history (and ``metrics.jsonl``),
+    where a run that evaluates every epoch has them, with ``eval_seconds`` beside them."""
+    predict = make_eval(net, tta_flip=cfg.tta_flip, tta_shift=cfg.tta_shift, bf16=cfg.bf16,
+                        channels_last=cfg.channels_last, shift_weight=cfg.tta_shift_weight)
+    row, started = dict(result.history[-1]), time.perf_counter()
+    for split, data in (("val", val), ("test", test)):
+        if data is not None and len(data.labels):
+            r = evaluate(predict, result.params, result.state, data, device=device,
+                         batch_size=cfg.eval_batch_size, prepare=prepare)
+            row[f"{split}_loss"], row[f"{split}_accuracy"] = r.loss, r.accuracy
+    row["eval_seconds"] = time.perf_counter() - started
+    result.history[-1] = row
+    if run.writes:
+        write_jsonl(run.dir / METRICS, result.history)
+    print("final evaluation: " + ", ".join(f"{k} {row[k]:.4f}" for k in ("val_accuracy", "test_accuracy")
+                                           if row.get(k) is not None)
+          + f" ({row['eval_seconds']:.1f} s)", file=stream)
+    return row

@@ -7,19 +7,40 @@ from typing import ClassVar
 
 from layers.init import SCHEMES
 
-from ..common.settings import (SettingsError, boolean, choice, number, optional, setting,
-                               whole)
+from ..common.settings import (Settings, SettingsError, boolean, choice, number, optional,
+                               setting, whole)
 from ..data.settings import DataSettings
 from ..train.settings import OptimizerSettings, TrainSettings
 
-__all__ = ["CifarConfig", "ARCHITECTURES", "RECIPES", "recipe"]
+__all__ = ["CifarConfig", "NetSettings", "ARCHITECTURES", "RECIPES", "recipe"]
 
 #: The models a CIFAR run trains (the registry's names, :mod:`experiments.train.registry`).
 ARCHITECTURES = ("cifar_model_a", "cifar_model_b", "cifar_model_c")
 
 
 @dataclass(frozen=True)
-class CifarConfig(DataSettings, OptimizerSettings, TrainSettings):
+class NetSettings(Settings):
+    """The keyword arguments of ``nets.model_a/b/c`` a run may set (None: the model's own
+    default). :class:`CifarConfig` and the sweeps' ``SweepConfig`` take them."""
+
+    dropout: float | None = setting(None, optional(number(0, 1, high_open=True)), "drop probability after each conv block")
+    head_dropout: float | None = setting(None, optional(number(0, 1, high_open=True)), "drop probability in the classifier")
+    batch_norm: bool = setting(True, boolean, "batch norm after each convolution")
+    init: str | None = setting(None, optional(choice(*SCHEMES)), "weight initialisation (layers.init)")
+    bn_momentum: float = setting(0.1, number(0, 1), "batch norm's running-statistics momentum (torch: 0.1)")
+    bn_eps: float = setting(1e-5, number(0, low_open=True), "batch norm's epsilon (torch: 1e-5)")
+
+    def net_options(self) -> dict:
+        """The keyword arguments of ``nets.model_a/b/c`` this config sets
+        (:func:`experiments.train.registry.build_net`)."""
+        options = dict(batch_norm=self.batch_norm, bn_momentum=self.bn_momentum, bn_eps=self.bn_eps)
+        options.update({k: getattr(self, k) for k in ("dropout", "head_dropout", "init")
+                        if getattr(self, k) is not None})
+        return options
+
+
+@dataclass(frozen=True)
+class CifarConfig(NetSettings, DataSettings, OptimizerSettings, TrainSettings):
     """One CIFAR-10 run: the trainer's settings, the optimizer's, the data's, and these."""
 
     #: ``--sync-bn`` may change on resume, as the number of processes may (docs/distributed.md).
@@ -27,13 +48,6 @@ class CifarConfig(DataSettings, OptimizerSettings, TrainSettings):
 
     model: str = setting("cifar_model_b", choice(*ARCHITECTURES), "the report's model")
     recipe: str = setting("fast", choice("report", "fast"), "the hyperparameter set laid under the flags")
-    # Architecture: None takes the model's own default (nets.model_a/b/c).
-    dropout: float | None = setting(None, optional(number(0, 1, high_open=True)), "drop probability after each conv block")
-    head_dropout: float | None = setting(None, optional(number(0, 1, high_open=True)), "drop probability in the classifier")
-    batch_norm: bool = setting(True, boolean, "batch norm after each convolution")
-    init: str | None = setting(None, optional(choice(*SCHEMES)), "weight initialisation (layers.init)")
-    bn_momentum: float = setting(0.1, number(0, 1), "batch norm's running-statistics momentum (torch: 0.1)")
-    bn_eps: float = setting(1e-5, number(0, low_open=True), "batch norm's epsilon (torch: 1e-5)")
     # Training augmentation.
     crop: int = setting(4, whole(0, " of pixels"), "zero-pad by PIXELS and crop back at a random offset (0: off)")
     flip: bool = setting(True, boolean, "mirror each image with probability 1/2")
@@ -46,13 +60,6 @@ class CifarConfig(DataSettings, OptimizerSettings, TrainSettings):
     whiten_images: int = setting(5000, whole(1), "training images the whitening filters are computed from")
     whiten_eps: float = setting(5e-4, number(0, low_open=True), "whitening: added to the eigenvalues")
     sync_bn: bool | None = setting(None, optional(boolean), "under torchrun: batch norm over the global batch")
-
-    def net_options(self) -> dict:
-        """The keyword arguments of ``nets.model_a/b/c`` this config sets."""
-        options = dict(batch_norm=self.batch_norm, bn_momentum=self.bn_momentum, bn_eps=self.bn_eps)
-        options.update({k: getattr(self, k) for k in ("dropout", "head_dropout", "init")
-                        if getattr(self, k) is not None})
-        return options
 
     def schedule_spans_run(self) -> bool:
         return super().schedule_spans_run() or self.lookahead

@@ -81,8 +81,12 @@ def history_table(history: list[dict]) -> str:
     def num(v):
         return f"{v:6.4f}" if v is not None else "     -"
 
-    history = [{k: member_mean(v) if isinstance(v, list) and k != "diverged" else v
-                for k, v in h.items()} for h in history]
+    def live(row):   # an ensemble's values: the mean over the members that did not diverge
+        bad = row.get("diverged") or []
+        return {k: member_mean([x for i, x in enumerate(v) if not (i < len(bad) and bad[i])])
+                if isinstance(v, list) and k != "diverged" else v for k, v in row.items()}
+
+    history = [live(h) for h in history]
     lines = ["epoch  train_loss train_acc  val_loss val_acc  test_loss test_acc        lr    sec",
              "-----  ---------- ---------  -------- -------  --------- --------  -------- ------"]
     for h in history:

@@ -12,7 +12,7 @@ import itertools
 import math
 from typing import Mapping, NamedTuple, Sequence
 
-from ..train.checks import flag
+from ..common.settings import flag, whole_number
 
 __all__ = ["parse_values", "Member", "members", "check_grid"]
 
@@ -26,7 +26,8 @@ class Member(NamedTuple):
 
 def parse_values(name: str, text: str) -> list[float]:
     """``"0.1,1e-2"`` -> ``[0.1, 0.01]``; ValueError (one line naming ``--name``) for an empty
-    list, an empty entry or a non-number."""
+    list, an empty entry or a non-number. Ranges (``inf``, ``nan``, a learning rate <= 0) and
+    repeated values are the config's to refuse (:class:`~experiments.ensembles.config.SweepConfig`)."""
     parts = [p.strip() for p in str(text).split(",")]
     if not parts or any(p == "" for p in parts):
         raise ValueError(f"{flag(name)}: expected a comma-separated list of numbers, got {text!r}")
@@ -36,27 +37,16 @@ def parse_values(name: str, text: str) -> list[float]:
             v = float(p)
         except ValueError:
             raise ValueError(f"{flag(name)}: expected numbers, got {p!r} in {text!r}") from None
-        if not math.isfinite(v):
-            raise ValueError(f"{flag(name)}: expected finite numbers, got {p!r}")
         values.append(v)
     return values
 
 
-#: What each hyperparameter may be: (lowest, whether the lowest is excluded).
-LIMITS = {"lr": (0.0, True), "momentum": (0.0, False), "weight_decay": (0.0, False)}
-
-
 def check_grid(grid: Mapping[str, Sequence[float]], seeds: int, max_members: int) -> None:
-    """Refuse a grid that cannot train (ValueError, one line naming the flag): a value out of
-    range (a learning rate <= 0, a negative momentum or decay), fewer than one seed, or more
-    members (``points * seeds``) than ``max_members``."""
-    for name, values in grid.items():
-        low, open_ = LIMITS.get(name, (-math.inf, False))
-        bad = [v for v in values if (v <= low if open_ else v < low)]
-        if bad:
-            raise ValueError(f"{flag(name)}: expected values {'>' if open_ else '>='} {low:g}, got {bad}")
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"--seeds: expected a whole number >= 1, got {seeds!r}")
+    """Refuse (ValueError, one line naming the flag) fewer than one seed, a ``--max-members``
+    below 1, or more members (``points * seeds``) than ``max_members``. The values' ranges are
+    the config's checks."""
+    whole_number(seeds, "seeds")
+    whole_number(max_members, "max_members")
     count = math.prod(len(v) for v in grid.values()) * seeds
     if count > max_members:
         raise ValueError(f"--max-members: expected at most {max_members} members, got {count} "

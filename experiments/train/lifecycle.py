@@ -42,7 +42,7 @@ from ..common.files import DamagedFileError, read_json, read_jsonl, write_json, 
 from ..common.settings import Difference, Settings, SettingsError
 from .runs import CHECKPOINT, CONFIG, METRICS, load_run, read_checkpoint_meta, save_checkpoint
 
-__all__ = ["RunRefused", "Run", "open_run", "refuse_differences", "run_folder", "NonFiniteLossError",
+__all__ = ["RunRefused", "Run", "open_run", "refuse_differences", "interrupts_deferred", "run_folder", "NonFiniteLossError",
            "sigterm_as_interrupt", "EXIT_OK", "EXIT_DIVERGED", "EXIT_REFUSED",
            "EXIT_INTERRUPTED"]
 
@@ -82,6 +82,28 @@ def sigterm_as_interrupt():
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Within the block, Ctrl-C (SIGINT) and ``kill`` (SIGTERM) wait: a signal that arrives is
+    raised as KeyboardInterrupt when the block ends, so a step that writes its results into the
+    storage of its inputs (a donated optimizer step) is never stopped half-way. Nothing changes
+    where handlers cannot be set (not the main thread)."""
+    caught = []
+    try:
+        previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _epochs_problem(stored: Settings, requested: Settings, done: int) -> str | None:
@@ -269,6 +291,8 @@ def open_run(run_dir: str | Path, requested: Settings, *, command: str, resume: 
             why.setdefault(d.name, "")
     refused = [d for d in diffs if d.name in why]
     if refused:
-        raise refuse_differences(run_dir, "a run trained", refused, f"continue it with "
-                                 f"`{continue_with}` and its settings, or pick another --name", why)
+        instead = ("rerun with the settings it was trained with, or pick another --name"
+                   if rerun_resumes and not resume else
+                   f"continue it with `{continue_with}` and its settings, or pick another --name")
+        raise refuse_differences(run_dir, "a run trained", refused, instead, why)
     return Run(run_dir, requested, resumed=True, command=command, hint=hint)

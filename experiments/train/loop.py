@@ -29,7 +29,7 @@ from ..common.progress import LineWriter, ProgressBar, history_table, member_mea
 from ..data.dataset import Dataset
 from .device import resolve_device
 from .hooks import FitHooks
-from .lifecycle import NonFiniteLossError, Run, sigterm_as_interrupt
+from .lifecycle import NonFiniteLossError, Run, interrupts_deferred, sigterm_as_interrupt
 from .members import Members
 from .metrics import evaluate
 from .settings import TrainSettings
@@ -113,9 +113,10 @@ def _epoch_line(row: dict, epochs: int, count: int | None) -> str:
             f"{summary} {_lr_text(row['lr'], bad)} {row['seconds']:.1f}s")
 
 
-def _to_device(trees, device, channels_last: bool):
-    """``(params, state, opt_state)`` on ``device`` (params and optimizer state channels-last)."""
-    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+def _to_device(trees, device, channels_last: bool, own: bool):
+    """``(params, state, opt_state)`` on ``device`` (params and optimizer state channels-last);
+    ``own``: copies, so that a donating step never writes into the caller's tensors."""
+    move = lambda t: t.to(device, copy=own) if isinstance(t, torch.Tensor) else t  # noqa: E731
     params, state, opt_state = (pytree.tree_map(move, t) for t in trees)
     if channels_last:
         params, opt_state = to_channels_last(params), to_channels_last(opt_state)
@@ -187,9 +188,14 @@ def fit(settings: TrainSettings, *, net, opt, loss_fn: Callable, train, val=None
                       file=stream)
         else:
             run.begin(params, state, opt_state, members.train_key)
-    params, state, opt_state = _to_device((params, state, opt_state), device, settings.channels_last)
+    # The step donates params and optimizer state (written in place, bit-identical) unless
+    # something reads the old ones after it: telemetry compares them, an ensemble runs under vmap.
+    donate = telemetry is None and members.count is None
+    params, state, opt_state = _to_device((params, state, opt_state), device,
+                                          settings.channels_last, own=donate)
     step = make_step(net, opt, loss_fn, bf16=settings.bf16, channels_last=settings.channels_last,
-                     compile=settings.compile, reduce=None if parallel is None else parallel.reduce)
+                     compile=settings.compile, reduce=None if parallel is None else parallel.reduce,
+                     donate=donate)
     hooks = FitHooks() if hooks is None else hooks
     step = step if hooks.wrap_step is None else hooks.wrap_step(step)
     predict = make_eval(net, tta_flip=settings.tta_flip, tta_shift=settings.tta_shift,
@@ -270,27 +276,28 @@ class _Loop:
             sk = m.step_keys(epoch, s)
             lr_now = _current_lr(self.trees[2])
             watch = self.telemetry is not None and self.telemetry.due(epoch * self.steps_per_epoch + s)
-            with self.scope():
+            # A step that donates its trees must not stop half-way: Ctrl-C waits for the step.
+            with interrupts_deferred(), self.scope():
                 x = m.inputs(self.net_input, images, idx, sk.augment, random=self.augment is not None)
                 if watch:
                     self.telemetry.before(*self.trees[:2], x, self.labels[idx], sk.dropout.to(self.device))
                 new = self.step(*self.trees, (x, self.labels[idx]), sk.dropout.to(self.device))
-            if watch:
-                self.telemetry.after(epoch, s, self.trees[0], new[0], new[1])
-            loss = m.values(new[3]["loss"])
-            if m.all_diverged(loss) or (m.count is not None and all(_diverged(new[2], m.count))):
-                kept = ("" if self.run is None else f"; stopped without saving, so "
-                        f"{self.run.checkpoint} still holds the last good checkpoint")
-                raise NonFiniteLossError(
-                    f"fit: expected a finite training loss, got {loss} at epoch {epoch + 1}, "
-                    f"batch {s}{kept}. Lower the learning rate or check the data.")
-            nxt = {"epoch": epoch, "step": s + 1,
-                   "loss_sum": m.add(self.progress["loss_sum"], loss, size),
-                   "correct": m.add(self.progress["correct"], m.values(new[3]["correct"]), 1),
-                   "seen": self.progress["seen"] + size,
-                   "seconds": time.perf_counter() - t0, "lr": lr_now}
-            # One assignment, so a Ctrl-C never sees new parameters with old progress.
-            self.trees, self.progress = new[:3], nxt
+                if watch:
+                    self.telemetry.after(epoch, s, self.trees[0], new[0], new[1])
+                loss = m.values(new[3]["loss"])
+                if m.all_diverged(loss) or (m.count is not None and all(_diverged(new[2], m.count))):
+                    kept = ("" if self.run is None else f"; stopped without saving, so "
+                            f"{self.run.checkpoint} still holds the last good checkpoint")
+                    raise NonFiniteLossError(
+                        f"fit: expected a finite training loss, got {loss} at epoch {epoch + 1}, "
+                        f"batch {s}{kept}. Lower the learning rate or check the data.")
+                nxt = {"epoch": epoch, "step": s + 1,
+                       "loss_sum": m.add(self.progress["loss_sum"], loss, size),
+                       "correct": m.add(self.progress["correct"], m.values(new[3]["correct"]), 1),
+                       "seen": self.progress["seen"] + size,
+                       "seconds": time.perf_counter() - t0, "lr": lr_now}
+                # One assignment, so a Ctrl-C never sees new parameters with old progress.
+                self.trees, self.progress = new[:3], nxt
             if self.parallel is not None:
                 self.parallel.after_step(self.trees[0], self.trees[2], epoch, s + 1)
             if not self.quiet:

@@ -43,7 +43,7 @@ def _widen(logits: torch.Tensor) -> torch.Tensor:
 
 def make_step(net, opt, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
               bf16: bool = False, channels_last: bool = False, compile: bool = False,
-              reduce: Callable | None = None) -> Callable:
+              reduce: Callable | None = None, donate: bool = False) -> Callable:
     """Build ``step(params, state, opt_state, (x, y), key) -> (params, state, opt_state, metrics)``.
 
     ``(grads, (loss, (state', logits))) = grad_and_value(L, has_aux=True)(params, state, x, y, key)``
@@ -62,6 +62,10 @@ def make_step(net, opt, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
       reduce: ``(grads, metrics) -> (grads, metrics)`` between the backward pass and the
         update: data parallelism averages the gradients and sums the metrics over the processes
         there (:mod:`experiments.train.distributed`). None: nothing in between.
+      donate: the step owns ``params`` and ``opt_state`` and writes the new values into their
+        storage (``optim.step(..., donate=True)``: torch.optim's in-place foreach ops,
+        bit-identical to the pure update); the caller must not read the trees it passed in
+        again. :func:`~experiments.train.loop.fit` donates whenever nothing else holds them.
 
     ``metrics`` holds 0-d tensors ``loss`` (mean over the batch) and ``correct`` (count), or
     ``(K,)`` tensors for an ensemble (``nets.ensemble``: logits ``(K, B, classes)``, a loss per
@@ -96,7 +100,7 @@ def make_step(net, opt, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
         grads, new_state, metrics = forward_backward(params, state, x, y, key)
         if reduce is not None:
             grads, metrics = reduce(grads, metrics)
-        new_params, new_opt_state = optim.step(opt, grads, opt_state, params)
+        new_params, new_opt_state = optim.step(opt, grads, opt_state, params, donate=donate)
         return new_params, new_state, new_opt_state, metrics
 
     return step
