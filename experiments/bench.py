@@ -23,7 +23,7 @@ import torch
 from nets.checkpoint import atomic_write
 
 from .benchmarks.layers import bench_layers
-from .benchmarks.ensembles import bench_ensembles, render_ensembles
+from .benchmarks.ensembles import VARIANTS, bench_ensembles, render_ensembles
 from .benchmarks.pipeline import bench_pipeline
 from .benchmarks.steps import BENCHED_NETS, CONFIGS, bench_steps, kept_notes, render
 from .benchmarks.timing import machine_info, matmul_peak
@@ -42,13 +42,33 @@ def _parse_models(text: str) -> list[str]:
     return models
 
 
+def _comma_list(allowed):
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(m.strip().lower() for m in text.split(",") if m.strip())
+        if not items or any(m not in allowed for m in items):
+            raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(allowed)}, got {text!r}")
+        return items
+    return parse
+
+
+def _comma_ints(text: str) -> tuple[int, ...]:
+    try:
+        items = tuple(int(m) for m in text.split(",") if m.strip())
+    except ValueError:
+        items = ()
+    if not items or any(m < 1 for m in items):
+        raise argparse.ArgumentTypeError(f"expected a comma list of whole numbers >= 1, got {text!r}")
+    return items
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.bench",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="a smoke run in under a minute: Model A only, few rounds, small sizes")
     p.add_argument("--models", type=_parse_models, default=None,
-                   help="comma list of a, b, c (default: a,b,c; --quick: a)")
+                   help="comma list of a, b, c, tutorial (default: a,b,c; --quick: a); the tutorial net's "
+                        "step is the report's at --batch 32")
     p.add_argument("--reps", type=int, default=None,
                    help="interleaved rounds per measurement (default 7; --quick 2)")
     p.add_argument("--batch", type=int, default=128, help="training batch size (default 128)")
@@ -57,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "processes load the cores)")
     p.add_argument("--skip", default="",
                    help="comma list of parts to leave out: steps, layers, pipeline, ensembles, compile")
+    p.add_argument("--ensemble-models", type=_comma_list(("tutorial", "a")), default=None,
+                   help="the ensemble part's nets, a comma list of tutorial, a (default: both; "
+                        "--quick: tutorial)")
+    p.add_argument("--members", type=_comma_ints, default=None,
+                   help="the ensemble part's member counts K, a comma list (default 1,2,4,8,16; "
+                        "--quick 1,2)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
     p.add_argument("--allocator", choices=("retain", "default"), default="retain",
                    help="retain: keep freed memory in the process, as the experiments do "
@@ -83,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     quick = args.quick
-    models = args.models or (["a"] if quick else list(BENCHED_NETS))
+    models = args.models or (["a"] if quick else ["a", "b", "c"])
     rounds = args.reps or (2 if quick else 7)
     if rounds < 1 or args.batch < 1:
         raise SystemExit(f"error: expected --reps and --batch >= 1, got {rounds}, {args.batch}")
@@ -108,8 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     pipeline = {} if "pipeline" in skip else bench_pipeline(1024 if quick else 10240, args.batch,
                                                             rounds, device)
     ensembles = [] if "ensembles" in skip else bench_ensembles(
-        models=("tutorial",) if quick else ("tutorial", "a"), ks=(1, 2) if quick else (1, 2, 4, 8, 16),
-        rounds=rounds, device=device, steps=1 if quick else 3)
+        models=args.ensemble_models or (("tutorial",) if quick else ("tutorial", "a")),
+        ks=args.members or ((1, 2) if quick else (1, 2, 4, 8, 16)), rounds=rounds, device=device,
+        steps=1 if quick else 3,
+        variants=tuple(v for v in VARIANTS if not (v.endswith("compile") and (quick or "compile" in skip))))
     command = "python -m experiments.bench" + "".join(" " + shlex.quote(a) for a in argv)
     text = render(command=command, info=info, peaks=peaks, step_peaks=step_peaks, steps=steps, layer_rows=layer_rows,
                   pipeline=pipeline, batch=args.batch, rounds=rounds,

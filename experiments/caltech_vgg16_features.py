@@ -14,8 +14,8 @@ from typing import Sequence
 import torch
 
 from .common.settings import SettingsError
-from .train.commands import refusal
-from .train.lifecycle import EXIT_INTERRUPTED, RunRefused
+from .train.commands import computed
+from .train.lifecycle import RunRefused
 from .transfer.caltech_blocks import run
 from .transfer.caltech_head import WeightsNotFoundError, add_caltech_flags
 from .transfer.config import CaltechBlocksConfig
@@ -57,15 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        cfg = CaltechBlocksConfig(**{k: getattr(args, k) for k in CaltechBlocksConfig.names()})
-        rows = run(cfg, args.out)
-    except (SettingsError, RunRefused, WeightsNotFoundError, FileNotFoundError, ValueError) as err:
-        return refusal(err)
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing written (the results are written when the run ends)",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+    rows, code = computed(
+        lambda: run(CaltechBlocksConfig(**{k: getattr(args, k) for k in CaltechBlocksConfig.names()}), args.out),
+        (SettingsError, RunRefused, WeightsNotFoundError, FileNotFoundError, ValueError))
+    if code:
+        return code
     print(json.dumps({n: {k: v for k, v in r.items() if k != "history"} for n, r in rows.items()}))
     return 0
 

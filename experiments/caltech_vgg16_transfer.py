@@ -15,8 +15,8 @@ from typing import Sequence
 import torch
 
 from .common.settings import SettingsError
-from .train.commands import refusal
-from .train.lifecycle import EXIT_INTERRUPTED, RunRefused
+from .train.commands import computed
+from .train.lifecycle import RunRefused
 from .transfer.caltech_head import CUT, WeightsNotFoundError, add_caltech_flags, benchmark, run
 from .transfer.config import CaltechHeadConfig
 
@@ -63,15 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not args.data:
         parser.error("--data is required (unless --benchmark)")
-    try:
-        cfg = CaltechHeadConfig(**{k: getattr(args, k) for k in CaltechHeadConfig.names()})
-        results = run(cfg, args.out)
-    except (SettingsError, RunRefused, WeightsNotFoundError, FileNotFoundError, ValueError) as err:
-        return refusal(err)
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing written (the results are written when the run ends)",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+    results, code = computed(
+        lambda: run(CaltechHeadConfig(**{k: getattr(args, k) for k in CaltechHeadConfig.names()}), args.out),
+        (SettingsError, RunRefused, WeightsNotFoundError, FileNotFoundError, ValueError))
+    if code:
+        return code
     print(json.dumps({k: v for k, v in results.items() if k != "history"}))
     return 0
 

@@ -20,7 +20,7 @@ from .cifar.recipes import resolve_data_dir
 from .common.settings import SettingsError, whole_number
 from .data.cifar10 import DataNotFoundError
 from .train.commands import refusal
-from .train.lifecycle import RunRefused, open_run, run_folder, stored_config
+from .train.lifecycle import RunRefused, open_run, resumed_config, run_folder
 
 COMMAND = "python -m experiments.speedrun"
 
@@ -123,13 +123,9 @@ def requested_config(args: argparse.Namespace) -> tuple[SpeedrunConfig, Path, bo
     if args.max_epochs is not None:
         whole_number(args.max_epochs, "max_epochs")
     if args.resume:
-        for name in ("name", "out", "recipe"):
-            if getattr(args, name) is not None:
-                raise RunRefused(f"--{name}: expected none with --resume (the run keeps its own), "
-                                 f"got {getattr(args, name)}")
-        run_dir = Path(args.resume)
-        stored, _ = stored_config(run_dir, SpeedrunConfig)
-        return stored.replace(**given), run_dir, True
+        cfg = resumed_config(args.resume, SpeedrunConfig, given,
+                             own={"name": args.name, "out": args.out, "recipe": args.recipe})
+        return cfg, Path(args.resume), True
     recipe = args.recipe or "airbench94"
     cfg = RECIPES[recipe].replace(**given)
     prefix = "speedrun" if recipe == "airbench94" else f"speedrun-{recipe}"

@@ -1,5 +1,7 @@
 """The speed benchmark's parts on tiny configurations: the baseline computes what the pure step
 computes, the timing helpers interleave fairly, and the report says what was measured."""
+import io
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -231,12 +233,64 @@ def test_main_only_prints_the_report_unless_asked_to_write_it(tmp_path, monkeypa
     assert not (tmp_path / "x.md").exists()
 
 
-def test_ensemble_bench_times_vmapped_against_sequential_members():
+def test_the_tutorial_module_has_the_pure_nets_keys_and_computes_its_logits():
+    from experiments.benchmarks.ensembles import peer_module
+
+    net = nets.tutorial_net()
+    params, state = net.init(jr.key(3))
+    module = peer_module("tutorial", {**params, **state})
+    assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in params.items()}
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(module(x), net.apply(params, state, x, train=False)[0])
+
+
+@pytest.mark.parametrize("model,batch", [("tutorial", 4), ("a", 2)])
+def test_every_eager_ensemble_variant_trains_the_same_members(model, batch):
+    """purenn, the torch.nn loop and torch.func start from the same members and take the same SGD
+    step: their first two losses agree (the second one sees the first update)."""
+    from experiments.benchmarks.ensembles import make_variant
+
+    k = 2
+    losses = {}
+    for variant in ("purenn", "torch.nn loop", "torch.func"):
+        run = make_variant(variant, model, k, batch)
+        losses[variant] = [run().reshape(-1)[-1] for _ in range(2)]   # the last member's
+    for variant in ("torch.nn loop", "torch.func"):
+        for ours, theirs in zip(losses["purenn"], losses[variant]):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(losses["purenn"][0], losses["purenn"][1])
+
+
+def test_make_variant_refuses_unknown_variants_and_models():
+    from experiments.benchmarks.ensembles import make_variant
+
+    with pytest.raises(ValueError, match="expected a variant"):
+        make_variant("jax", "tutorial", 2, 4)
+    with pytest.raises(ValueError, match="expected a model"):
+        make_variant("purenn", "b", 2, 4)
+
+
+def test_ensemble_bench_reports_every_variant_the_fastest_peer_and_the_limit():
     from experiments.benchmarks.ensembles import bench_ensembles, render_ensembles
 
-    rows = bench_ensembles(models=("tutorial",), ks=(1, 2), batch=4, rounds=1, steps=1)
+    variants = ("purenn", "torch.nn loop", "torch.func")
+    rows = bench_ensembles(models=("tutorial",), ks=(1, 2), batch=4, rounds=1, steps=1,
+                           variants=variants, matmul_n=64, stream=io.StringIO())
     assert [(r["model"], r["k"]) for r in rows] == [("tutorial", 1), ("tutorial", 2)]
-    assert all(r["vmapped_img_s"] > 0 and r["sequential_img_s"] > 0 and r["peak_mib"] > 0 for r in rows)
-    assert all(abs(r["ratio"] - r["vmapped_img_s"] / r["sequential_img_s"]) < 1e-9 for r in rows)
+    for r in rows:
+        assert set(r["img_s"]) == set(variants) and min(r["img_s"].values()) > 0
+        peers = {v: r["img_s"][v] for v in variants[1:]}
+        assert r["fastest_peer"] == max(peers, key=peers.get)
+        assert abs(r["ratio"] - r["img_s"]["purenn"] / peers[r["fastest_peer"]]) < 1e-9
+        assert r["limit_img_s"] > 0 and r["matmul_tflops"] > 0 and r["peak_mib"] > 0
     table = "\n".join(render_ensembles(rows, 4, 1))
-    assert "| tutorial | 2 |" in table and "vmapped img/s" in table
+    assert "| tutorial | 2 |" in table and "torch.func" in table and "% of limit" in table
+
+
+@pytest.mark.parametrize("flag,value", [("--members", "0"), ("--members", "x"),
+                                        ("--ensemble-models", "b")])
+def test_the_ensemble_flags_refuse_what_they_cannot_run(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_cli.build_parser().parse_args([flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import layers
 from layers import random as jr
-from layouts import make_input
+from layers.testing import make_input
 from jax_support import jax_x64  # noqa: F401  (a fixture)
 from nets import from_jax, to_jax
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["reference_module", "ReferenceLoop", "MODEL_BLOCKS"]
+__all__ = ["reference_module", "tutorial_module", "ReferenceLoop", "MODEL_BLOCKS"]
 
 # Conv widths of the VGG-like blocks of Models B and C (as MODEL_B_BLOCKS / MODEL_C_BLOCKS in nets/model_b.py, nets/model_c.py).
 MODEL_BLOCKS = {"b": ((64, 64), (128, 128), (256, 256)),
@@ -43,6 +43,26 @@ def _model_a(num_classes: int) -> nn.Module:
     return nn.Sequential(OrderedDict(features=features, classifier=classifier))
 
 
+class _Tutorial(nn.Module):
+    """The PyTorch CIFAR-10 tutorial's ``Net`` as the tutorial writes it (one pool used twice)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1, self.pool, self.conv2 = nn.Conv2d(3, 6, 5), nn.MaxPool2d(2, 2), nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(400, 120), nn.Linear(120, 84), nn.Linear(84, num_classes)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def tutorial_module(num_classes: int = 10) -> nn.Module:
+    """The tutorial net as torch.nn writes it; its ``state_dict()`` keys are ``nets.tutorial_net``'s."""
+    return _Tutorial(num_classes)
+
+
 def _vgg_like(blocks, num_classes: int, dropout: float, head_dropout: float) -> nn.Module:
     body, channels = [], 3
     for widths in blocks:
@@ -58,16 +78,19 @@ def _vgg_like(blocks, num_classes: int, dropout: float, head_dropout: float) -> 
 
 def reference_module(model: str, *, num_classes: int = 10, dropout: float = 0.1,
                      head_dropout: float = 0.2) -> nn.Module:
-    """``nn.Sequential`` twin of ``nets.model_a()`` (``model="a"``), ``model_b`` or ``model_c``.
+    """``nn.Sequential`` twin of ``nets.model_a()`` (``model="a"``), ``model_b`` or ``model_c``, or
+    the tutorial net as the PyTorch tutorial writes it (``model="tutorial"``).
 
     ``dropout`` / ``head_dropout`` apply to B and C (A has none). Input ``(N, 3, 32, 32)``,
     output ``(N, num_classes)``.
     """
     if model == "a":
         return _model_a(num_classes)
+    if model == "tutorial":
+        return tutorial_module(num_classes)
     if model in MODEL_BLOCKS:
         return _vgg_like(MODEL_BLOCKS[model], num_classes, dropout, head_dropout)
-    raise ValueError(f"reference_module: expected model 'a', 'b' or 'c', got {model!r}")
+    raise ValueError(f"reference_module: expected model 'a', 'b', 'c' or 'tutorial', got {model!r}")
 
 
 class ReferenceLoop:

@@ -66,6 +66,7 @@ BENCHED_NETS: dict[str, tuple[str, dict]] = {
     "a": ("cifar_model_a", {}),
     "b": ("cifar_model_b", {"dropout": 0.1, "head_dropout": 0.2}),
     "c": ("cifar_model_c", {"dropout": 0.1, "head_dropout": 0.2}),
+    "tutorial": ("tutorial", {}),   # the report's sweeps' net (no dropout); --models tutorial
 }
 
 

@@ -21,7 +21,7 @@ from ..report.plots import plot_run
 from ..train import distributed, fit, resolve_device, retain_freed_memory
 from ..train.build import build_loss, build_optimizer
 from ..train.commands import refusal
-from ..train.lifecycle import RunRefused, open_run, run_folder, stored_config
+from ..train.lifecycle import RunRefused, open_run, resumed_config, run_folder
 from ..train.lookahead import with_lookahead
 from ..train.telemetry import DEFAULT_EVERY
 from .config import CifarConfig, RECIPES, recipe
@@ -135,16 +135,12 @@ def requested_config(model: str, args: argparse.Namespace) -> tuple[CifarConfig,
     if args.max_epochs is not None:
         whole_number(args.max_epochs, "max_epochs")
     if args.resume:
-        for name in ("recipe", "name", "out"):
-            if getattr(args, name) is not None:
-                raise RunRefused(f"--{name}: expected none with --resume (the run keeps its own), "
-                                 f"got {getattr(args, name)}")
-        run_dir = Path(args.resume)
-        stored, _ = stored_config(run_dir, CifarConfig)
-        if stored.model != model:
-            raise RunRefused(f"{run_dir} is a run of experiments.{stored.model}, not of "
+        cfg = resumed_config(args.resume, CifarConfig, given,
+                             own={"recipe": args.recipe, "name": args.name, "out": args.out})
+        if cfg.model != model:
+            raise RunRefused(f"{args.resume} is a run of experiments.{cfg.model}, not of "
                              f"experiments.{model}")
-        return stored.replace(**given), run_dir, True
+        return cfg, Path(args.resume), True
     base = recipe(model, args.recipe or "fast")
     if "batch_size" in given and "lr" not in given and base.optimizer == "sgd":
         whole_number(given["batch_size"], "batch_size")

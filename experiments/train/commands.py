@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .lifecycle import EXIT_REFUSED
+from typing import Callable
 
-__all__ = ["refusal", "add_data_flags"]
+from .lifecycle import EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED
+
+__all__ = ["refusal", "add_data_flags", "computed"]
 
 
 def refusal(err, prefix: str = "", *, writes: bool = True) -> int:
@@ -21,6 +23,20 @@ def refusal(err, prefix: str = "", *, writes: bool = True) -> int:
     if writes:
         print(f"error: {prefix}{err}", file=sys.stderr)
     return EXIT_REFUSED
+
+
+def computed(compute: Callable[[], object], refused: tuple[type[BaseException], ...]):
+    """``(compute(), exit status)`` of a study that writes its results when it ends (no
+    checkpoint): 0; 2 with the one-line refusal for an error of ``refused``; 130 on Ctrl-C, which
+    leaves nothing written."""
+    try:
+        return compute(), EXIT_OK
+    except refused as err:
+        return None, refusal(err)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing written (the results are written when the run ends)",
+              file=sys.stderr)
+        return None, EXIT_INTERRUPTED
 
 
 def add_data_flags(parser: argparse.ArgumentParser, *, out_help: str = "folder of the run folders") -> None:

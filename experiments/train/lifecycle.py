@@ -42,7 +42,7 @@ from ..common.files import DamagedFileError, read_json, read_jsonl, write_json, 
 from ..common.settings import Difference, Settings, SettingsError
 from .runs import CHECKPOINT, CONFIG, METRICS, load_run, read_checkpoint_meta, save_checkpoint
 
-__all__ = ["RunRefused", "Run", "open_run", "refuse_differences", "interrupts_deferred", "run_folder", "NonFiniteLossError",
+__all__ = ["RunRefused", "Run", "open_run", "resumed_config", "stored_config", "refuse_differences", "interrupts_deferred", "run_folder", "NonFiniteLossError",
            "sigterm_as_interrupt", "EXIT_OK", "EXIT_DIVERGED", "EXIT_REFUSED",
            "EXIT_INTERRUPTED"]
 
@@ -245,6 +245,20 @@ def stored_config(run_dir: Path, kind: type[Settings]):
         return kind.from_json(kind.upgrade(data), where=str(run_dir / CONFIG)), progress
     except (SettingsError, DamagedFileError, CheckpointError) as err:
         raise RunRefused(str(err)) from None
+
+
+def resumed_config(run_dir: str | Path, kind: type[Settings], given: dict, *,
+                   own: dict[str, Any]) -> Settings:
+    """What ``--resume run_dir`` asks for: the run's stored config (as a ``kind``) with the
+    settings the flags gave laid over it, for :func:`open_run` to continue or refuse.
+    RunRefused (one line) when a flag that names a run's own identity (``own``: ``--recipe``,
+    ``--name``, ``--out`` with their values, None when not given) was given beside ``--resume``."""
+    for name, value in own.items():
+        if value is not None:
+            raise RunRefused(f"--{name}: expected none with --resume (the run keeps its own), "
+                             f"got {value}")
+    stored, _ = stored_config(Path(run_dir), kind)
+    return stored.replace(**given)
 
 
 def open_run(run_dir: str | Path, requested: Settings, *, command: str, resume: bool = False,

@@ -41,7 +41,7 @@ from ..common.progress import ProgressBar
 from ..report.plots import save_figure
 from ..common.files import write_json
 from . import feature_cache as fc
-from .config import CaltechBlocksConfig, check_output, open_output
+from .config import CaltechBlocksConfig, open_output
 from .caltech_head import split_and_weights
 
 __all__ = ["report_head", "linear_probe", "block_features", "run"]
@@ -131,10 +131,7 @@ def run(cfg: CaltechBlocksConfig, out: str | Path | None = None, stream=None) ->
     config (and the probes' figure) into ``out`` (RunRefused, one line, before anything is
     computed, when ``out`` holds results of other settings)."""
     stream = sys.stderr if stream is None else stream
-    log = lambda s: print(s, file=stream, flush=True)  # noqa: E731
-    if out is not None:
-        check_output(out, cfg)
-    split, weights = split_and_weights(cfg, log)
+    log, split, weights = split_and_weights(cfg, out, stream)
     k = len(split.classes)
     params, state = nets.load_torchvision_weights(weights, truncate_after_block=5)
     net = nets.vgg16(batch_norm=bool(state), truncate_after_block=5)

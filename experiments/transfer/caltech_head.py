@@ -197,9 +197,16 @@ def add_caltech_flags(parser: argparse.ArgumentParser, *, data_required: bool = 
       help=f"test images per class (default: {d.test_per_class})")
 
 
-def split_and_weights(cfg: CaltechSettings, log) -> tuple[cd.Split, Path]:
-    """The split (:func:`experiments.data.caltech256.split_per_class`) and the weights file
-    (:func:`resolve_weights`) the config names."""
+def split_and_weights(cfg: CaltechSettings, out, stream=None):
+    """``(log, split, weights)`` of a Caltech study: the line logger on ``stream`` (stderr), the
+    split (:func:`experiments.data.caltech256.split_per_class`) and the weights file
+    (:func:`resolve_weights`) the config names, after ``out`` was checked
+    (:func:`~experiments.transfer.config.check_output`: RunRefused, one line, before anything
+    is computed, when it holds results of other settings)."""
+    stream = sys.stderr if stream is None else stream
+    log = lambda s: print(s, file=stream, flush=True)  # noqa: E731
+    if out is not None:
+        check_output(out, cfg)
     if cfg.data is None:
         raise FileNotFoundError("--data: expected a Caltech-256 folder, got none")
     classes = cd.list_classes(cfg.data, include_clutter=cfg.clutter)
@@ -207,7 +214,7 @@ def split_and_weights(cfg: CaltechSettings, log) -> tuple[cd.Split, Path]:
                                test_per_class=cfg.test_per_class, seed=cfg.seed)
     log(f"caltech: {len(split.classes)} classes, {len(split.train_files)} train / "
         f"{len(split.test_files)} test images")
-    return split, resolve_weights(cfg.weights, download=not cfg.offline)
+    return log, split, resolve_weights(cfg.weights, download=not cfg.offline)
 
 
 def run(cfg: CaltechHeadConfig, out: str | Path | None = None, stream=None) -> dict:
@@ -216,10 +223,7 @@ def run(cfg: CaltechHeadConfig, out: str | Path | None = None, stream=None) -> d
     computed, when ``out`` holds results of other settings:
     :func:`~experiments.transfer.config.check_output`)."""
     stream = sys.stderr if stream is None else stream
-    log = lambda s: print(s, file=stream, flush=True)  # noqa: E731
-    if out is not None:
-        check_output(out, cfg)
-    split, weights = split_and_weights(cfg, log)
+    log, split, weights = split_and_weights(cfg, out, stream)
     k = len(split.classes)
     net, params, state = pretrained_vgg16(weights, k, seed=cfg.seed)
     cache = None if cfg.no_cache else Path(cfg.feature_cache or cache_dir() / "features")
