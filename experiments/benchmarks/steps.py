@@ -87,6 +87,7 @@ class Config:
     channels_last: bool = False
     bf16: bool = False
     compile: bool = False
+    donate: bool = True   # the functional step as fit runs it: params and optimizer state donated
 
     @property
     def dtype(self) -> str:
@@ -95,8 +96,9 @@ class Config:
 
     @property
     def options(self) -> dict:
-        """The speed options as ``make_step`` keywords."""
-        return {"channels_last": self.channels_last, "bf16": self.bf16, "compile": self.compile}
+        """The speed options as ``make_step`` keywords (the reference takes the first three)."""
+        options = {"channels_last": self.channels_last, "bf16": self.bf16, "compile": self.compile}
+        return options if self.reference else {**options, "donate": self.donate}
 
 
 CONFIGS: tuple[Config, ...] = (
@@ -110,6 +112,8 @@ CONFIGS: tuple[Config, ...] = (
     Config("(5) functional + torch.compile", compile=True),
     Config("(6a) channels_last + bf16", channels_last=True, bf16=True),
     Config("(6b) channels_last + bf16 + compile", channels_last=True, bf16=True, compile=True),
+    Config("(6c) channels_last + bf16, pure update (not donated)", channels_last=True, bf16=True,
+           donate=False),
 )
 
 
