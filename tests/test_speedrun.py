@@ -461,14 +461,16 @@ def test_cpu_recipe_keeps_airbenchs_per_example_rates_and_horizons():
     from experiments.airbench import CPU_RECIPE, RECIPES
     cpu, b = CPU_RECIPE, CPU_RECIPE.batch_size
     assert RECIPES == {"airbench94": RECIPE, "cpu": CPU_RECIPE} and b < RECIPE.batch_size
+    assert {d.name for d in cpu.differences(RECIPE)} == {
+        "batch_size", "epochs", "bn_momentum", "lookahead_every", "eval_every_epoch"}
+    assert cpu.epochs < RECIPE.epochs and not cpu.eval_every_epoch and RECIPE.eval_every_epoch
     # lr and weight decay are per 1024 examples: the same per example at any batch size
-    assert (cpu.lr, cpu.weight_decay, cpu.momentum) == (RECIPE.lr, RECIPE.weight_decay, RECIPE.momentum)
     for group in ("other", "norm_bias"):
         assert derived_rates(cpu)[group][0] / b == pytest.approx(derived_rates(RECIPE)[group][0] / 1024)
+        assert derived_rates(cpu)[group][1] == derived_rates(RECIPE)[group][1]
     # the statistics that count steps keep their horizon in examples
     assert (1 - cpu.bn_momentum) ** (1024 / b) == pytest.approx(1 - RECIPE.bn_momentum, abs=1e-3)
     assert cpu.lookahead_every * b == RECIPE.lookahead_every * RECIPE.batch_size
-    assert not cpu.eval_every_epoch and RECIPE.eval_every_epoch
     text = speedrun.build_parser().format_help()
     assert "--recipe" in text and "--eval-every-epoch" in text and "--bn-momentum" in text
 
@@ -480,7 +482,7 @@ def test_recipe_cpu_evaluates_once_after_the_last_epoch_as_evaluate_does(cifar_f
     assert speedrun.main(argv) == 0
     run = tmp_path / "runs" / "speedrun-cpu-s0"
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["eval_every_epoch"] is False and cfg["lookahead_every"] == 20 and cfg["batch_size"] == 10
+    assert cfg["eval_every_epoch"] is False and cfg["lookahead_every"] == 10 and cfg["batch_size"] == 10
     rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[0]["test_accuracy"] is None and rows[0]["val_accuracy"] is None
@@ -502,3 +504,14 @@ def test_recipe_with_resume_is_refused_in_one_line(stopped_run, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --recipe: expected none with --resume")
     assert _snapshot(run) == before
+
+
+def test_time_batch_sizes_times_the_same_images_at_every_batch_size():
+    from experiments.benchmarks.airbench_speed import time_batch_sizes
+    cfg = SMALL.replace(widths=(4, 8, 8), bf16=False, channels_last=False)
+    out = time_batch_sizes(cfg, (4, 8), rounds=2, images=8)
+    assert set(out) == {4, 8}
+    for row in out.values():
+        assert len(row["all"]) == 2 and 0 < row["min"] <= row["median"]
+    with pytest.raises(ValueError, match=r"time_configs: expected batch sizes that divide images=8, got 3"):
+        time_batch_sizes(cfg, (3,), rounds=1, images=8)

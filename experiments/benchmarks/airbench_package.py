@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import re
 import sys
 import tempfile
 import time
