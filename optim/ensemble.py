@@ -28,7 +28,7 @@ from trees import as_members, first_member
 
 from .base import GradientTransformation, Tree, flatten_like, step, transformation
 
-__all__ = ["VmappedState", "vmapped", "member_lrs"]
+__all__ = ["VmappedState", "vmapped", "member_lrs", "FLAT"]
 
 
 class VmappedState(NamedTuple):
@@ -49,24 +49,118 @@ def member_lrs(state: VmappedState) -> torch.Tensor | None:
 def _member_finite(tree, members: int) -> torch.Tensor:
     """``(K,)`` bool: member k's floating leaves hold no NaN and no infinity.
 
-    Two reductions per leaf, the largest and the smallest of each member's elements: both are
-    finite exactly when every element is (a NaN propagates through ``amax`` / ``amin``, +inf
-    reaches the largest and -inf the smallest). No value is summed, so nothing can overflow, and
-    neither reduction allocates a temporary of the leaf's size (``isfinite(x).all()`` does)."""
-    ends = []
+    The largest and the smallest of each member's elements are finite exactly when every element
+    is (a NaN propagates through the min and max, +inf reaches the largest and -inf the
+    smallest). No value is summed, so nothing can overflow. The leaves of each dtype are laid
+    side by side per member, ``(K, sum of leaf sizes)`` (no copy where they already are: the
+    flat optimizer's buffers), and reduced once each way: two reductions instead of two per
+    leaf, whose fixed cost per operation is what a small net's step spends
+    (docs/performance.md, "Ensembles")."""
+    by_dtype: dict = {}
     for x in pytree.tree_leaves(tree):
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            dims = tuple(range(1, x.dim()))
-            ends += [torch.isfinite(x)] if not dims else [torch.isfinite(x.amax(dims)),
-                                                          torch.isfinite(x.amin(dims))]
-    if not ends:
-        return torch.ones(members, dtype=torch.bool)
-    return torch.stack(ends).all(0)
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
+            by_dtype.setdefault(x.dtype, []).append(x.reshape(members, -1))
+    ok = torch.ones(members, dtype=torch.bool)
+    for cols in by_dtype.values():
+        side_by_side = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
+        # (amax and amin, not aminmax: on the CPU aminmax of rows runs 14x slower than both)
+        lo, hi = side_by_side.amin(1), side_by_side.amax(1)
+        ok = ok.to(lo.device) & torch.isfinite(lo) & torch.isfinite(hi)
+    return ok
 
 
-def vmapped(make: Callable[..., GradientTransformation], **hyperparams: torch.Tensor) -> GradientTransformation:
+#: The one key of a flat buffer's dict (:func:`vmapped` with ``flat=True``).
+FLAT = "flat buffer"
+
+
+class _Flat:
+    """Every subtree shaped like ``params`` (same structure: the parameters, the updates, a
+    momentum buffer, Adam's moments) as one dict ``{FLAT: (K, P)}``: member k's leaves laid end
+    to end (``P`` elements in all), and back."""
+
+    def __init__(self, params, members: int):
+        leaves, self.spec = pytree.tree_flatten(params)
+        self.root_type = type(params)
+        self.root_len = len(params) if isinstance(params, (dict, list, tuple)) else -1
+        self.shapes = [tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else () for x in leaves]
+        self.sizes = [x[0].numel() if isinstance(x, torch.Tensor) and x.dim() else 1 for x in leaves]
+        self.members = members
+        # one buffer per member needs one dtype, and leaves that all carry the member dimension
+        self.usable = (bool(leaves) and all(isinstance(x, torch.Tensor) and x.dim() >= 1
+                                            and x.shape[0] == members for x in leaves)
+                       and len({x.dtype for x in leaves}) == 1 and leaves[0].is_floating_point())
+
+    def _is_like(self, node) -> bool:
+        # the cheap tests first: most nodes of a state differ from params at the root already
+        if type(node) is not self.root_type or len(node) != self.root_len:
+            return False
+        if isinstance(node, (dict, list, tuple)):
+            leaves, spec = pytree.tree_flatten(node)
+            return spec == self.spec and all(isinstance(x, torch.Tensor) for x in leaves)
+        return False
+
+    def _buffer_of(self, leaves):
+        """The ``(K, P)`` buffer the leaves are views of, in order, as :meth:`unpack` returns
+        them (the last step's parameters and state), else None."""
+        base, total = leaves[0]._base, sum(self.sizes)
+        if base is None or base.numel() != self.members * total or not base.is_contiguous():
+            return None
+        offset = base.storage_offset()
+        for x, size in zip(leaves, self.sizes):
+            if (x._base is not base or x.storage_offset() != offset or not x[0].is_contiguous()
+                    or (self.members > 1 and x.stride(0) != total)):
+                return None
+            offset += size
+        return base.view(self.members, total)
+
+    def pack(self, tree):
+        if self._is_like(tree):
+            leaves = pytree.tree_leaves(tree)
+            base = self._buffer_of(leaves)
+            if base is not None:   # already laid out: no copy
+                return {FLAT: base}
+            cols = [x.reshape(self.members, -1) for x in leaves]
+            return {FLAT: torch.cat(cols, 1) if len(cols) > 1 else cols[0]}
+        if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+            return type(tree)(*(self.pack(c) for c in tree))
+        if isinstance(tree, (tuple, list)):
+            return type(tree)(self.pack(c) for c in tree)
+        if isinstance(tree, dict):
+            return {k: self.pack(v) for k, v in tree.items()}
+        return tree
+
+    def unpack(self, tree):
+        if isinstance(tree, dict) and set(tree) == {FLAT}:
+            parts = tree[FLAT].split(self.sizes, 1)
+            return pytree.tree_unflatten([x.view((x.shape[0],) + s) for x, s in zip(parts, self.shapes)],
+                                         self.spec)
+        if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+            return type(tree)(*(self.unpack(c) for c in tree))
+        if isinstance(tree, (tuple, list)):
+            return type(tree)(self.unpack(c) for c in tree)
+        if isinstance(tree, dict):
+            return {k: self.unpack(v) for k, v in tree.items()}
+        return tree
+
+
+def vmapped(make: Callable[..., GradientTransformation], *, flat: bool = False,
+            **hyperparams: torch.Tensor) -> GradientTransformation:
     """K members' optimizers as one (module docstring). Every hyperparameter is a ``(K,)``
-    floating tensor (float64 keeps a Python float's value exactly)."""
+    floating tensor (float64 keeps a Python float's value exactly).
+
+    ``flat``: run each member's step on one buffer instead of leaf by leaf. Every subtree of the
+    updates, the parameters and the state that is shaped like the parameters becomes
+    ``{FLAT: (K, P)}`` for the step and is split back into views of one buffer after it, so
+    the state keeps its structure (checkpoints are unchanged); the next step finds its
+    parameters and state already laid out (no copy) and copies only the gradients (one ``cat``).
+    A step then runs each of its operations once instead of once per leaf, and the divergence
+    test reduces one buffer: what a small net's step spends most on under ``vmap``
+    (docs/performance.md, "Ensembles"). Only for stages that act element by element (``sgd``,
+    ``adam``, ``adamw``, weight decay without a mask): a stage that reads leaf paths
+    (``masked``, a mask of ``weight_decay_mask``) or reduces over leaves (global-norm clipping)
+    would see one leaf. Every element gets the operations it gets leaf by leaf, and the results
+    are bit-identical for ``sgd`` (momentum, Nesterov, weight decay) and ``adam`` with weight
+    decay, float32 and float64 (tests/test_train_ensemble_flat.py)."""
     if not hyperparams:
         raise ValueError("vmapped: expected at least one hyperparameter (K,) tensor, got none")
     sizes = {name: tuple(v.shape) if isinstance(v, torch.Tensor) else None for name, v in hyperparams.items()}
@@ -102,16 +196,22 @@ def vmapped(make: Callable[..., GradientTransformation], **hyperparams: torch.Te
             raise ValueError(f"{fn}: expected params, got None")
         flatten_like(fn, "updates", updates, "params", params)
         h = {name: state.hyperparams[name] for name in names}
+        g, inner, p = updates, state.inner, params
+        layout = _Flat(params, members) if flat else None
+        if layout is not None and layout.usable:
+            g, inner, p = layout.pack((g, inner, p))
         if members == 1:   # vmap over one member is the member itself (trees.members)
-            new_p, new_inner = as_members(member_step(*first_member((updates, state.inner, params, h))))
+            new_p, new_inner = as_members(member_step(*first_member((g, inner, p, h))))
         else:
-            new_p, new_inner = torch.func.vmap(member_step)(updates, state.inner, params, h)
-        ok = _member_finite(updates, members) & _member_finite(new_p, members)
+            new_p, new_inner = torch.func.vmap(member_step)(g, inner, p, h)
+        ok = _member_finite(g, members) & _member_finite(new_p, members)
         ok = ok & ~state.diverged.to(ok.device)
         # One host read a step: while every member is finite (the usual case) the new values
         # are taken as they are, and the freezing pass over every leaf is skipped.
         if not bool(ok.all()):
-            new_p, new_inner = freeze(new_p, params, ok), freeze(new_inner, state.inner, ok)
+            new_p, new_inner = freeze(new_p, p, ok), freeze(new_inner, inner, ok)
+        if layout is not None and layout.usable:
+            new_p, new_inner = layout.unpack((new_p, new_inner))
         new_state = VmappedState(new_inner, state.hyperparams, state.diverged | ~ok.to(state.diverged.device))
         if mode.new_params:
             return new_p, new_state, False

@@ -294,3 +294,16 @@ def test_the_ensemble_flags_refuse_what_they_cannot_run(flag, value, capsys):
     with pytest.raises(SystemExit) as e:
         bench_cli.build_parser().parse_args([flag, value])
     assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_the_torch_nn_sweep_peer_trains_a_tutorial_net_and_reports_its_time_and_accuracy():
+    from experiments.benchmarks.torch_sweep import train_one
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 32, 32), generator=g, dtype=torch.uint8)
+    labels = torch.arange(40) % 10
+    run = train_one(images, labels, images[:20], labels[:20], lr=0.01, seed=1, epochs=2, batch=8)
+    assert run["lr"] == 0.01 and run["seed"] == 1 and run["seconds"] > 0
+    assert 0.0 <= run["test_accuracy"] <= 100.0
+    assert train_one(images, labels, images[:20], labels[:20], lr=0.01, seed=1, epochs=2,
+                     batch=8)["test_accuracy"] == run["test_accuracy"]   # seeded: repeatable

@@ -54,7 +54,8 @@ def sweep_parts(cfg: SweepConfig, num_classes: int):
     hyper = {name: [m.point[name] for m in ms] for name in GRID}
     net = build_net(cfg.model, num_classes, cfg.net_options())
     loss = lambda logits, y: layers.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)  # noqa: E731
-    return ensemble_parts(net, make_optimizer(cfg.optimizer, cfg.nesterov), hyper, loss)
+    # make_optimizer builds plain sgd / adam (no mask, no clipping): the flat buffer is exact.
+    return ensemble_parts(net, make_optimizer(cfg.optimizer, cfg.nesterov), hyper, loss, flat=True)
 
 
 def _augment(cfg: SweepConfig):

@@ -39,9 +39,16 @@ def member_losses(loss_fn: Callable) -> Callable:
 
 def ensemble_parts(net, make_opt: Callable[..., optim.GradientTransformation],
                    hyperparams: Mapping[str, Sequence[float]], loss_fn: Callable, *,
-                   input_rank: int = 4):
+                   input_rank: int = 4, flat: bool = False):
     """``(ensemble net, vmapped optimizer, per-member loss)`` for K members, K the length of
-    every list in ``hyperparams`` (module docstring)."""
+    every list in ``hyperparams`` (module docstring).
+
+    ``flat``: the optimizer steps one buffer per member (``optim.vmapped(..., flat=True)``),
+    bit-identical to leaf by leaf for plain ``optim.sgd`` and ``optim.adam`` (what the sweeps and
+    the ablation build, and pass; tests/test_train_ensemble_flat.py) and 1.1x faster for the
+    tutorial net at K = 8 (docs/performance.md, "Ensembles"). Off by default: a stage that reads
+    leaf paths (``optim.masked``, a ``weight_decay_mask``) or reduces over leaves (global-norm
+    clipping) would see one leaf, so only a caller that knows its optimizer has none turns it on."""
     lengths = {name: len(v) for name, v in hyperparams.items()}
     if not lengths or len(set(lengths.values())) != 1:
         raise ValueError(f"ensemble_parts: expected hyperparameter lists of one length, got {lengths}")
@@ -50,5 +57,5 @@ def ensemble_parts(net, make_opt: Callable[..., optim.GradientTransformation],
         raise ValueError(f"ensemble_parts: expected 1 to {MAX_MEMBERS} members, got {k}")
     tensors = {name: torch.tensor([float(x) for x in v], dtype=torch.float64)
                for name, v in hyperparams.items()}
-    return (nets.ensemble(net, k, input_rank=input_rank), optim.vmapped(make_opt, **tensors),
+    return (nets.ensemble(net, k, input_rank=input_rank), optim.vmapped(make_opt, flat=flat, **tensors),
             member_losses(loss_fn))
