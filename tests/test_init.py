@@ -106,3 +106,74 @@ def test_bad_init_arguments_are_refused():
         init.linear_params(jr.key(0), 0, 4)
     with pytest.raises(TypeError, match="init: expected a random key"):
         init.linear_params(123, 3, 4)
+
+
+# ----------------------------------------------------------------------------- formulas, bit for bit
+# Each scheme equals the layers.random draw its docstring's formula names (torch.nn.init's bound
+# or std), with the requested dtype and device: a changed default, a dropped argument or a
+# changed branch shows (docs/testing.md, "Mutation score").
+
+def test_calculate_gain_defaults_to_torchs_leaky_relu_gain():
+    assert init.calculate_gain() == torch.nn.init.calculate_gain("leaky_relu") == math.sqrt(2 / (1 + 0.01 ** 2))
+    assert init.calculate_gain("leaky_relu", 0.2) == torch.nn.init.calculate_gain("leaky_relu", 0.2)
+
+
+@settings(deadline=None, max_examples=20)
+@given(seed=st.integers(0, 2**31 - 1), shape=st.lists(st.integers(1, 5), min_size=2, max_size=4).map(tuple),
+       a=st.sampled_from([0.0, 0.2, math.sqrt(5)]), mode=st.sampled_from(["fan_in", "fan_out"]),
+       nonlinearity=st.sampled_from(["leaky_relu", "relu", "tanh"]), gain=st.floats(0.5, 2.0),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_every_scheme_is_its_documented_draw_in_the_requested_dtype(seed, shape, a, mode, nonlinearity, gain, dtype):
+    key = jr.key(seed)
+    fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(torch.empty(shape))
+    fan = fan_in if mode == "fan_in" else fan_out
+    k_gain = torch.nn.init.calculate_gain(nonlinearity, a)
+    b = k_gain * math.sqrt(3.0 / fan)
+    cases = [
+        (init.kaiming_uniform(key, shape, a=a, mode=mode, nonlinearity=nonlinearity, dtype=dtype),
+         jr.uniform(key, shape, dtype=dtype, low=-b, high=b)),
+        (init.kaiming_normal(key, shape, a=a, mode=mode, nonlinearity=nonlinearity, dtype=dtype),
+         jr.normal(key, shape, dtype=dtype, std=k_gain / math.sqrt(fan))),
+        (init.xavier_uniform(key, shape, gain=gain, dtype=dtype),
+         jr.uniform(key, shape, dtype=dtype, low=-gain * math.sqrt(6 / (fan_in + fan_out)),
+                    high=gain * math.sqrt(6 / (fan_in + fan_out)))),
+        (init.xavier_normal(key, shape, gain=gain, dtype=dtype),
+         jr.normal(key, shape, dtype=dtype, std=gain * math.sqrt(2 / (fan_in + fan_out)))),
+        (init.torch_default_weight(key, shape, dtype=dtype),   # kaiming uniform with a = sqrt(5)
+         jr.uniform(key, shape, dtype=dtype, low=-torch.nn.init.calculate_gain("leaky_relu", math.sqrt(5))
+                    * math.sqrt(3.0 / fan_in), high=torch.nn.init.calculate_gain("leaky_relu", math.sqrt(5))
+                    * math.sqrt(3.0 / fan_in))),
+    ]
+    for i, (got, want) in enumerate(cases):
+        assert got.dtype == dtype and got.shape == shape, i
+        assert torch.equal(got, want), i
+    # the defaults are torch's: a = 0, mode fan_in, leaky_relu (gain sqrt(2 / 1.0001))
+    g0 = torch.nn.init.calculate_gain("leaky_relu", 0)
+    assert torch.equal(init.kaiming_uniform(key, shape),
+                       jr.uniform(key, shape, low=-g0 * math.sqrt(3 / fan_in), high=g0 * math.sqrt(3 / fan_in)))
+    assert torch.equal(init.kaiming_normal(key, shape), jr.normal(key, shape, std=g0 / math.sqrt(fan_in)))
+
+
+@pytest.mark.parametrize("fan_in", [0, 1, 2, 300])
+def test_torch_default_bias_is_uniform_in_plus_minus_one_over_sqrt_fan_in_and_zero_without_inputs(fan_in):
+    # nn.Linear.reset_parameters: bound = 1 / sqrt(fan_in) if fan_in > 0 else 0
+    key = jr.key(fan_in)
+    for dtype in (torch.float32, torch.float64):
+        got = init.torch_default_bias(key, fan_in, 7, dtype=dtype)
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        assert got.dtype == dtype
+        assert torch.equal(got, jr.uniform(key, (7,), dtype=dtype, low=-bound, high=bound))
+    if fan_in == 0:
+        assert torch.equal(init.torch_default_bias(key, 0, 7), torch.zeros(7))
+
+
+@pytest.mark.parametrize("draw", [
+    lambda k, d: init.xavier_uniform(k, (4, 3), device=d), lambda k, d: init.xavier_normal(k, (4, 3), device=d),
+    lambda k, d: init.kaiming_uniform(k, (4, 3), device=d), lambda k, d: init.kaiming_normal(k, (4, 3), device=d),
+    lambda k, d: init.torch_default_weight(k, (4, 3), device=d), lambda k, d: init.torch_default_bias(k, 3, 4, device=d),
+    lambda k, d: init.conv2d_params(k, 2, 4, 3, device=d)["bias"],
+    lambda k, d: init.linear_params(k, 2, 4, scheme="normal", device=d)["weight"],
+], ids=["xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "torch_default_weight",
+        "torch_default_bias", "conv2d_params", "linear_params"])
+def test_every_initialiser_puts_its_tensors_on_the_requested_device(draw):
+    assert draw(jr.key(2), "meta").device.type == "meta"

@@ -82,3 +82,11 @@ def test_every_activation_names_itself_when_refusing_a_non_tensor_or_an_unknown_
         fn(1.0)
     with pytest.raises(ValueError, match=rf"^{name}: expected impl to be one of \('fast', 'explicit'\), got 'slow'"):
         fn(torch.zeros(2, 3), impl="slow")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int8, torch.float16, torch.bfloat16,
+                                   torch.float32, torch.float64])
+def test_explicit_relu_keeps_the_inputs_dtype_and_equals_torch_relu(dtype):
+    x = torch.tensor([3, -2, 0, 1, -7]).to(dtype)
+    y = layers.relu(x, impl="explicit")
+    assert y.dtype == dtype and torch.equal(y, torch.relu(x))

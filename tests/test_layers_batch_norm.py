@@ -142,3 +142,69 @@ def test_batch_norm_rejects_wrong_rank_and_bad_hyperparameters():
         layers.batch_norm(params, state, _x(), train=True, momentum=1.5)
     with pytest.raises(ValueError, match=r"batch_norm: expected eps to be a float > 0, got 0"):
         layers.batch_norm(params, state, _x(), train=True, eps=0)
+
+
+# ----------------------------------------------------------------------------- synchronised batch norm
+# Inside layers.parallel.batch_axis with an all_reduce, batch norm uses the global batch's
+# statistics (layers/batch_norm.py, _synced). Simulated in one process: the global batch is
+# `copies` equal slices, so all_reduce(t) = copies * t is exactly the sum over the processes.
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from layers.parallel import BatchAxis, batch_axis  # noqa: E402
+
+
+@settings(deadline=None, max_examples=25)
+@given(seed=st.integers(0, 2**31 - 1), copies=st.sampled_from([1, 2, 4]), rows=st.integers(1, 3),
+       spatial=st.sampled_from([(), (3,), (2, 3)]), momentum=st.sampled_from([0.1, 0.5, None]),
+       affine=st.booleans(), train=st.booleans(), stats=st.booleans(), eps=st.sampled_from([1e-5, 0.1]))
+def test_synced_batch_norm_of_equal_slices_equals_batch_norm_of_the_global_batch(
+        seed, copies, rows, spatial, momentum, affine, train, stats, eps):
+    g = torch.Generator().manual_seed(seed)
+    c = 3
+    if rows * max(1, int(torch.tensor(spatial).prod())) < 2:
+        rows = 2   # batch statistics need two values per channel, checked on this process's slice
+    local = torch.randn((rows, c) + spatial, generator=g, dtype=torch.float64)
+    params = ({"weight": torch.rand(c, generator=g, dtype=torch.float64) + 0.5,
+               "bias": torch.randn(c, generator=g, dtype=torch.float64)} if affine else {})
+    state = {}
+    if stats:
+        state = {"running_mean": torch.randn(c, generator=g, dtype=torch.float64),
+                 "running_var": torch.rand(c, generator=g, dtype=torch.float64) + 0.5,
+                 "num_batches_tracked": torch.tensor(3)}
+    kw = dict(train=train, momentum=momentum, eps=eps)
+    want_y, want_state = layers.batch_norm(params, state, torch.cat([local] * copies), impl="fast", **kw)
+    for impl in ("fast", "explicit"):
+        with batch_axis(BatchAxis(0, rows, rows * copies, all_reduce=lambda t: copies * t)):
+            y, new_state = layers.batch_norm(params, state, local, impl=impl, **kw)
+        torch.testing.assert_close(y, want_y[:rows], rtol=1e-12, atol=1e-12)
+        assert new_state.keys() == want_state.keys()
+        for k in want_state:
+            torch.testing.assert_close(new_state[k], want_state[k], rtol=1e-12, atol=1e-12)
+            assert new_state[k].dtype == want_state[k].dtype
+        if not train and stats:
+            assert new_state is state
+
+
+@settings(deadline=None, max_examples=8)
+@given(seed=st.integers(0, 2**31 - 1), momentum=st.sampled_from([0.1, None]))
+def test_synced_batch_norm_of_one_process_has_batch_norms_gradients(seed, momentum):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64)
+    params = {"weight": torch.rand(3, generator=g, dtype=torch.float64) + 0.5,
+              "bias": torch.randn(3, generator=g, dtype=torch.float64)}
+    state = layers.init.batch_norm_state(3, dtype=torch.float64)
+
+    def loss(p, x, synced):
+        if synced:
+            with batch_axis(BatchAxis(0, 4, 4, all_reduce=lambda t: t)):
+                y, s = layers.batch_norm(p, state, x, train=True, momentum=momentum)
+        else:
+            y, s = layers.batch_norm(p, state, x, train=True, momentum=momentum)
+        return (y * y.detach().sin()).sum(), s
+
+    (gp, gx), _ = grad(loss, argnums=(0, 1), has_aux=True)(params, x, True)
+    (rp, rx), _ = grad(loss, argnums=(0, 1), has_aux=True)(params, x, False)
+    torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
+    for k in rp:
+        torch.testing.assert_close(gp[k], rp[k], rtol=1e-12, atol=1e-12)

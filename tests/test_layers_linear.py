@@ -41,3 +41,26 @@ def test_linear_rejects_wrong_param_keys():
         layers.linear((torch.zeros(4, 3),), torch.zeros(2, 3))
     with pytest.raises(TypeError, match=r"linear: expected input to be a torch.Tensor, got list"):
         layers.linear({"weight": torch.zeros(4, 3)}, [1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize("autocast_dtype, bias_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+                                                         (torch.bfloat16, None)])
+def test_explicit_linear_backward_runs_in_the_forwards_autocast_and_returns_each_inputs_dtype(autocast_dtype, bias_dtype):
+    # layers/linear.py, ExplicitLinear: dX = dY W, dW = dY^T X (the matmuls in the forward's
+    # autocast precision), db = sum dY; each gradient in its input's dtype.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, generator=g).requires_grad_(True)
+    w = torch.randn(5, 4, generator=g).requires_grad_(True)
+    b = None if bias_dtype is None else torch.randn(5, generator=g).to(bias_dtype).requires_grad_(True)
+    params = {"weight": w} if b is None else {"weight": w, "bias": b}
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        y = layers.linear(params, x, impl="explicit")
+    dy = torch.randn(y.shape, generator=g).to(y.dtype)
+    inputs = (x, w) if b is None else (x, w, b)
+    grads = torch.autograd.grad(y, inputs, dy)
+    assert [t.dtype for t in grads] == [t.dtype for t in inputs]
+    low = lambda t: t.to(autocast_dtype)   # noqa: E731
+    assert torch.equal(grads[0], (low(dy) @ low(w)).to(x.dtype))
+    assert torch.equal(grads[1], (low(dy).reshape(-1, 5).T @ low(x).reshape(-1, 4)).to(w.dtype))
+    if b is not None:
+        assert torch.equal(grads[2], dy.reshape(-1, 5).sum(0).to(b.dtype))

@@ -115,3 +115,97 @@ def test_under_autocast_the_member_loop_keeps_the_dtype_of_torchs_rule_and_batch
         y_torch = vmap(partial(block, conv=torchs))(x, w, bn, stats)
     assert y_ours.dtype == y_torch.dtype
     torch.testing.assert_close(y_ours, y_torch)
+
+
+@settings(deadline=None, max_examples=10)
+@given(seed=st.integers(0, 2**31 - 1), bias=st.booleans(), groups=st.sampled_from([1, 2]),
+       stride=st.sampled_from([(1, 1), (2, 1)]), padding=st.sampled_from([(0, 0), (1, 0)]),
+       dilation=st.sampled_from([(1, 1), (1, 2)]), needs=st.sampled_from([(True, True), (True, False), (False, True)]))
+def test_member_conv_function_outside_vmap_is_f_conv2d_forward_and_backward(
+        seed, bias, groups, stride, padding, dilation, needs):
+    # member_conv2d only calls it under vmap; called directly, its own forward and backward must
+    # still be F.conv2d's (its docstring's contract).
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 2 * groups, 5, 6, generator=g, dtype=D).requires_grad_(needs[0])
+    w = torch.randn(2 * groups, 2, 2, 3, generator=g, dtype=D).requires_grad_(needs[1])
+    b = torch.randn(2 * groups, generator=g, dtype=D).requires_grad_(True) if bias else None
+    conf = (stride, padding, dilation, groups)
+    y = _MemberConv2d.apply(x, w, b, *conf)
+    ref = F.conv2d(x, w, b, *conf)
+    assert torch.equal(y, ref)
+    dy = torch.randn(y.shape, generator=g, dtype=D)
+    inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    for got, want in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(ref, inputs, dy)):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_member_conv_function_backward_on_meta_gives_the_bias_gradient_its_shape():
+    # aten.convolution_backward shapes the bias gradient from bias_sizes on the meta device
+    # (elsewhere it sums grad and ignores them): the Function must pass the bias's (C_out,).
+    x = torch.randn(2, 4, 5, 6, device="meta", requires_grad=True)
+    w = torch.randn(4, 2, 2, 3, device="meta", requires_grad=True)
+    b = torch.randn(4, device="meta", requires_grad=True)
+    y = _MemberConv2d.apply(x, w, b, (1, 1), (0, 0), (1, 1), 2)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), torch.ones(y.shape, device="meta"))
+    assert (gx.shape, gw.shape, gb.shape) == (x.shape, w.shape, b.shape)
+
+
+def test_members_of_unbatched_images_take_the_loop_rule_and_equal_f_conv2d_per_member():
+    # (C, H, W) per member: the grouped channels-last rule needs 4-D member inputs, so the
+    # Function's vmap rule falls back to one F.conv2d per member.
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(3, 4, 7, 6, generator=g, dtype=D)
+    ws = torch.randn(3, 6, 2, 2, 3, generator=g, dtype=D)
+    bs = torch.randn(3, 6, generator=g, dtype=D)
+    conf = ((2, 1), (1, 0), (1, 2), 2)
+    got = vmap(lambda x, w, b: layers._members.member_conv2d(x, w, b, *conf))(xs, ws, bs)
+    want = torch.stack([F.conv2d(x, w, b, *conf) for x, w, b in zip(xs, ws, bs)])
+    torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("bias", ["batched", "shared", None])
+def test_the_loop_rule_takes_batched_shared_or_no_bias_and_runs_outside_autocast(bias):
+    g = torch.Generator().manual_seed(1)
+    xs, ws = torch.randn(3, 4, 7, 6, generator=g), torch.randn(3, 6, 4, 2, 3, generator=g)
+    b = {"batched": torch.randn(3, 6, generator=g), "shared": torch.randn(6, generator=g), None: None}[bias]
+    b_dim = 0 if bias == "batched" else None
+    conf = ((2, 1), (1, 0), (1, 2), 1)
+    conv = lambda x, w, b: layers._members.member_conv2d(x, w, b, *conf)   # noqa: E731
+    want = torch.stack([F.conv2d(x, w, None if b is None else (b[i] if b_dim == 0 else b), *conf)
+                        for i, (x, w) in enumerate(zip(xs, ws))])
+    torch.testing.assert_close(vmap(conv, in_dims=(0, 0, b_dim))(xs, ws, b), want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # as torch's vmap rule: the inputs' dtype
+        assert vmap(conv, in_dims=(0, 0, b_dim))(xs, ws, b).dtype == torch.float32
+
+
+def test_the_grouped_rule_puts_each_members_bias_on_its_own_outputs():
+    g = torch.Generator().manual_seed(2)
+    xs, ws, bs = (torch.randn(3, 2, 4, 5, 5, generator=g, dtype=D), torch.randn(3, 4, 4, 3, 3, generator=g, dtype=D),
+                  torch.randn(3, 4, generator=g, dtype=D))
+    got = vmap(lambda x, w, b: layers._members.member_conv2d(x, w, b, 1, 1, 1, 1))(xs, ws, bs)
+    want = torch.stack([F.conv2d(x, w, b, 1, 1, 1, 1) for x, w, b in zip(xs, ws, bs)])
+    torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("in_dims", [(None, 0, 0), (0, None, None), (0, 0, None)])
+def test_the_functions_vmap_rule_takes_any_batched_inputs_and_equals_a_loop(in_dims):
+    # member_conv2d calls it with both batched; called directly, every other in_dims must work
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(3, 2, 4, 5, 5, generator=g, dtype=D), torch.randn(3, 6, 4, 3, 3, generator=g, dtype=D), \
+        torch.randn(3, 6, generator=g, dtype=D)
+    conf = ((1, 1), (1, 1), (1, 1), 1)
+    args = [t if d == 0 else t[0] for t, d in zip((x, w, b), in_dims)]
+    got = vmap(lambda x, w, b: _MemberConv2d.apply(x, w, b, *conf), in_dims=in_dims)(*args)
+    pick = lambda t, d, i: t[i] if d == 0 else t   # noqa: E731
+    want = torch.stack([F.conv2d(*(pick(t, d, i) for t, d in zip(args, in_dims)), *conf) for i in range(3)])
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_members_of_batched_images_run_one_grouped_convolution_not_one_per_member(monkeypatch):
+    # the point of the rule (module docstring): K members' (N, C, H, W) inputs, one F.conv2d
+    calls = []
+    real = F.conv2d
+    monkeypatch.setattr(layers._members.F, "conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    xs, ws = torch.randn(3, 2, 4, 5, 5, dtype=D), torch.randn(3, 6, 4, 3, 3, dtype=D)
+    vmap(lambda x, w: layers._members.member_conv2d(x, w, None, 1, 1, 1, 1))(xs, ws)
+    assert len(calls) == 1

@@ -80,3 +80,10 @@ def test_adaptive_avg_pool2d_rejects_bad_output_size_and_rank():
         layers.adaptive_avg_pool2d(torch.zeros(1, 1, 4, 4), (1, 2, 3))
     with pytest.raises(ValueError, match=r"adaptive_avg_pool2d: expected 3-D or 4-D input .*got \(4,\)"):
         layers.adaptive_avg_pool2d(torch.zeros(4), 1)
+
+
+@pytest.mark.parametrize("impl", ["fast", "explicit"])
+def test_adaptive_avg_pool2d_keeps_the_inputs_device(impl):
+    # the explicit averaging matrices are built on the input's device, not the CPU
+    x = torch.randn(1, 2, 5, 7, device="meta")
+    assert layers.adaptive_avg_pool2d(x, (2, 3), impl=impl).device.type == "meta"

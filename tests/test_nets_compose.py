@@ -18,8 +18,8 @@ from hypothesis import given, settings, strategies as st
 
 import layers
 import nets
-from nets.compose import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear,
-                          MaxPool2d, ReLU, as_net, leaves, serial)
+from nets.compose import (GELU, AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear,
+                          MaxPool2d, Mul, ReLU, as_net, leaves, serial)
 
 SEEDS = st.integers(0, 2**31 - 1)
 
@@ -327,3 +327,97 @@ def test_a_serial_net_of_every_layer_equals_its_nn_sequential_twin_in_train_and_
     from nets.testing import check_net
     make_net, make_twin = _small_serial_and_twin()
     check_net(make_net, make_twin, (3, 9, 9), num_classes=5, max_examples=4)
+
+
+# ----------------------------------------------------------------------------- declared shapes
+# stax's _CheckShapeAgreement: the shape a layer declares (``output_shape``, used by
+# nets.summary) is the shape its apply returns, for every layer kind, at the boundary where the
+# input is exactly as large as the dilated kernel too.
+
+@settings(deadline=None, max_examples=25)
+@given(data=st.data(), kind=st.sampled_from(["Conv2d", "MaxPool2d", "AdaptiveAvgPool2d", "BatchNorm2d",
+                                             "Flatten", "GELU", "Mul", "ReLU"]))
+def test_every_layers_declared_output_shape_is_the_shape_apply_returns(data, kind):
+    d = data.draw
+    n, groups = d(st.integers(1, 2)), d(st.sampled_from([1, 2]))
+    c = groups * d(st.integers(1, 2))
+    kh, kw = d(st.integers(1, 3)), d(st.integers(1, 3))
+    sh, sw, ph, pw = d(st.integers(1, 3)), d(st.integers(1, 3)), d(st.integers(0, 1)), d(st.integers(0, 1))
+    dh, dw = d(st.integers(1, 2)), d(st.integers(1, 2))
+    if kind == "Conv2d":
+        layer = Conv2d(c, groups * d(st.integers(1, 2)), (kh, kw), stride=(sh, sw), padding=(ph, pw),
+                       dilation=(dh, dw), groups=groups)
+        min_h, min_w = max(1, dh * (kh - 1) + 1 - 2 * ph), max(1, dw * (kw - 1) + 1 - 2 * pw)
+    elif kind == "MaxPool2d":
+        layer = MaxPool2d((kh, kw), d(st.sampled_from([None, (sh, sw)])))
+        min_h, min_w = kh, kw
+    else:
+        layer = {"AdaptiveAvgPool2d": lambda: AdaptiveAvgPool2d((kh, kw)), "BatchNorm2d": lambda: BatchNorm2d(c),
+                 "Flatten": Flatten, "GELU": GELU, "Mul": lambda: Mul(0.25), "ReLU": ReLU}[kind]()
+        min_h, min_w = 1, 1
+    h, w = min_h + d(st.sampled_from([0, 0, 1, 4])), min_w + d(st.sampled_from([0, 1, 3]))
+    net = as_net(serial(layer), name="one")
+    params, state = net.init(layers.random.key(0), dtype=torch.float64)
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    y, _ = net.apply(params, state, x, train=False)
+    declared = layer.output_shape((n, c, h, w))
+    assert declared == tuple(y.shape) and all(type(s) is int for s in declared)
+    if kind == "Conv2d":   # N * C_out * Ho * Wo * (C_in / groups) * kh * kw
+        assert layer.macs((n, c, h, w)) == y.numel() * (c // groups) * kh * kw
+
+
+def test_declared_shapes_refuse_inputs_smaller_than_the_kernel_or_not_images_naming_the_layer():
+    conv, pool = Conv2d(3, 4, 3, padding=1, dilation=(2, 1)), MaxPool2d(3)
+    assert conv.output_shape((1, 3, 3, 1)) == (1, 4, 1, 1)   # padded 5 == dilated kernel 5: one row
+    strided = Conv2d(3, 4, 3, stride=2).output_shape((1, 3, 8, 9))   # floor(5 / 2) + 1, floor(6 / 2) + 1
+    assert strided == (1, 4, 3, 4) and all(type(s) is int for s in strided)
+    with pytest.raises(ValueError, match=r"Conv2d\(3, 4\): expected padded input height >= dilated kernel "
+                                         r"height 5, got input \(1, 3, 2, 9\)"):
+        conv.output_shape((1, 3, 2, 9))
+    with pytest.raises(ValueError, match=r"MaxPool2d\(3\): expected padded input width >= dilated kernel "
+                                         r"width 3, got input \(2, 1, 5, 2\)"):
+        pool.output_shape((2, 1, 5, 2))
+    with pytest.raises(ValueError, match=r"Conv2d\(3, 4\): expected input with 3 channels, got \(1, 2, 8, 8\)"):
+        conv.output_shape((1, 2, 8, 8))
+    with pytest.raises(ValueError, match=r"MaxPool2d\(3\): expected a 4-D input shape \(N, C, H, W\), "
+                                         r"got \(3, 8, 8\)"):
+        pool.output_shape(torch.Size([3, 8, 8]))
+
+
+def test_gelu_and_mul_equal_nn_gelu_and_a_fixed_scale():
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    for layer, want, kind in ((GELU(), nn.GELU()(x), "GELU"), (Mul(0.125), x * 0.125, "Mul(0.125)"),
+                              (Mul(3), x * 3.0, "Mul(3)")):
+        assert layer.kind == kind and layer.op == kind.split("(")[0]
+        assert layer.init(layers.random.key(0)) == ({}, {})
+        y, state = as_net(serial(layer), name="one").apply({}, {}, x, train=True)
+        assert torch.equal(y, want) and state == {}
+        assert layer.macs(x.shape) == 0 and layer.param_shapes == {} and layer.state_shapes == {}
+    with pytest.raises(TypeError, match=r"Mul: expected scale to be a real number, got '2'"):
+        Mul("2")
+
+
+def test_max_pool_with_its_own_stride_declares_and_returns_torchs_shape_and_names_each_axis():
+    x = torch.randn(2, 3, 9, 10, dtype=torch.float64)
+    for kernel, stride in (((2, 3), (1, 2)), ((3, 2), None), (2, (3, 1))):
+        layer = MaxPool2d(kernel, stride)
+        y, _ = as_net(serial(layer), name="one").apply({}, {}, x, train=False)
+        assert torch.equal(y, nn.MaxPool2d(kernel, stride)(x))
+        assert layer.output_shape(tuple(x.shape)) == tuple(y.shape) and layer.macs(tuple(x.shape)) == 0
+    with pytest.raises(ValueError, match=r"^MaxPool2d\(3\): expected padded input height >= dilated kernel "
+                                         r"height 3, got input \(2, 1, 2, 5\)$"):
+        MaxPool2d(3).output_shape((2, 1, 2, 5))
+
+
+def test_max_pool_names_itself_and_each_bad_argument_and_takes_a_one_by_one_window():
+    assert MaxPool2d(1).output_shape((2, 3, 4, 5)) == (2, 3, 4, 5)
+    layer = MaxPool2d((2, 3), (1, 2))
+    assert (layer.op, layer.kind) == ("MaxPool2d", "MaxPool2d(2x3, stride 1)")
+    with pytest.raises(ValueError, match=r"^MaxPool2d\(0\): expected kernel_size >= 1, got 0$"):
+        MaxPool2d(0)
+    with pytest.raises(TypeError, match=r"^MaxPool2d\(2.5\): expected kernel_size to be an int or a pair"):
+        MaxPool2d(2.5)
+    with pytest.raises(ValueError, match=r"^MaxPool2d\(2\): expected stride >= 1, got \(1, 0\)$"):
+        MaxPool2d(2, (1, 0))
+    with pytest.raises(TypeError, match=r"^MaxPool2d\(2\): expected stride to be an int or a pair"):
+        MaxPool2d(2, "1")

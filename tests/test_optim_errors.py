@@ -141,3 +141,18 @@ def test_non_tensor_gradient_leaf_raises_type_error():
 def test_current_lr_without_an_lr_field_is_an_error():
     with pytest.raises(ValueError, match=r"current_lr: expected an optimizer state holding an 'lr' field"):
         optim.current_lr(optim.clip_by_global_norm(1.0).init(params()))
+
+
+def test_a_structure_mismatch_names_the_path_leaf_against_subtree_and_differing_containers():
+    t = torch.zeros(2)
+    cases = [
+        ({"a": {"x": t}}, {"a": t}, r"at 'a': a leaf in params but a subtree in grads$"),
+        ({"a": t}, {"a": {"x": t}}, r"at 'a/x': missing in grads$"),
+        ([t, t], (t, t), r"at the root: containers differ \(grads TreeSpec\(list, .*params TreeSpec\(tuple, "),
+        ({"a": t, "b": t}, {"b": t, "a": t},
+         r"at the root: containers differ \(grads TreeSpec\(dict, \['a', 'b'\].*params TreeSpec\(dict, \['b', 'a'\]"),
+    ]
+    opt = optim.sgd(0.1)
+    for grads, params, match in cases:
+        with pytest.raises(ValueError, match=r"(?s)update: grads and params differ " + match):
+            opt.update(grads, opt.init(params), params)

@@ -140,3 +140,39 @@ def test_non_numeric_schedule_value_raises_type_error():
 def test_one_cycle_with_an_empty_phase_is_a_clear_error_not_a_zero_division(total, pct, three_phase):
     with pytest.raises(ValueError, match="expected no phase of zero steps"):
         optim.one_cycle_schedule(1.0, total, pct_start=pct, three_phase=three_phase)
+
+
+@settings(deadline=None, max_examples=20)
+@given(peak=st.floats(1e-3, 1.0), total=st.integers(1, 200), fraction=st.sampled_from([0.0, 0.1, 0.23, 0.5, 0.99]))
+def test_triangular_schedule_rises_from_a_fifth_to_the_peak_at_int_fraction_t_and_falls_to_seven_percent(
+        peak, total, fraction):
+    # airbench's defaults: start_factor 0.2, end_factor 0.07, the peak at w = int(peak_fraction * T)
+    s = optim.triangular_schedule(peak, total, fraction)
+    w = int(total * fraction)
+    for t in sorted({0, max(w - 1, 0), w, (w + total) // 2, total, total + 5}):
+        want = (peak * (0.2 * (1 - t / w) + t / w) if t < w else
+                peak * ((1 - (min(t, total) - w) / (total - w)) + 0.07 * (min(t, total) - w) / (total - w)))
+        assert math.isclose(s(t), want, rel_tol=1e-12), t
+        assert math.isclose(float(s(torch.tensor(t))), want, rel_tol=1e-12), t   # the tensor-step path
+    assert math.isclose(s(total), 0.07 * peak, rel_tol=1e-12)
+    if w > 0:
+        assert math.isclose(s(0), 0.2 * peak, rel_tol=1e-12) and math.isclose(s(w), peak, rel_tol=1e-12)
+
+
+def test_triangular_schedule_refuses_bad_arguments_naming_itself_and_the_argument():
+    T = optim.triangular_schedule
+    T(0.1, 1, 0.0, 0.0, 0.0)   # the boundaries that are allowed: one step, peak at 0, zero factors
+    for call, error, match in [
+        (lambda: T("0.1", 10), TypeError, r"triangular_schedule: expected peak_value to be a real number"),
+        (lambda: T(0.1, 0), ValueError, r"triangular_schedule: expected total_steps to be an integer >= 1, got 0"),
+        (lambda: T(0.1, 10, "a"), TypeError, r"triangular_schedule: expected peak_fraction to be a real number"),
+        (lambda: T(0.1, 10, 0.2, "a"), TypeError, r"triangular_schedule: expected start_factor to be a real number"),
+        (lambda: T(0.1, 10, 0.2, 0.2, "a"), TypeError, r"triangular_schedule: expected end_factor to be a real number"),
+        (lambda: T(0.1, 10, 1.0), ValueError, r"triangular_schedule: expected peak_fraction in \[0, 1\), got 1.0"),
+        (lambda: T(0.1, 10, -0.1), ValueError, r"triangular_schedule: expected peak_fraction in \[0, 1\), got -0.1"),
+        (lambda: T(0.1, 10, 0.2, -0.5), ValueError, r"triangular_schedule: expected start_factor >= 0, got -0.5"),
+        (lambda: T(0.1, 10, 0.2, 0.2, -0.5), ValueError, r"triangular_schedule: expected end_factor >= 0, got -0.5"),
+        (lambda: T(0.1, 10)(-1), ValueError, r"triangular_schedule: expected the step to be an integer >= 0, got -1"),
+    ]:
+        with pytest.raises(error, match="^" + match):
+            call()

@@ -124,23 +124,25 @@ def test_a_tensor_momentum_of_zero_equals_plain_sgd():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+# Factories, not schedules: a schedule built at import would be built before mutmut activates a
+# mutant (docs/testing.md, "Mutation score"), so each test builds its own.
 SCHEDULES = {
-    "one_cycle_linear": optim.one_cycle_schedule(0.4, 60, pct_start=0.25, anneal_strategy="linear",
-                                                 div_factor=10.0, final_div_factor=100.0),
-    "one_cycle_cos": optim.one_cycle_schedule(0.1, 60, three_phase=True),
-    "cosine": optim.cosine_annealing_schedule(0.1, 20, 1e-3),
-    "step": optim.step_decay_schedule(0.1, 7, 0.5),
-    "multistep": optim.multistep_schedule(0.1, [5, 5, 30], 0.3),
-    "exponential": optim.exponential_schedule(0.1, 0.97),
-    "linear": optim.linear_schedule(0.1, 0.2, 1.0, 15),
-    "warmup_cosine": optim.warmup_cosine_schedule(0.2, 10, 40),
-    "constant": optim.constant_schedule(0.05),
+    "one_cycle_linear": lambda: optim.one_cycle_schedule(0.4, 60, pct_start=0.25, anneal_strategy="linear",
+                                                         div_factor=10.0, final_div_factor=100.0),
+    "one_cycle_cos": lambda: optim.one_cycle_schedule(0.1, 60, three_phase=True),
+    "cosine": lambda: optim.cosine_annealing_schedule(0.1, 20, 1e-3),
+    "step": lambda: optim.step_decay_schedule(0.1, 7, 0.5),
+    "multistep": lambda: optim.multistep_schedule(0.1, [5, 5, 30], 0.3),
+    "exponential": lambda: optim.exponential_schedule(0.1, 0.97),
+    "linear": lambda: optim.linear_schedule(0.1, 0.2, 1.0, 15),
+    "warmup_cosine": lambda: optim.warmup_cosine_schedule(0.2, 10, 40),
+    "constant": lambda: optim.constant_schedule(0.05),
 }
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_schedules_take_a_tensor_step_and_agree_with_the_integer_step(name):
-    schedule = SCHEDULES[name]
+    schedule = SCHEDULES[name]()
     t = torch.arange(0, 60)
     on_device = vmap(schedule)(t) if name != "constant" else torch.tensor([schedule(i) for i in t], **F64)
     for i in range(60):
@@ -151,7 +153,7 @@ def test_schedules_take_a_tensor_step_and_agree_with_the_integer_step(name):
 
 def test_a_schedule_inside_a_vmapped_sgd_step_reads_nothing_on_the_host():
     params, grads = _problem(1)
-    schedule = SCHEDULES["one_cycle_linear"]
+    schedule = SCHEDULES["one_cycle_linear"]()
     moms = [0.5, 0.9, 0.99]
     make = lambda mom: optim.sgd(schedule, momentum=mom, nesterov=True)   # noqa: E731
     runs = [_train(make, params, grads, m)[0] for m in moms]
@@ -179,3 +181,61 @@ def test_tensor_hyperparameters_are_validated_where_they_can_be_read():
         optim.sgd(0.1, momentum=torch.tensor(-0.5, **F64))
     with pytest.raises(TypeError, match="0-d floating tensor"):
         optim.sgd(torch.tensor([0.1, 0.2]))
+
+
+def test_float32_tensor_betas_give_the_bits_of_their_values_as_python_numbers():
+    # _as64 widens a beta to float64 before beta ** t: a float32 tensor beta must not keep
+    # float32 bias corrections.
+    def run(b1, b2):
+        params = {"w": torch.linspace(-1, 1, 12).reshape(3, 4)}
+        opt = optim.adam(1e-2, betas=(b1, b2))
+        state = opt.init(params)
+        for i in range(4):
+            updates, state = opt.update({"w": torch.sin(params["w"] * (i + 3))}, state, params)
+            params = optim.apply_updates(params, updates)
+        return params["w"]
+
+    b1, b2 = torch.tensor(0.9), torch.tensor(0.997)
+    assert torch.equal(run(b1, b2), run(float(b1), float(b2)))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "nesterov", "adam", "adamw", "adam_betas", "adamw_amsgrad_betas"])
+def test_donated_steps_with_tensor_hyperparameters_give_the_bits_of_pure_steps_with_numbers(kind):
+    # Eagerly, with donation, the tensor-hyperparameter paths of optim.base._leaf_op run in place
+    # (addcmul_ for a tensor alpha, addcdiv_ / addcmul_ for a tensor value): the same bits again.
+    def make(lr, mom, wd, b1, b2):
+        return {"sgd": lambda: optim.sgd(lr, momentum=mom, weight_decay=wd),
+                "nesterov": lambda: optim.sgd(lr, momentum=mom, nesterov=True, weight_decay=wd),
+                "adam": lambda: optim.adam(lr, weight_decay=wd),
+                "adamw": lambda: optim.adamw(lr, weight_decay=wd),
+                "adam_betas": lambda: optim.adam(lr, betas=(b1, b2), weight_decay=wd),
+                "adamw_amsgrad_betas": lambda: optim.adamw(lr, betas=(b1, b2), weight_decay=wd, amsgrad=True),
+                }[kind]()
+
+    numbers = (0.05, 0.9, 1e-2, 0.8, 0.99)
+    params, grads = _problem(5)
+    pure, donated = make(*numbers), make(*(torch.tensor(x, **F64) for x in numbers))
+    p_pure, s_pure = dict(params), pure.init(params)
+    p_don, s_don = {k: v.clone() for k, v in params.items()}, donated.init(params)
+    for g in grads:
+        p_pure, s_pure = optim.step(pure, g, s_pure, p_pure)
+        p_don, s_don = optim.step(donated, {k: v.clone() for k, v in g.items()}, s_don, p_don, donate=True)
+        assert all(torch.equal(p_pure[k], p_don[k]) for k in p_pure)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam_betas", "adamw_amsgrad_betas"])
+def test_a_pure_step_with_tensor_hyperparameters_modifies_none_of_its_arguments(kind):
+    h = [torch.tensor(x, **F64) for x in (0.05, 0.9, 1e-2, 0.8, 0.99)]
+    opt = {"sgd": lambda: optim.sgd(h[0], momentum=h[1], weight_decay=h[2]),
+           "adam_betas": lambda: optim.adam(h[0], betas=(h[3], h[4]), weight_decay=h[2]),
+           "adamw_amsgrad_betas": lambda: optim.adamw(h[0], betas=(h[3], h[4]), weight_decay=h[2], amsgrad=True),
+           }[kind]()
+    params, grads = _problem(6, steps=2)
+    state = opt.init(params)
+    for g in grads:
+        before = [t.clone() for t in torch.utils._pytree.tree_leaves((g, state, params))]
+        new_params, new_state = optim.step(opt, g, state, params)
+        updates, _ = opt.update(g, state, params)
+        after = torch.utils._pytree.tree_leaves((g, state, params))
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+        params, state = new_params, new_state

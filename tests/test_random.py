@@ -180,3 +180,131 @@ def test_bad_keys_and_seeds_are_refused():
         jr.split(jr.key(0), 0)
     with pytest.raises(TypeError, match="random.fold_in: expected an integer scalar"):
         jr.fold_in(jr.key(0), torch.tensor(1.0))
+
+
+# ----------------------------------------------------------------------------- formulas and arguments
+# Each sampler against the formula its docstring states, bit for bit, so that a changed default,
+# a dropped dtype, device or offset, or a changed branch boundary shows (mutation testing,
+# docs/testing.md "Mutation score").
+
+def _box_muller(key, n, work):
+    k1, k2 = jr.split(key)
+    pairs = (n + 1) // 2
+    u1, u2 = jr.uniform(k1, (pairs,), dtype=work), jr.uniform(k2, (pairs,), dtype=work)
+    radius, angle = torch.sqrt(-2.0 * torch.log1p(-u1)), 2.0 * math.pi * u2
+    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]
+
+
+@settings(deadline=None, max_examples=15)
+@given(seed=seeds, shape=shapes, dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+       mean=st.floats(-3, 3), std=st.floats(0.1, 3))
+def test_normal_is_box_muller_of_two_split_uniforms_in_the_working_precision(seed, shape, dtype, mean, std):
+    key = jr.key(seed)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    z = _box_muller(key, math.prod(shape), work)
+    got = jr.normal(key, shape, dtype=dtype, mean=mean, std=std)
+    assert got.dtype == dtype and got.shape == shape
+    assert torch.equal(got, (z * std + mean).to(dtype).reshape(shape))
+    assert torch.equal(jr.normal(key, shape, dtype=dtype), z.to(dtype).reshape(shape))  # defaults: N(0, 1)
+
+
+@settings(deadline=None, max_examples=15)
+@given(seed=seeds, shape=shapes, dtype=st.sampled_from([torch.float64, torch.float32]),
+       lower=st.floats(-3, 0.5), width=st.floats(0.01, 4))
+def test_truncated_normal_is_the_inverse_cdf_of_a_float64_uniform(seed, shape, dtype, lower, width):
+    key, upper = jr.key(seed), lower + width
+    cdf = lambda t: 0.5 * (1.0 + math.erf(t / math.sqrt(2.0)))  # noqa: E731
+    u = jr.uniform(key, shape, dtype=torch.float64)
+    z = math.sqrt(2.0) * torch.erfinv(2.0 * (cdf(lower) + u * (cdf(upper) - cdf(lower))) - 1.0)
+    got = jr.truncated_normal(key, shape, lower=lower, upper=upper, dtype=dtype)
+    assert got.dtype == dtype and got.shape == shape
+    assert torch.equal(got, z.clamp(lower, upper).to(dtype))
+    assert torch.equal(jr.truncated_normal(key, shape, dtype=dtype),
+                       jr.truncated_normal(key, shape, lower=-2.0, upper=2.0, dtype=dtype))
+
+
+def test_truncated_normal_of_a_one_point_interval_is_exactly_that_point():
+    # sqrt(2) erfinv(2 cdf(t) - 1) rounds to either side of t: the clamp makes it t exactly.
+    for t in torch.linspace(-1.9, 1.9, 39, dtype=torch.float64).tolist():
+        got = jr.truncated_normal(jr.key(0), (4,), lower=t, upper=t, dtype=torch.float64)
+        assert torch.equal(got, torch.full((4,), t, dtype=torch.float64)), t
+
+
+@settings(deadline=None, max_examples=30)
+@given(seed=seeds, shape=shapes, low=st.integers(-1000, 1000), offset=st.integers(0, 50),
+       span=st.one_of(st.integers(1, 100), st.sampled_from([2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1, 2**32]),
+                      st.integers(1, 2**32)))
+def test_randint_is_multiply_shift_up_to_2_31_and_modulo_above_of_the_same_words(seed, shape, low, offset, span):
+    key = jr.key(seed)
+    words = jr.bits(key, shape, offset=offset)
+    want = ((words * span) >> 32) + low if span <= 2**31 else (words % span) + low
+    assert torch.equal(jr.randint(key, shape, low, low + span, offset=offset), want)
+    assert torch.equal(jr.randint(key, shape, low, low + span), jr.randint(key, shape, low, low + span, offset=0))
+
+
+def test_randint_refuses_an_empty_range_and_a_range_beyond_2_32():
+    k = jr.key(0)
+    with pytest.raises(ValueError, match=r"random.randint: expected low < high, got \[3, 3\)"):
+        jr.randint(k, (2,), 3, 3)
+    with pytest.raises(ValueError, match=r"random.randint: range must be at most 2\*\*32, got 4294967297"):
+        jr.randint(k, (2,), 0, 2**32 + 1)
+    assert torch.equal(jr.randint(k, (5,), 0, 2**32), jr.bits(k, (5,)))   # 2**32 itself is allowed
+
+
+def test_randint_of_a_2_31_range_is_the_top_31_bits_and_above_it_the_remainder():
+    k = jr.key(12)
+    words = jr.bits(k, (64,))
+    assert torch.equal(jr.randint(k, (64,), 0, 2**31), words >> 1)   # multiply-shift up to 2**31 included
+    assert torch.equal(jr.randint(k, (64,), 5, 5 + 2**31 + 1), words % (2**31 + 1) + 5)
+
+
+@pytest.mark.parametrize("sample", [
+    lambda k, d: jr.normal(k, (3, 2), device=d), lambda k, d: jr.normal(k, (3,), dtype=torch.float64, device=d),
+    lambda k, d: jr.truncated_normal(k, (3,), device=d), lambda k, d: jr.randint(k, (3,), 0, 5, device=d),
+    lambda k, d: jr.permutation(k, 5, device=d)], ids=["normal", "normal64", "truncated_normal", "randint",
+                                                      "permutation"])
+def test_every_sampler_puts_its_numbers_on_the_requested_device(sample):
+    assert sample(jr.key(8), "meta").device.type == "meta"
+
+
+def test_permutation_is_the_argsort_of_the_keys_words():
+    k = jr.key(11)
+    assert torch.equal(jr.permutation(k, 257), torch.argsort(jr.bits(k, (257,)), stable=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8, torch.int64])
+def test_fold_in_of_an_integer_tensor_equals_fold_in_of_its_python_value(dtype):
+    k = jr.key(4)
+    for v in ([-5, -1, 0, 7, 100] if dtype != torch.uint8 else [0, 7, 200, 255]):
+        assert torch.equal(jr.fold_in(k, torch.tensor(v, dtype=dtype)), jr.fold_in(k, v)), (dtype, v)
+
+
+def test_fold_in_refuses_bools_floats_vectors_and_bad_keys_naming_itself():
+    k = jr.key(0)
+    with pytest.raises(TypeError, match="random.fold_in: expected an int, got bool"):
+        jr.fold_in(k, True)
+    with pytest.raises(TypeError, match="random.fold_in: expected an int, got float"):
+        jr.fold_in(k, 1.5)
+    with pytest.raises(TypeError, match=r"random.fold_in: expected an integer scalar, got torch.int64 tensor "
+                                        r"of shape \(2,\)"):
+        jr.fold_in(k, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="random.fold_in: expected a random key"):
+        jr.fold_in(torch.zeros(3, dtype=torch.int64), 1)
+    with pytest.raises(TypeError, match="random.normal: expected a floating dtype, got torch.int64"):
+        jr.normal(k, (2,), dtype=torch.int64)
+
+
+def test_the_streams_are_fixed_known_answers_for_key_split_fold_in_and_bits():
+    # A saved run replays its dropout masks and data order only if the generator never changes:
+    # these words pin the hash, the domain separators and which key word goes where.
+    k = jr.key(2026)
+    assert k.tolist() == [3948203504, 3956555240]
+    assert jr.fold_in(k, 7).tolist() == [2904715508, 279548008]
+    assert jr.fold_in(k, 2**32 + 7).tolist() == [2904715508, 279548008]   # data modulo 2**32
+    assert jr.split(k, 2).tolist() == [[2138590413, 3400565648], [2421630477, 294685074]]
+    assert jr.bits(k, (3,)).tolist() == [3529247404, 153677777, 3184669356]
+
+
+def test_fold_in_keeps_the_keys_device():
+    assert jr.fold_in(jr.key(3, device="meta"), 5).device.type == "meta"
+    assert jr.fold_in(jr.key(3, device="meta"), torch.tensor(5, device="meta")).device.type == "meta"
