@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from . import _checks as C
 from ._impl import resolve
+from ._members import member_max_pool2d
 
 
 def _pool_out_size(size, k, s, p, d, ceil_mode):
@@ -76,8 +77,8 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
                              f"padding only along the {axis} (kernel_size={kernel_size!r}, "
                              f"dilation={dilation!r}, padding={padding!r}) for input {C.shape_str(x)}")
 
-    if impl == "fast":
-        return F.max_pool2d(x, kernel, stride_, pad, dil, ceil_mode)
+    if impl == "fast":   # F.max_pool2d; the members side by side under an ensemble's vmap (_members.py)
+        return member_max_pool2d(x, kernel, stride_, pad, dil, ceil_mode)
     if x.dim() == 3:
         y, _ = ExplicitMaxPool2d.apply(x.unsqueeze(0), kernel, stride_, pad, dil, tuple(out))
         return y.squeeze(0)

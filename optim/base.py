@@ -183,7 +183,13 @@ class Mode(NamedTuple):
 def is_traced(x) -> bool:
     """True for a tensor wrapped by a torch.func transform (``vmap``, ``grad``, ...): its value
     cannot be read on the host (no ``int(x)``, no ``float(x)``) and foreach ops have no batching
-    rule for it."""
+    rule for it.
+
+    Under ``torch.compile`` every tensor is a traced value (a host read would break the graph),
+    so every tensor answers True there: the step takes its tensor path, which is bit-identical
+    to the host path (docs/optim.md), and dynamo never meets the functorch introspection."""
+    if torch.compiler.is_compiling():
+        return isinstance(x, torch.Tensor)
     return isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 

@@ -207,8 +207,10 @@ def vmapped(make: Callable[..., GradientTransformation], *, flat: bool = False,
         ok = _member_finite(g, members) & _member_finite(new_p, members)
         ok = ok & ~state.diverged.to(ok.device)
         # One host read a step: while every member is finite (the usual case) the new values
-        # are taken as they are, and the freezing pass over every leaf is skipped.
-        if not bool(ok.all()):
+        # are taken as they are, and the freezing pass over every leaf is skipped. Compiled, the
+        # freeze always runs (no host read in the graph; where every member is finite it
+        # returns the new values).
+        if torch.compiler.is_compiling() or not bool(ok.all()):
             new_p, new_inner = freeze(new_p, p, ok), freeze(new_inner, inner, ok)
         if layout is not None and layout.usable:
             new_p, new_inner = layout.unpack((new_p, new_inner))

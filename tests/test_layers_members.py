@@ -209,3 +209,87 @@ def test_members_of_batched_images_run_one_grouped_convolution_not_one_per_membe
     xs, ws = torch.randn(3, 2, 4, 5, 5, dtype=D), torch.randn(3, 6, 4, 3, 3, dtype=D)
     vmap(lambda x, w: layers._members.member_conv2d(x, w, None, 1, 1, 1, 1))(xs, ws)
     assert len(calls) == 1
+
+
+# ---- max pooling over members: bit-identical to pooling each member alone ----------------------
+
+@st.composite
+def pool_cases(draw):
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dilation = draw(st.sampled_from([1, 2]))
+    padding = (draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2)))
+    return dict(k=draw(st.integers(1, 4)), n=draw(st.integers(1, 3)), c=draw(st.integers(1, 5)),
+                size=draw(st.integers(5, 8)), kernel=(kh, kw), padding=padding,
+                stride=(draw(st.integers(1, 3)), draw(st.integers(1, 3))), dilation=(dilation, dilation),
+                ceil_mode=draw(st.booleans()), member_dim=draw(st.sampled_from([0, 1, 2])),
+                channels_last=draw(st.booleans()), ties=draw(st.booleans()),
+                dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def pool_input(case):
+    """``(K, N, C, H, W)`` members' activations, as a view with the member dimension at
+    ``member_dim`` and, if asked, each member's images channels-last; small integers make ties."""
+    g = torch.Generator().manual_seed(case["seed"])
+    shape = (case["k"], case["n"], case["c"], case["size"], case["size"])
+    x = (torch.randint(-2, 3, shape, generator=g) if case["ties"] else torch.randn(shape, generator=g))
+    x = x.to(case["dtype"]).movedim(0, case["member_dim"])
+    if case["channels_last"]:   # (N, K*C, H, W) channels-last, as a member convolution's output
+        x = x.movedim(case["member_dim"], 1).flatten(1, 2).contiguous(memory_format=torch.channels_last)
+        x = x.unflatten(1, (case["k"], case["c"])).movedim(1, case["member_dim"])
+    return x
+
+
+@settings(deadline=None, max_examples=30)
+@given(case=pool_cases())
+def test_member_max_pool_gives_each_members_own_pooling_and_gradient_bit_for_bit(case):
+    # A max picks one input value and its gradient goes to that one input: no arithmetic that
+    # could round differently, so the comparison is exact (torch.equal), ties included.
+    x, md = pool_input(case), case["member_dim"]
+    conf = (case["kernel"], case["stride"], case["padding"], case["dilation"], case["ceil_mode"])
+    pool = lambda t: layers.max_pool2d(t, *conf, impl="fast")   # noqa: E731
+    y, vjp = torch.func.vjp(vmap(pool, in_dims=md), x)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(case["seed"])).to(y.dtype)
+    (dx,) = vjp(dy)
+    members = x.movedim(md, 0)
+    want = torch.stack([F.max_pool2d(m, *conf) for m in members])
+    want_dx = torch.stack([torch.func.vjp(lambda t: F.max_pool2d(t, *conf), m)[1](d)[0]
+                           for m, d in zip(members, dy)]).movedim(0, md)
+    assert y.dtype == want.dtype and torch.equal(y, want)
+    assert dx.shape == x.shape and torch.equal(dx, want_dx)
+
+
+def test_member_max_pool_runs_one_pooling_of_the_members_side_by_side_channels_last(monkeypatch):
+    # the point of the rule (module docstring): one pooling over (N, K*C, H, W) channels-last,
+    # no copy of a member convolution's output, and the result a view with the members at 1
+    seen = []
+    real = torch.ops.aten.max_pool2d_with_indices
+    monkeypatch.setattr(layers._members.torch.ops.aten, "max_pool2d_with_indices",
+                        lambda x, *a: seen.append(x) or real(x, *a), raising=False)
+    conv_out = torch.randn(2, 3 * 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    xs = conv_out.unflatten(1, (3, 4)).movedim(1, 0)     # (K=3, N=2, C=4, 6, 6) members at 0
+    y = vmap(lambda t: layers.max_pool2d(t, 2, impl="fast"))(xs)
+    assert len(seen) == 1 and seen[0].shape == (2, 12, 6, 6)
+    assert seen[0].data_ptr() == conv_out.data_ptr()     # the convolution's output, not a copy
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert y.shape == (3, 2, 4, 3, 3)
+
+
+def test_member_max_pool_of_one_image_per_member_pools_the_members_as_a_batch():
+    # (C, H, W) per member: the members are the batch of one pooling, members first
+    x = torch.randn(3, 4, 7, 6, dtype=D)
+    conf = ((2, 3), (1, 2), (1, 1), (1, 1), True)
+    got = vmap(lambda t: layers._members.member_max_pool2d(t, *conf), in_dims=1)(x.movedim(0, 1))
+    assert torch.equal(got, torch.stack([F.max_pool2d(m, *conf) for m in x]))
+
+
+def test_member_max_pool_outside_vmap_and_its_function_are_f_max_pool2d_forward_and_backward():
+    x = torch.randn(2, 3, 7, 7, dtype=D, requires_grad=True)
+    conf = ((3, 2), (2, 1), (1, 1), (2, 1), True)
+    y = layers._members.member_max_pool2d(x, *conf)
+    y2, idx = layers._members._MemberMaxPool2d.apply(x, *conf)
+    want = F.max_pool2d(x, *conf)
+    dy = torch.randn(want.shape, dtype=D)
+    assert torch.equal(y, want) and torch.equal(y2, want) and not idx.requires_grad
+    (g,), (g2,), (gw,) = (torch.autograd.grad(t, x, dy) for t in (y, y2, want))
+    assert torch.equal(g, gw) and torch.equal(g2, gw)

@@ -351,6 +351,29 @@ def test_run_keys_are_distinct_and_depend_on_the_seed():
     assert not torch.equal(a.train, b.train)
 
 
+@settings(max_examples=15, deadline=None)
+@given(seeds=st.lists(st.integers(0, 2**40), min_size=1, max_size=4), epoch=st.integers(0, 2**33),
+       steps=st.integers(1, 9), members=st.booleans())
+def test_an_epochs_step_keys_drawn_at_once_are_the_bits_of_each_steps_own(seeds, epoch, steps, members):
+    # the trainer draws an epoch's keys in one vmapped pass (keys.epoch_step_keys); every draw
+    # of a run must stay a function of (seed, epoch, step) alone, so the bits must be the same
+    from experiments.train.keys import epoch_step_keys, step_keys
+    keys = [trainer.run_keys(s).train for s in seeds]
+    if members:
+        got = epoch_step_keys(torch.stack(keys), epoch, steps)
+        assert got.augment.shape == got.dropout.shape == (steps, len(keys), 2)
+        for s in range(steps):
+            for k, key in enumerate(keys):
+                want = step_keys(key, epoch, s)
+                assert torch.equal(got.augment[s, k], want.augment) and torch.equal(got.dropout[s, k], want.dropout)
+    else:
+        got = epoch_step_keys(keys[0], epoch, steps)
+        assert got.augment.shape == got.dropout.shape == (steps, 2)
+        for s in range(steps):
+            want = step_keys(keys[0], epoch, s)
+            assert torch.equal(got.augment[s], want.augment) and torch.equal(got.dropout[s], want.dropout)
+
+
 # --------------------------------------------------------------------------------------------
 # Progress bar and devices
 

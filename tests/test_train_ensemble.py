@@ -152,3 +152,29 @@ def test_an_ensemble_steps_under_bf16_autocast_and_channels_last():
     x, y = torch.randn(6, 3, 8, 8), torch.arange(6) % 3
     params, state, opt_state, metrics = step(params, state, opt_k.init(params), (x, y), keys)
     assert metrics["loss"].shape == (2,) and torch.isfinite(metrics["loss"]).all()
+
+
+def test_the_ensemble_step_compiled_apply_traces_as_one_graph_and_equals_eager():
+    # torch.compile of the whole step, the vmapped optimizer inside: the functorch introspection
+    # (optim.base.is_traced, layers._members.is_batched) and the divergence test's host read
+    # must not break the graph (fullgraph: a break is an error). aot_eager runs the traced
+    # graph without inductor; torch's batching rules replace the member rules there, so the
+    # members agree with the eager step up to float64 reassociation.
+    net_k, opt_k, loss_k = trainer.ensemble_parts(
+        tiny_net(), lambda lr, momentum: optim.sgd(lr, momentum=momentum, nesterov=True),
+        {"lr": [0.05, 0.01], "momentum": [0.9, 0.5]}, layers.cross_entropy, flat=True)
+    keys = torch.stack([trainer.run_keys(s).init for s in (1, 2)])
+    params, state = net_k.init(keys, dtype=F64)
+    opt_state = opt_k.init(params)
+    data = tiny_data(0, n=12)
+    batch = (PREPARE(data.images), data.labels)
+    step = trainer.make_step(net_k, opt_k, loss_k)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got = compiled(params, state, opt_state, batch, torch.stack([layers.random.key(7), layers.random.key(8)]))
+    want = step(params, state, opt_state, batch, torch.stack([layers.random.key(7), layers.random.key(8)]))
+    for a, b in zip(pytree.tree_leaves(got), pytree.tree_leaves(want)):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        else:
+            assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))

@@ -23,7 +23,7 @@ import torch
 from layers import random as jr
 
 __all__ = ["INIT", "SPLIT", "TRAIN", "PERMUTE", "STEP", "AUGMENT", "DROPOUT", "RunKeys", "run_keys",
-           "StepKeys", "epoch_order", "step_keys"]
+           "StepKeys", "epoch_order", "step_keys", "epoch_step_keys"]
 
 # Purposes folded into the root key.
 INIT, SPLIT, TRAIN = 0, 1, 2
@@ -63,3 +63,19 @@ def step_keys(train_key: torch.Tensor, epoch: int, step: int) -> StepKeys:
     """:class:`StepKeys` of step ``step`` (0-based, within the epoch) of epoch ``epoch``."""
     sk = jr.fold_in(jr.fold_in(jr.fold_in(train_key, epoch), STEP), step)
     return StepKeys(jr.fold_in(sk, AUGMENT), jr.fold_in(sk, DROPOUT))
+
+
+def epoch_step_keys(train_key: torch.Tensor, epoch: int, steps: int) -> StepKeys:
+    """:func:`step_keys` of steps ``0 .. steps - 1`` of epoch ``epoch`` at once, the same bits:
+    ``(steps, 2)`` each for one ``(2,)`` key, ``(steps, K, 2)`` for members' ``(K, 2)`` keys.
+
+    ``fold_in`` is elementwise integer arithmetic on the key's words, so ``vmap`` over the step
+    (and the member) runs each of its operations once for the whole epoch, where a call per
+    step and member runs them ``steps * K`` times: about 150 small operations a step and member,
+    which at K = 15 cost the tutorial net's ensemble step about a seventh of its time."""
+    def one(key, step):
+        return tuple(step_keys(key, epoch, step))
+    if train_key.dim() == 2:   # members: one row each
+        one = torch.func.vmap(one, in_dims=(0, None))
+    augment, dropout = torch.func.vmap(one, in_dims=(None, 0))(train_key, torch.arange(steps))
+    return StepKeys(augment, dropout)

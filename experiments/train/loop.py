@@ -273,7 +273,7 @@ class _Loop:
             idx = order[..., s * bs:(s + 1) * bs]
             size = idx.shape[-1]
             idx = idx if self.parallel is None else self.parallel.local(idx)
-            sk = m.step_keys(epoch, s)
+            sk = m.step_keys(epoch, s, self.steps_per_epoch)
             lr_now = _current_lr(self.trees[2])
             watch = self.telemetry is not None and self.telemetry.due(epoch * self.steps_per_epoch + s)
             # A step that donates its trees must not stop half-way: Ctrl-C waits for the step.

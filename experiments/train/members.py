@@ -37,6 +37,7 @@ class Members:
             self.train_key = (torch.stack([k.train for k in self.keys]) if train_key is None
                               else train_key)
         self.own_order = bool(getattr(settings, "member_data_order", False))
+        self._epoch_keys = None   # ((epoch, steps), StepKeys of every step of that epoch)
 
     def _member_keys(self) -> list[torch.Tensor]:
         return list(self.train_key)
@@ -49,12 +50,14 @@ class Members:
             return torch.stack([K.epoch_order(k, epoch, n) for k in self._member_keys()]).to(device)
         return K.epoch_order(self.train_key[0], epoch, n).to(device)
 
-    def step_keys(self, epoch: int, step: int) -> K.StepKeys:
-        """The step's keys: ``(2,)`` each, or ``(K, 2)`` (one row per member)."""
-        if self.count is None:
-            return K.step_keys(self.train_key, epoch, step)
-        per = [K.step_keys(k, epoch, step) for k in self._member_keys()]
-        return K.StepKeys(torch.stack([p.augment for p in per]), torch.stack([p.dropout for p in per]))
+    def step_keys(self, epoch: int, step: int, steps: int) -> K.StepKeys:
+        """The step's keys: ``(2,)`` each, or ``(K, 2)`` (one row per member), of an epoch of
+        ``steps`` steps. The whole epoch's keys are drawn at its first step asked for
+        (:func:`~experiments.train.keys.epoch_step_keys`) and kept until the next epoch."""
+        if self._epoch_keys is None or self._epoch_keys[0] != (epoch, steps):
+            self._epoch_keys = ((epoch, steps), K.epoch_step_keys(self.train_key, epoch, steps))
+        keys = self._epoch_keys[1]
+        return K.StepKeys(keys.augment[step], keys.dropout[step])
 
     def inputs(self, net_input: Callable, images: torch.Tensor, idx: torch.Tensor,
                augment_keys: torch.Tensor, *, random: bool = True) -> torch.Tensor:
