@@ -1,5 +1,5 @@
-"""Convolution and max pooling over ensemble members: one channels-last grouped operation under
-``torch.func.vmap``.
+"""Convolution, max pooling and batch norm over ensemble members: one operation over the members
+side by side under ``torch.func.vmap``.
 
 When ``vmap`` maps a convolution whose input *and* weight both carry the member dimension
 (K members of ``nets.ensemble``, each with its own activations and filters), torch's batching
@@ -27,15 +27,23 @@ Max pooling between such convolutions has the same problem the other way round: 
 moves the member dimension to the front and pools ``(K*N, C, H, W)`` in NCHW, a copy of the
 channels-last convolution output and a kernel that runs over a few channels at a time.
 :func:`member_max_pool2d` pools the ``(N, K*C, H, W)`` channels-last view itself (each pixel's
-K*C values side by side) and hands back ``(N, K, C, Ho, Wo)`` as a view: 4.6-29x faster forward
-and backward for the tutorial net's pools at K = 2 to 16 (docs/performance.md, "Ensembles"). A
+K*C values side by side) and hands back ``(N, K, C, Ho, Wo)`` as a view: on a member
+convolution's channels-last output 4.6-29x faster forward and backward than torch's rule for the
+tutorial net's pool shapes at K = 2 to 16 (docs/performance.md, "Ensembles"). A
 max picks one of its window's values, so the result is bit-identical to pooling each member
 alone, ties included (the first maximum in window order, as torch's kernels).
+
+Batch norm likewise: torch's rule normalises without the affine transform, then scales and
+shifts a permuted copy (two more passes, and their backward). :func:`member_batch_norm` runs one
+``native_batch_norm`` over the ``(N, K*C, ...)`` view with the members' weights, biases and
+running statistics side by side: each channel's statistics are over one member's (N, H, W)
+values, as in its own batch norm (float64: ~1e-16 relative, another order of summation). It
+returns the running statistics instead of writing into them (the functional layer's contract).
 """
 import torch
 import torch.nn.functional as F
 
-__all__ = ["member_conv2d", "member_max_pool2d", "is_batched"]
+__all__ = ["member_conv2d", "member_max_pool2d", "member_batch_norm", "is_batched"]
 
 
 def is_batched(t) -> bool:
@@ -168,3 +176,88 @@ def member_max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode):
     if is_batched(x):
         return _MemberMaxPool2d.apply(x, kernel_size, stride, padding, dilation, ceil_mode)[0]
     return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def _copies(training, *stats):
+    """The running statistics a batch norm may write into: copies where it trains (it updates
+    them in place), the tensors themselves in eval (only read)."""
+    if not training:
+        return stats
+    return tuple(None if t is None else t.clone() for t in stats)
+
+
+class _MemberBatchNorm(torch.autograd.Function):
+    """``F.batch_norm`` on copies of the running statistics, returned, with a member-grouped
+    vmap rule (module docstring). Its own forward and backward only run where it is called
+    outside ``vmap``, which :func:`member_batch_norm` never does; they are
+    ``aten.native_batch_norm`` and its backward all the same. Outputs ``(y, running_mean,
+    running_var, save_mean, save_invstd)``, all but ``y`` non-differentiable (the last two are
+    what the backward needs, returned so that ``setup_context`` can save them)."""
+
+    @staticmethod
+    def forward(x, weight, bias, running_mean, running_var, training, momentum, eps):
+        running_mean, running_var = _copies(training, running_mean, running_var)
+        y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+            x, weight, bias, running_mean, running_var, training, momentum, eps)
+        if not training:   # the buffers themselves, as views (a Function cannot return an input)
+            running_mean, running_var = (t if t is None else t.view_as(t) for t in (running_mean, running_var))
+        return y, running_mean, running_var, save_mean, save_invstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, running_mean, running_var, training, _, eps = inputs
+        _, new_mean, new_var, save_mean, save_invstd = output
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        ctx.save_for_backward(x, weight, running_mean, running_var, save_mean, save_invstd)
+        ctx.conf = (training, eps)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        x, weight, running_mean, running_var, save_mean, save_invstd = ctx.saved_tensors
+        training, eps = ctx.conf
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                weight is not None and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, running_mean, running_var, save_mean, save_invstd, training, eps, mask)
+        return gx, gw, gb, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, running_mean, running_var, training, momentum, eps):
+        # (N, K*C, ...): the members' channels side by side, a view in the layout the values
+        # have (channels-last after a member convolution); each channel's statistics are one
+        # member's, over the same (N, H, W) values as the member's own batch norm
+        members = info.batch_size
+        x = x.movedim(in_dims[0], 1)
+        n, _, c = x.shape[:3]
+        x = x.reshape(n, members * c, *x.shape[3:])
+
+        def side_by_side(t, dim):
+            if t is None:
+                return None
+            return t.movedim(dim, 0).reshape(-1) if dim is not None else t.repeat(members)
+        weight, bias, running_mean, running_var = (
+            side_by_side(t, d) for t, d in zip((weight, bias, running_mean, running_var), in_dims[1:5]))
+        running_mean, running_var = _copies(training, running_mean, running_var)
+        y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+            x, weight, bias, running_mean, running_var, training, momentum, eps)
+
+        def per_member(t):   # None, or eval's empty save_mean / save_invstd: not per member
+            return (t, None) if t is None or t.numel() == 0 else (t.view(members, c), 0)
+        outs = [per_member(t) for t in (running_mean, running_var, save_mean, save_invstd)]
+        return ((y.unflatten(1, (members, c)), *(t for t, _ in outs)), (1, *(d for _, d in outs)))
+
+
+def member_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    """``F.batch_norm(x, ...)`` without writing into the running statistics:
+    ``(y, new_running_mean, new_running_var)`` (copies, updated where ``training``; None where
+    none were given). Under ``vmap`` with ``x`` batched it is one batch norm of the members'
+    channels side by side (module docstring); a statistic or affine parameter given unbatched is
+    every member's (so unbatched running buffers come back one per member, where torch's rule
+    refuses to update them in place). Otherwise ``F.batch_norm`` on copies."""
+    if is_batched(x) and x.dim() >= 2 and (running_mean is None) == (running_var is None):
+        y, new_mean, new_var, _, _ = _MemberBatchNorm.apply(
+            x, weight, bias, running_mean, running_var, training, momentum, eps)
+        return y, new_mean, new_var
+    running_mean, running_var = _copies(training, running_mean, running_var)
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    return y, running_mean, running_var

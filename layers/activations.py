@@ -11,7 +11,7 @@ from ._impl import resolve
 def relu(x, *, impl=None):
     """``max(x, 0)``, as ``torch.relu``: gradient 1 where ``x > 0`` and 0 elsewhere, 0 at ``x = 0``.
 
-    Shapes: any -> same. NaN stays NaN.
+    Shapes: any -> same. NaN stays NaN, and ``-0.0`` stays ``-0.0`` (bit for bit as torch.relu).
     """
     where = "relu"
     impl = resolve(impl, where)
@@ -22,20 +22,24 @@ def relu(x, *, impl=None):
 
 
 class ExplicitReLU(torch.autograd.Function):
-    """``relu``'s explicit formulation, ``where(x <= 0, 0, x)``, with its backward written out.
+    """``relu``'s explicit formulation, ``where(x < 0, 0, x)``, with its backward written out.
 
         dx = where(y <= 0, 0, dy)
 
     ``y > 0`` exactly where ``x > 0``, so the saved output decides (as torch's
     ``threshold_backward``, which lets the input be freed): the gradient is 0 at ``x = 0``, and a
     NaN input (``NaN <= 0`` is false) passes ``dy`` through.
+
+    The forward keeps ``x`` where ``x = 0`` (``x < 0``, not ``x <= 0``): ``-0.0`` stays ``-0.0``
+    as in torch.relu, so the two agree bit for bit, sign of zero included.
     """
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x):
         # Select rather than clamp: clamp's gradient at the boundary is 1, torch.relu's is 0.
-        return torch.where(x <= 0, torch.zeros((), dtype=x.dtype, device=x.device), x)
+        # x < 0, not x <= 0: at x = -0.0 torch.relu returns x itself, sign included.
+        return torch.where(x < 0, torch.zeros((), dtype=x.dtype, device=x.device), x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

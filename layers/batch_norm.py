@@ -1,10 +1,10 @@
 """Batch normalisation over ``(N, C)``, ``(N, C, L)`` and ``(N, C, H, W)``, state passed in and out."""
 import torch
-import torch.nn.functional as F
 
 from . import _checks as C
 from . import parallel
 from ._impl import resolve
+from ._members import member_batch_norm
 
 STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
 PARAM_KEYS = ("weight", "bias")
@@ -129,28 +129,26 @@ def batch_norm(params, state, x, *, train, momentum=0.1, eps=1e-5, impl=None):
 
 
 def _fast(weight, bias, state, x, train, update, momentum, eps):
+    # member_batch_norm is F.batch_norm writing into copies of the running buffers, which it
+    # returns (one batch norm of the members side by side under an ensemble's vmap, _members.py)
     if not train and state:
-        y = F.batch_norm(x, state["running_mean"], state["running_var"], weight, bias,
-                         training=False, eps=eps)
+        y, _, _ = member_batch_norm(x, state["running_mean"], state["running_var"], weight, bias,
+                                    False, 0.0, eps)
         return y, state
     if not update:
-        return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps), state
+        return member_batch_norm(x, None, None, weight, bias, True, 0.0, eps)[0], state
     count = state["num_batches_tracked"] + 1
     if momentum is not None:
-        # F.batch_norm updates the running buffers in place: give it copies, return the copies.
-        running_mean = state["running_mean"].clone()
-        running_var = state["running_var"].clone()
-        y = F.batch_norm(x, running_mean, running_var, weight, bias, training=True,
-                         momentum=momentum, eps=eps)
+        y, running_mean, running_var = member_batch_norm(
+            x, state["running_mean"], state["running_var"], weight, bias, True, momentum, eps)
         return y, {"running_mean": running_mean, "running_var": running_var,
                    "num_batches_tracked": count}
     # momentum=None weights the batch by 1 / count, a tensor that F.batch_norm cannot take. Give
     # it zero buffers and momentum 1 so they come back holding exactly this batch's mean and
     # unbiased variance, then apply the running update functionally.
     stats = state["running_mean"]
-    batch_mean = torch.zeros(x.shape[1], dtype=stats.dtype, device=stats.device)
-    batch_var = torch.zeros_like(batch_mean)
-    y = F.batch_norm(x, batch_mean, batch_var, weight, bias, training=True, momentum=1.0, eps=eps)
+    zeros = torch.zeros(x.shape[1], dtype=stats.dtype, device=stats.device)
+    y, batch_mean, batch_var = member_batch_norm(x, zeros, zeros, weight, bias, True, 1.0, eps)
     return y, _updated_state(state, batch_mean, batch_var, momentum)
 
 

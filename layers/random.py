@@ -208,7 +208,8 @@ def bernoulli(key: Key, p: Union[float, torch.Tensor], shape: Shape,
         words = bits(key, shape, device=device, offset=offset)
         if isinstance(p, (int, float)):
             return words < round(p * 4294967296.0)
-        return words.to(torch.float64) < (p * 4294967296.0)
+        # In float64, as at 16 bits: p * 2**32 in float16 overflows to inf (every draw True).
+        return words.to(torch.float64) < (p.to(torch.float64) * 4294967296.0)
     shape, device, n = _request("random.bernoulli", key, shape, device, 2**33,
                                 "2**33 draws at 16 bits", offset)
     if isinstance(p, (int, float)):

@@ -2,7 +2,7 @@
 each runs its own backward."""
 import pytest
 import torch
-from torch.func import grad
+from torch.func import grad, vjp
 
 import layers
 from layers.testing import activation_cases, check_layer, fixed_tolerance
@@ -90,3 +90,19 @@ def test_explicit_relu_keeps_the_inputs_dtype_and_equals_torch_relu(dtype):
     x = torch.tensor([3, -2, 0, 1, -7]).to(dtype)
     y = layers.relu(x, impl="explicit")
     assert y.dtype == dtype and torch.equal(y, torch.relu(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_explicit_relu_equals_torch_relu_bit_for_bit_sign_of_zero_included(dtype):
+    # torch.relu keeps -0.0 (it returns x where x is not below 0): a select on x <= 0 would give
+    # +0.0. Compared bit for bit: values (NaN where NaN) and the sign bit, forward and backward.
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([-0.0, 0.0, -1.0, 2.0, -inf, inf, nan, -1e-30, 1e-30, -0.0], dtype=dtype)
+    cotangent = torch.tensor([1.0, -1.0, 2.0, -0.0, 3.0, -2.0, 5.0, 1.0, -0.0, -0.0], dtype=dtype)
+    (y, pull), (want, pull_want) = (vjp(lambda x: layers.relu(x, impl=impl), x) for impl in ("explicit", "fast"))
+    dx, dx_want = pull(cotangent)[0], pull_want(cotangent)[0]
+    for got, ref in ((y, want), (dx, dx_want)):
+        assert got.dtype == ref.dtype
+        torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(got.signbit(), ref.signbit()), (got, ref)
+    assert want[0].signbit() and not y[1].signbit()       # the property is not vacuous

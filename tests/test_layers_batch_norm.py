@@ -1,8 +1,10 @@
 """batch_norm: torch.nn.BatchNorm{1,2}d parity (output, gradients, running stats) and the
 equinox-style properties (stats move in training, stay bit-identical in eval, formula by hand)."""
+import importlib
+
 import pytest
 import torch
-from torch.func import grad
+from torch.func import grad, vjp
 
 import layers
 from layers.testing import batch_norm_cases, check_layer, fixed_tolerance
@@ -208,3 +210,52 @@ def test_synced_batch_norm_of_one_process_has_batch_norms_gradients(seed, moment
     torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
     for k in rp:
         torch.testing.assert_close(gp[k], rp[k], rtol=1e-12, atol=1e-12)
+
+
+# ExplicitBatchNormTrain on its own: its mean and var outputs are differentiable (batch_norm
+# detaches them for the running update, so only a direct caller sends them a gradient).
+
+def _bn_train_by_formula(x, weight, bias, eps):
+    """``(y, mean, var)`` of batch statistics in plain torch ops: the reference for autograd."""
+    axes, per_channel = [0, 2, 3], (1, -1, 1, 1)
+    mean = x.mean(dim=axes)
+    var = ((x - mean.reshape(per_channel)) ** 2).mean(dim=axes)
+    y = (x - mean.reshape(per_channel)) / torch.sqrt(var.reshape(per_channel) + eps)
+    return y * weight.reshape(per_channel) + bias.reshape(per_channel), mean, var
+
+
+def _bn_train_inputs():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64) * 2 + 0.5,
+            torch.rand(2, generator=g, dtype=torch.float64) + 0.5,
+            torch.randn(2, generator=g, dtype=torch.float64))
+
+
+def test_explicit_batch_norm_train_vjp_through_output_mean_and_var_at_once_equals_autograd_of_the_formula():
+    # gradcheck pulls back one output at a time; a loss of y and of the statistics together
+    # must add the three paths into dx. float64, 12 values per channel: ~1e-15 apart, 1e-10 slack.
+    train = importlib.import_module("layers.batch_norm").ExplicitBatchNormTrain
+    inputs = _bn_train_inputs()
+    g = torch.Generator().manual_seed(1)
+    cotangents = tuple(torch.randn(s, generator=g, dtype=torch.float64) for s in ((3, 2, 2, 2), (2,), (2,)))
+    for used in ((0, 1), (0, 2), (0, 1, 2), (1, 2)):
+        cot = tuple(c if i in used else torch.zeros_like(c) for i, c in enumerate(cotangents))
+        got = vjp(lambda *a: train.apply(*a, 1e-5), *inputs)[1](cot)
+        want = vjp(lambda *a: _bn_train_by_formula(*a, 1e-5), *inputs)[1](cot)
+        for i, (a, b) in enumerate(zip(got, want)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{used}, input {i}: {m}")
+
+
+@pytest.mark.parametrize("statistic", [1, 2])
+def test_explicit_batch_norm_train_gives_the_affine_parameters_no_gradient_from_the_statistics_alone(statistic):
+    # mean and var do not depend on weight and bias: autograd of the formula gives them None
+    # (no gradient, not zeros), and the written-out backward must skip that work too.
+    train = importlib.import_module("layers.batch_norm").ExplicitBatchNormTrain
+    x, weight, bias = (t.requires_grad_(True) for t in _bn_train_inputs())
+    got = torch.autograd.grad(train.apply(x, weight, bias, 1e-5)[statistic].sum(), (x, weight, bias),
+                              allow_unused=True)
+    want = torch.autograd.grad(_bn_train_by_formula(x, weight, bias, 1e-5)[statistic].sum(),
+                               (x, weight, bias), allow_unused=True)
+    assert want[1] is None and want[2] is None
+    assert got[1] is None and got[2] is None
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)

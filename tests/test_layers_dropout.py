@@ -1,5 +1,6 @@
 """dropout: a Bernoulli(1 - p) mask drawn from the key, survivors scaled by 1 / (1 - p)."""
 import math
+import re
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torch.func import grad
 
 import layers
 from layers import random as jr
+from layers.parallel import BatchAxis, batch_axis, row_offset
 from layers.testing import IMPLS, dtypes, seeds
 
 
@@ -110,3 +112,31 @@ def test_dropout_rejects_malformed_key_and_train_flag():
         layers.dropout(torch.ones(3), p=0.5, train=True, key=0)
     with pytest.raises(TypeError, match=r"dropout: expected train to be a bool, got 'yes'"):
         layers.dropout(torch.ones(3), p=0.5, train="yes")
+
+
+# ----------------------------------------------------------------------------- data parallel
+# Inside layers.parallel.batch_axis a process holds rows start .. start + rows - 1 of the batch
+# and must draw exactly those rows of the one-process mask (layers.parallel.row_offset), whatever
+# the trailing shape; a slice of any other length is refused.
+
+@pytest.mark.parametrize("start, rows, total, trailing", [
+    (0, 2, 4, (5, 3)), (2, 2, 4, (5, 3)), (1, 2, 5, (3, 1, 2)), (3, 1, 4, (3,)), (1, 3, 4, ())])
+def test_dropout_of_a_process_slice_is_those_rows_of_the_whole_batch_mask(start, rows, total, trailing):
+    k = jr.key(7)
+    x = torch.randn((total, *trailing), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    whole = layers.dropout(x, p=0.5, train=True, key=k)
+    part = x[start:start + rows]
+    assert row_offset(part.shape, "here") == 0   # outside an axis: one process holds the batch
+    with batch_axis(BatchAxis(start, rows, total)):
+        assert row_offset(part.shape, "here") == start * math.prod(trailing)
+        got = layers.dropout(part, p=0.5, train=True, key=k)
+    assert torch.equal(got, whole[start:start + rows])
+
+
+def test_dropout_inside_a_batch_axis_refuses_a_slice_of_other_rows_naming_itself():
+    with batch_axis(BatchAxis(2, 4, 8)):
+        for shape in ((3, 4), (4 + 1, 4), ()):
+            with pytest.raises(ValueError, match=rf"^dropout: expected this process's 4 rows of the global batch "
+                                                 rf"of 8 \(layers.parallel.batch_axis\), got shape "
+                                                 rf"{re.escape(str(shape))}$"):
+                layers.dropout(torch.ones(shape), p=0.5, train=True, key=jr.key(0))

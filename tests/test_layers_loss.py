@@ -105,3 +105,30 @@ def test_cross_entropy_rejects_bad_weight_reduction_smoothing_and_dtypes():
         layers.cross_entropy(t.reshape(4, 1).expand(4, 10), t)
     with pytest.raises(ValueError, match=r"cross_entropy: expected logits .*got \(\)"):
         layers.cross_entropy(torch.zeros(()), t)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_explicit_cross_entropy_builds_its_tensors_on_the_inputs_device(reduction):
+    # Tensors made inside must follow the inputs: the ignored targets' stand-in index (forward)
+    # and the class ids (backward). Two probes, as a CUDA input would: CPU inputs under
+    # torch.device("meta") (where a tensor made without a device lands; it does not reach the
+    # backward) give the same value and gradients as outside, and meta inputs (shapes and devices,
+    # no values) keep the meta device through the backward.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
+    weight = torch.rand(3, generator=g, dtype=torch.float64) + 0.1
+    target = torch.tensor([[0, 2], [-100, 1], [1, -100], [2, 0]])
+
+    def run(logits, weight, target):
+        z, w = logits.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss = layers.cross_entropy(z, target, weight=w, reduction=reduction, label_smoothing=0.1,
+                                    impl="explicit")
+        return (loss.detach(),) + torch.autograd.grad(loss.sum(), (z, w))
+
+    want = run(logits, weight, target)
+    with torch.device("meta"):
+        got = run(logits, weight, target)
+    for g_, w_ in zip(got, want):
+        assert g_.device == logits.device and torch.equal(g_, w_)
+    on_meta = run(logits.to("meta"), weight.to("meta"), target.to("meta"))
+    assert all(m.device.type == "meta" and m.shape == w_.shape for m, w_ in zip(on_meta, want))

@@ -259,15 +259,26 @@ def test_member_max_pool_gives_each_members_own_pooling_and_gradient_bit_for_bit
     assert dx.shape == x.shape and torch.equal(dx, want_dx)
 
 
+def _inputs_of(monkeypatch, op):
+    """The first argument of every call of ``torch.ops.aten.<op>`` from layers._members."""
+    seen, real = [], getattr(torch.ops.aten, op)
+    monkeypatch.setattr(layers._members.torch.ops.aten, op, lambda x, *a: seen.append(x) or real(x, *a),
+                        raising=False)
+    return seen
+
+
+def _member_conv_output(side):
+    """A member convolution's output ``(N=2, K*C=12, side, side)`` channels-last, and the same
+    values as the members' view ``(K=3, N, C=4, side, side)``."""
+    conv_out = torch.randn(2, 3 * 4, side, side).contiguous(memory_format=torch.channels_last)
+    return conv_out, conv_out.unflatten(1, (3, 4)).movedim(1, 0)
+
+
 def test_member_max_pool_runs_one_pooling_of_the_members_side_by_side_channels_last(monkeypatch):
     # the point of the rule (module docstring): one pooling over (N, K*C, H, W) channels-last,
     # no copy of a member convolution's output, and the result a view with the members at 1
-    seen = []
-    real = torch.ops.aten.max_pool2d_with_indices
-    monkeypatch.setattr(layers._members.torch.ops.aten, "max_pool2d_with_indices",
-                        lambda x, *a: seen.append(x) or real(x, *a), raising=False)
-    conv_out = torch.randn(2, 3 * 4, 6, 6).contiguous(memory_format=torch.channels_last)
-    xs = conv_out.unflatten(1, (3, 4)).movedim(1, 0)     # (K=3, N=2, C=4, 6, 6) members at 0
+    seen = _inputs_of(monkeypatch, "max_pool2d_with_indices")
+    conv_out, xs = _member_conv_output(side=6)
     y = vmap(lambda t: layers.max_pool2d(t, 2, impl="fast"))(xs)
     assert len(seen) == 1 and seen[0].shape == (2, 12, 6, 6)
     assert seen[0].data_ptr() == conv_out.data_ptr()     # the convolution's output, not a copy
@@ -293,3 +304,83 @@ def test_member_max_pool_outside_vmap_and_its_function_are_f_max_pool2d_forward_
     assert torch.equal(y, want) and torch.equal(y2, want) and not idx.requires_grad
     (g,), (g2,), (gw,) = (torch.autograd.grad(t, x, dy) for t in (y, y2, want))
     assert torch.equal(g, gw) and torch.equal(g2, gw)
+
+
+# ---- batch norm over members: each member's own batch norm, one call for all -------------------
+
+@st.composite
+def bn_cases(draw):
+    return dict(k=draw(st.integers(1, 4)), n=draw(st.integers(2, 4)), c=draw(st.integers(1, 5)),
+                shape=draw(st.sampled_from([(), (5,), (4, 3)])),   # (N, C), (N, C, L), (N, C, H, W)
+                member_dim=draw(st.sampled_from([0, 1])), channels_last=draw(st.booleans()),
+                affine=draw(st.booleans()), stats=draw(st.booleans()), train=draw(st.booleans()),
+                momentum=draw(st.sampled_from([0.1, 0.4, None])), seed=draw(st.integers(0, 2**16)))
+
+
+@settings(deadline=None, max_examples=30)
+@given(case=bn_cases())
+def test_member_batch_norm_gives_each_members_own_batch_norm_state_and_gradients(case):
+    # float64: the side-by-side call sums each channel's values in another order than the
+    # member's own call (layout, blocking), a few ulp of a sum over at most 4 * 12 values
+    g = torch.Generator().manual_seed(case["seed"])
+    k, n, c = case["k"], case["n"], case["c"]
+    r = lambda *s: torch.randn(s, generator=g, dtype=D)   # noqa: E731
+    x = r(k, n, c, *case["shape"])
+    if case["channels_last"] and len(case["shape"]) == 2:   # as a member convolution's output
+        x = x.movedim(0, 1).flatten(1, 2).contiguous(memory_format=torch.channels_last).unflatten(1, (k, c)).movedim(1, 0)
+    x = x.movedim(0, case["member_dim"])
+    params = {"weight": r(k, c), "bias": r(k, c)} if case["affine"] else {}
+    state = ({"running_mean": r(k, c), "running_var": r(k, c).abs() + 0.5,
+              "num_batches_tracked": torch.arange(k) + 3} if case["stats"] else {})
+    bn = partial(layers.batch_norm, train=case["train"], momentum=case["momentum"], eps=1e-3, impl="fast")
+
+    def members_bn(p, x):   # the new state is an aux output: it has no gradient
+        return vmap(bn, in_dims=(0, 0, case["member_dim"]))(p, state, x)
+    y, vjp, new = torch.func.vjp(members_bn, params, x, has_aux=True)
+    dy = r(*y.shape)
+    dp, dx = vjp(dy)
+    members = x.movedim(case["member_dim"], 0)
+    for i in range(k):
+        p_i = {name: t[i].clone().requires_grad_() for name, t in params.items()}
+        s_i = {name: t[i] for name, t in state.items()}
+        x_i = members[i].clone().requires_grad_()
+        y_i, new_i = bn(p_i, s_i, x_i)
+        grads = torch.autograd.grad(y_i, [x_i, *p_i.values()], dy[i])
+        torch.testing.assert_close(y[i], y_i, **TOL)
+        torch.testing.assert_close(dx.movedim(case["member_dim"], 0)[i], grads[0], **TOL)
+        for (name, _), gp in zip(p_i.items(), grads[1:]):
+            torch.testing.assert_close(dp[name][i], gp, **TOL)
+        assert new_i.keys() == new.keys()
+        for name in new_i:
+            torch.testing.assert_close(new[name][i], new_i[name], **TOL)
+    for name, t in state.items():   # nothing passed in is written into
+        assert t.data_ptr() != new[name].data_ptr() or not case["train"]
+
+
+def test_member_batch_norm_runs_one_batch_norm_of_the_members_side_by_side(monkeypatch):
+    seen = _inputs_of(monkeypatch, "native_batch_norm")
+    conv_out, xs = _member_conv_output(side=5)
+    params = {"weight": torch.ones(3, 4), "bias": torch.zeros(3, 4)}
+    state = {"running_mean": torch.zeros(3, 4), "running_var": torch.ones(3, 4),
+             "num_batches_tracked": torch.zeros(3, dtype=torch.long)}
+    y, new = vmap(lambda p, s, x: layers.batch_norm(p, s, x, train=True, impl="fast"))(params, state, xs)
+    assert len(seen) == 1 and seen[0].shape == (2, 12, 5, 5) and seen[0].data_ptr() == conv_out.data_ptr()
+    assert y.shape == xs.shape and new["running_mean"].shape == (3, 4)
+    assert torch.equal(state["running_mean"], torch.zeros(3, 4))   # the caller's buffers untouched
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_member_batch_norm_function_outside_vmap_is_f_batch_norm_forward_and_backward(train):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4, 5, 5, generator=g, dtype=D, requires_grad=True)
+    w = torch.randn(4, generator=g, dtype=D, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=D, requires_grad=True)
+    rm, rv = torch.randn(4, generator=g, dtype=D), torch.rand(4, generator=g, dtype=D) + 0.5
+    y, new_m, new_v, _, _ = layers._members._MemberBatchNorm.apply(x, w, b, rm, rv, train, 0.3, 1e-4)
+    m2, v2 = rm.clone(), rv.clone()
+    want = F.batch_norm(x, m2, v2, w, b, train, 0.3, 1e-4)
+    dy = torch.randn(want.shape, generator=g, dtype=D)
+    assert torch.equal(y, want) and torch.equal(new_m, m2) and torch.equal(new_v, v2)
+    assert train or (new_m.data_ptr() == rm.data_ptr() and new_v.data_ptr() == rv.data_ptr())   # eval copies nothing
+    for got, ref in zip(torch.autograd.grad(y, (x, w, b), dy), torch.autograd.grad(want, (x, w, b), dy)):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)

@@ -1,9 +1,13 @@
 """max_pool2d and adaptive_avg_pool2d: both formulations equal torch (outputs, gradients, ties)."""
 import pytest
 import torch
-from torch.func import grad
+import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch.func import grad, vjp
 
 import layers
+from layers import pooling
 from layers.testing import adaptive_avg_pool2d_cases, check_layer, fixed_tolerance, max_pool2d_cases
 
 # Max-pool output is a selection (exact); its gradient sums at most kh*kw <= 9 cotangents per
@@ -87,3 +91,43 @@ def test_adaptive_avg_pool2d_keeps_the_inputs_device(impl):
     # the explicit averaging matrices are built on the input's device, not the CPU
     x = torch.randn(1, 2, 5, 7, device="meta")
     assert layers.adaptive_avg_pool2d(x, (2, 3), impl=impl).device.type == "meta"
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 7, 5), (8, 7, 5)])
+def test_explicit_max_pool2d_ceil_mode_equals_torch_when_channels_outnumber_rows_and_columns(shape):
+    # Ceil mode adds a last window that reaches past the input (rows 6-7 of 0..6, columns 4-5 of
+    # 0..4), so the explicit form pads each axis on the right by an amount computed from that
+    # axis's length: more channels than rows, or a height other than the width, must not change
+    # it. The checker's cases (layers.testing.max_pool2d_cases) keep C <= 3.
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y, pull = vjp(lambda x: layers.max_pool2d(x, 2, ceil_mode=True, impl="explicit"), x)
+    want, pull_want = vjp(lambda x: F.max_pool2d(x, 2, ceil_mode=True), x)
+    assert y.shape == want.shape == shape[:-2] + (4, 3)
+    cotangent = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # A selection, and a sum of at most one cotangent per input (stride = kernel): exact.
+    assert torch.equal(y, want) and torch.equal(pull(cotangent)[0], pull_want(cotangent)[0])
+
+
+def test_explicit_max_pool2d_backward_keeps_the_inputs_device():
+    # The backward's row and column indices are built on dy's device: made on the CPU they
+    # would meet a CUDA (here meta) dy and fail. Meta tensors carry shapes and devices, no values.
+    x = torch.randn(2, 3, 5, 6, device="meta")
+    y, pull = vjp(lambda x: layers.max_pool2d(x, 2, ceil_mode=True, impl="explicit"), x)
+    dx, = pull(torch.randn(y.shape, device="meta"))
+    assert y.device.type == dx.device.type == "meta" and dx.shape == x.shape
+
+
+@settings(max_examples=30)
+@given(k=st.integers(1, 4), s=st.integers(1, 4), d=st.integers(1, 3), size=st.integers(1, 12),
+       ceil_mode=st.booleans(), data=st.data())
+def test_explicit_max_pool2d_right_padding_is_the_least_that_fits_every_window(k, s, d, size, ceil_mode, data):
+    # ExplicitMaxPool2d pads by _right_padding on the right (bottom): it must reach the end of the
+    # last of the `out` windows torch counts, and no further (more only wastes memory: the forward
+    # and backward would still agree with torch).
+    p = data.draw(st.integers(0, k // 2), label="padding")
+    assume(d * (k - 1) + 1 <= size + 2 * p)
+    out = pooling._pool_out_size(size, k, s, p, d, ceil_mode)
+    right = pooling._right_padding(size, k, s, p, d, out)
+    last_window_end = (out - 1) * s + d * (k - 1) + 1          # in padded coordinates
+    assert right >= p and last_window_end <= p + size + right
+    assert right == p or last_window_end == p + size + right

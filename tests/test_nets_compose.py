@@ -397,6 +397,22 @@ def test_gelu_and_mul_equal_nn_gelu_and_a_fixed_scale():
         Mul("2")
 
 
+def test_dropout_layer_keeps_the_shape_costs_no_macs_and_applies_layers_dropout_with_its_key():
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    k = layers.random.key(3)
+    for p, kind in ((0.5, "Dropout(p=0.5)"), (0.125, "Dropout(p=0.125)"), (0.0, "Dropout(p=0)")):
+        layer = Dropout(p)
+        assert (layer.op, layer.kind, layer.stochastic) == ("Dropout", kind, p > 0.0)
+        assert layer.init(k) == ({}, {}) and layer.param_shapes == {} and layer.state_shapes == {}
+        for shape in ((2, 3, 4, 4), torch.Size([5, 7]), (6,)):
+            declared = layer.output_shape(shape)
+            assert declared == tuple(shape) and type(declared) is tuple and all(type(s) is int for s in declared)
+            assert layer.macs(shape) == 0
+        y, state = layer.apply({}, {}, x, train=True, key=k)
+        assert torch.equal(y, layers.dropout(x, p=p, train=True, key=k)) and state == {}
+        assert torch.equal(layer.apply({}, {}, x, train=False)[0], x)
+
+
 def test_max_pool_with_its_own_stride_declares_and_returns_torchs_shape_and_names_each_axis():
     x = torch.randn(2, 3, 9, 10, dtype=torch.float64)
     for kernel, stride in (((2, 3), (1, 2)), ((3, 2), None), (2, (3, 1))):

@@ -239,3 +239,45 @@ def test_a_pure_step_with_tensor_hyperparameters_modifies_none_of_its_arguments(
         after = torch.utils._pytree.tree_leaves((g, state, params))
         assert all(torch.equal(a, b) for a, b in zip(before, after))
         params, state = new_params, new_state
+
+
+FOREACH_CASES = {   # op, its tensor-list arguments from lists a, b; keywords: each a branch of base._leaf_op
+    "add with a float alpha": ("add", lambda a, b: (b,), {"alpha": 0.5}),   # in-place method + keyword
+    "maximum": ("maximum", lambda a, b: (b,), {}),                           # no in-place method: out=
+    "addcmul without a value": ("addcmul", lambda a, b: (a, b), {}),
+    "addcmul with a tensor value": ("addcmul", lambda a, b: (a, b), {"value": torch.tensor(0.3, **F64)}),
+    "addcdiv with a float value": ("addcdiv", lambda a, b: (a, [x.abs() + 1 for x in b]), {"value": 0.3}),
+}
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("case", sorted(FOREACH_CASES))
+def test_foreach_leaf_by_leaf_gives_torch_foreach_bits_and_writes_only_when_in_place(case, in_place):
+    # Leaf by leaf (leafwise=True, the tensor path) runs the op of torch's CPU foreach kernel on
+    # each tensor, a tensor value as its float64 number: the same bits. In place, the results are
+    # the tensors themselves, written into; otherwise the tensors are left as they were.
+    from optim.base import foreach
+
+    op, tensor_args, kwargs = FOREACH_CASES[case]
+    g = torch.Generator().manual_seed(7)
+    ts, a, b = ([torch.randn(s, generator=g) for s in [(3, 2), (4,), (2, 2, 2)]] for _ in range(3))
+    args = tensor_args(a, b)
+    numbers = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    expected = getattr(torch, f"_foreach_{op}")([t.clone() for t in ts], *args, **numbers)
+    before = [t.clone() for t in ts]
+    out = foreach(op, ts, *args, in_place=in_place, leafwise=True, **kwargs)
+    assert all(torch.equal(o, e) for o, e in zip(out, expected))
+    if in_place:
+        assert all(o is t for o, t in zip(out, ts))
+    else:
+        assert all(torch.equal(t, x) for t, x in zip(ts, before))
+
+
+def test_foreach_under_vmap_writes_into_none_of_its_tensors():
+    # Under vmap nothing is donated (a batched tensor may be the caller's own): in_place is ignored.
+    from optim.base import foreach
+
+    x = torch.randn(3, 4)
+    before = x.clone()
+    out = vmap(lambda t: foreach("mul", [t], 2.0, in_place=True)[0])(x)
+    assert torch.equal(x, before) and torch.equal(out, before * 2)

@@ -1,9 +1,10 @@
 """optim.vmapped's divergence test: member k is finite exactly when all its floating leaves are."""
 import pytest
 import torch
+from torch.utils import _pytree as pytree
 
 import optim
-from optim.ensemble import _member_finite
+from optim.ensemble import FLAT, _Flat, _member_finite
 
 
 def test_member_finiteness_is_exact_for_huge_values_nan_and_infinities():
@@ -160,3 +161,148 @@ def test_vmapped_refuses_hyperparameters_that_are_not_k_vectors_of_one_length():
 def test_member_finiteness_stays_on_the_leaves_device():
     tree = {"w": torch.zeros(2, 3, device="meta"), "b": torch.zeros(2, device="meta", dtype=torch.float64)}
     assert _member_finite(tree, 2).device.type == "meta"
+
+
+# ---- the flat layout (vmapped(..., flat=True)): the same bits as leaf by leaf, for any tree ----
+
+def _sgd(lr):
+    return optim.sgd(lr, momentum=0.9, weight_decay=1e-2)
+
+
+def _run(params, flat, k, steps=3, make=_sgd):
+    """``steps`` vmapped steps from ``params`` (cloned) with member rates 0.1, 0.2, ...; the last
+    parameters and state."""
+    opt = optim.vmapped(make, flat=flat, lr=torch.arange(1, k + 1, dtype=torch.float64) / 10)
+    params = pytree.tree_map(torch.clone, params)
+    state = opt.init(params)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        grads = pytree.tree_map(lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype), params)
+        params, state = optim.step(opt, grads, state, params)
+    return params, state
+
+
+def _assert_same_bits(a, b):
+    assert pytree.tree_structure(a) == pytree.tree_structure(b)
+    for x, y in zip(pytree.tree_leaves(a), pytree.tree_leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+
+
+FLAT_TREES = {   # member dimension first (k); leaf shapes and dtypes the layout must keep apart
+    "one leaf": lambda k: {"w": torch.randn(k, 3, 2)},
+    "a tuple of three leaves": lambda k: (torch.randn(k, 3, 2), torch.randn(k, 3), torch.randn(k)),
+    "leaves of every rank": lambda k: {"w": torch.randn(k, 2, 3, 2), "b": torch.randn(k, 3), "s": torch.randn(k)},
+    "two dtypes": lambda k: {"w": torch.randn(k, 3, 2), "b": torch.randn(k, 3, dtype=torch.float64)},
+}
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("tree", sorted(FLAT_TREES))
+def test_flat_gives_the_leaf_by_leaf_bits_and_dtypes_for_any_tree_of_member_leaves(tree, k):
+    # sgd with momentum and weight decay runs the same elementwise ops on the buffer as on each
+    # leaf: bit for bit (the vmapped docstring). A tuple of three is the shape of the (updates,
+    # state, params) triple the layout packs: only the params-shaped parts become buffers.
+    torch.manual_seed(0)
+    params = FLAT_TREES[tree](k)
+    (flat_p, flat_s), (leaf_p, leaf_s) = _run(params, True, k), _run(params, False, k)
+    _assert_same_bits(flat_p, leaf_p)
+    _assert_same_bits(flat_s, leaf_s)
+    leaves = pytree.tree_leaves(flat_p)
+    if tree == "two dtypes":   # one buffer holds one dtype: these step leaf by leaf
+        assert leaves[0]._base is None or leaves[1]._base is not leaves[0]._base
+    else:                      # every leaf, (k,) ones too, is a view of one buffer of k P elements
+        base = leaves[0]._base
+        assert base is not None and base.numel() == k * sum(x[0].numel() for x in leaves)
+        assert all(x._base is base for x in leaves)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_flat_step_packs_the_buffer_the_last_one_laid_out_without_a_copy(k):
+    # The docstring's promise ("the next step finds its parameters and state already laid out
+    # (no copy)"): packing the last step's parameters returns their buffer itself. Three leaves
+    # of three ranks, so each leaf's offset in the buffer is checked.
+    torch.manual_seed(0)
+    params, _ = _run({"w": torch.randn(k, 2, 3), "b": torch.randn(k, 3), "s": torch.randn(k)}, True, k, steps=2)
+    buffer = pytree.tree_leaves(params)[0]._base
+    packed = _Flat(params, k).pack(params)
+    assert set(packed) == {FLAT} and packed[FLAT].data_ptr() == buffer.data_ptr()
+    assert packed[FLAT].shape == (k, 10) and torch.equal(packed[FLAT], buffer.view(k, 10))
+    # one fresh leaf needs no concatenation: its buffer is the leaf itself, reshaped
+    one = {"w": torch.randn(k, 2, 3)}
+    assert _Flat(one, k).pack(one)[FLAT].data_ptr() == one["w"].data_ptr()
+
+
+def _views(kind):
+    """Parameters w (2, 3, 2) and b (2, 3) of two members whose storage is not the layout's
+    (2, 9) buffer of [w_k, b_k] rows, though it comes close."""
+    g = torch.Generator().manual_seed(3)
+    if kind == "one buffer, leaves in the other order":
+        buf = torch.randn(2, 9, generator=g)
+        return {"w": buf[:, 3:].view(2, 3, 2), "b": buf[:, :3]}
+    if kind == "the first rows of a larger buffer":
+        buf = torch.randn(3, 9, generator=g)
+        return {"w": buf[:2, :6].view(2, 3, 2), "b": buf[:2, 6:]}
+    if kind == "one buffer, members apart":   # [w_0, b_0, b_1, w_1]: the right offsets, not strides
+        buf = torch.randn(18, generator=g)
+        return {"w": buf.as_strided((2, 3, 2), (12, 2, 1), 0), "b": buf.as_strided((2, 3), (3, 1), 6)}
+    if kind == "two buffers":                  # each leaf where the layout would put it
+        a, b = torch.randn(2, 9, generator=g), torch.randn(2, 9, generator=g)
+        return {"w": a[:, :6].view(2, 3, 2), "b": b[:, 6:]}
+    raise AssertionError(kind)
+
+
+def _run_once_leaf_by_leaf(params, grads):
+    opt = optim.vmapped(_sgd, lr=torch.tensor([0.1, 0.2], dtype=torch.float64))
+    params = {n: t.clone() for n, t in params.items()}
+    return optim.step(opt, grads, opt.init(params), params)
+
+
+@pytest.mark.parametrize("kind", ["one buffer, leaves in the other order", "the first rows of a larger buffer",
+                                  "one buffer, members apart", "two buffers"])
+def test_flat_gives_the_leaf_by_leaf_bits_for_parameters_that_are_views_of_other_storage(kind):
+    # Only a tree laid out exactly as the layout's buffer is taken as it is; any other storage is
+    # copied into a new buffer, so the values stepped are the parameters' own.
+    params = _views(kind)
+    opt = optim.vmapped(_sgd, flat=True, lr=torch.tensor([0.1, 0.2], dtype=torch.float64))
+    grads = {"w": torch.ones(2, 3, 2), "b": torch.ones(2, 3)}
+    flat_p, flat_s = optim.step(opt, grads, opt.init(params), params)
+    _assert_same_bits((flat_p, flat_s), _run_once_leaf_by_leaf(params, grads))
+
+
+BAD_PARAMS = {   # params unlike those the state was made for
+    "a 0-d leaf": {"w": torch.ones(2, 3), "b": torch.tensor(1.0)},
+    "four members": {"w": torch.ones(4, 3), "b": torch.ones(4)},
+    "a 0-d tensor": torch.tensor(1.0),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_PARAMS))
+def test_a_flat_step_refuses_what_a_leaf_by_leaf_step_refuses_with_the_same_error(bad):
+    # flat only changes the layout: a tree it cannot lay out is left to the leaf-by-leaf step,
+    # whose refusal (vmap's) is the one the caller sees, never an error of the layout's own.
+    params = BAD_PARAMS[bad]
+    errors = []
+    for flat in (False, True):
+        opt = optim.vmapped(lambda lr: optim.sgd(lr), flat=flat, lr=torch.tensor([0.1, 0.2]))
+        state = opt.init({"w": torch.ones(2, 3), "b": torch.ones(2)})
+        with pytest.raises(ValueError) as e:
+            optim.step(opt, pytree.tree_map(torch.ones_like, params), state, params)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "vmap" in errors[0]
+
+
+def _counting():
+    """A user's stage (only init and update) whose state is a dict of its own: the steps taken."""
+    return optim.GradientTransformation(lambda params: {"steps": torch.zeros((), dtype=torch.int64)},
+                                        lambda updates, state, params=None: (updates, {"steps": state["steps"] + 1}))
+
+
+def test_flat_keeps_the_state_that_is_not_shaped_like_the_parameters():
+    # Only the subtrees shaped like the parameters are laid out; the rest (here a dict of another
+    # shape) goes through the step as it is and comes back as the step made it.
+    torch.manual_seed(0)
+    params = {"w": torch.randn(2, 3, 2), "b": torch.randn(2, 3)}
+    make = lambda lr: optim.chain(_counting(), _sgd(lr))   # noqa: E731
+    (flat_p, flat_s), (leaf_p, leaf_s) = _run(params, True, 2, make=make), _run(params, False, 2, make=make)
+    assert flat_s.inner[0]["steps"].tolist() == [3, 3]
+    _assert_same_bits((flat_p, flat_s), (leaf_p, leaf_s))

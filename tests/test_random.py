@@ -308,3 +308,85 @@ def test_the_streams_are_fixed_known_answers_for_key_split_fold_in_and_bits():
 def test_fold_in_keeps_the_keys_device():
     assert jr.fold_in(jr.key(3, device="meta"), 5).device.type == "meta"
     assert jr.fold_in(jr.key(3, device="meta"), torch.tensor(5, device="meta")).device.type == "meta"
+
+
+# ----------------------------------------------------------------------------- bernoulli, bit for bit
+# The docstring's rule at both resolutions: element i is bits[i] < round(p * 2**32), or the i-th
+# 16-bit half < round(p * 2**16); a tensor p compares in float64; offset skips that many draws.
+
+@settings(deadline=None, max_examples=20)
+@given(seed=seeds, p=st.floats(0.0, 1.0), shape=shapes, offset=st.integers(0, 50))
+def test_bernoulli_32_bit_draws_compare_the_words_from_offset_with_round_p_times_2_32(seed, p, shape, offset):
+    k = jr.key(seed)
+    words = jr.bits(k, shape, offset=offset)
+    got = jr.bernoulli(k, p, shape, offset=offset)
+    assert got.dtype == torch.bool and torch.equal(got, words < round(p * 2**32))
+    # a tensor p broadcasts against the shape and compares in float64 (exact for 32-bit words)
+    p_last = torch.linspace(0.0, 1.0, shape[-1] if shape else 1, dtype=torch.float64).reshape(shape[-1:])
+    expected = words.to(torch.float64) < p_last * 2**32
+    assert torch.equal(jr.bernoulli(k, p_last, shape, offset=offset), expected)
+
+
+@settings(deadline=None, max_examples=20)
+@given(seed=seeds, p=st.floats(0.0, 1.0), shape=shapes, offset=st.integers(0, 50),
+       resolution=st.sampled_from([16, 32]))
+def test_bernoulli_with_an_offset_is_the_tail_of_the_longer_draw(seed, p, shape, offset, resolution):
+    # Odd and even offsets: at 16 bits an odd offset starts in the high half of a word.
+    k = jr.key(seed)
+    n = math.prod(shape)
+    whole = jr.bernoulli(k, p, (offset + n,), resolution_bits=resolution)
+    got = jr.bernoulli(k, p, shape, resolution_bits=resolution, offset=offset)
+    assert torch.equal(got, whole[offset:].reshape(shape))
+
+
+def test_bernoulli_thresholds_are_exact_a_word_equal_to_p_times_2_32_is_not_drawn():
+    # p = w / 2**32 for the stream's largest word w (above 2**31, where a scale of 2**32 + 1
+    # would round the threshold up to w + 1): every word below w is True, w itself False.
+    k = jr.key(17)
+    words = jr.bits(k, (64,))
+    w = int(words.max())
+    assert w > 2**31
+    for p in (w / 2**32, torch.tensor(w / 2**32, dtype=torch.float64)):
+        got = jr.bernoulli(k, p, (64,))
+        assert torch.equal(got, words < w) and not got[words.argmax()]
+    assert jr.bernoulli(k, (w + 1) / 2**32, (64,)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("resolution", [16, 32])
+def test_bernoulli_of_a_half_precision_tensor_p_compares_in_float64(dtype, resolution):
+    # p * 2**32 in float16 is inf, and an int64 word against a 0-d half tensor compares in half
+    # precision (a bfloat16 ulp near 3 * 2**30 is 2**24): either would be a different rule.
+    k = jr.key(3)
+    p = torch.tensor(0.75, dtype=dtype)
+    n = 1 << 14
+    words = jr.bits(k, ((n + 1) // 2,)) if resolution == 16 else jr.bits(k, (n,))
+    draws = (torch.stack([words & 0xFFFF, words >> 16], dim=-1).reshape(-1)[:n]
+             if resolution == 16 else words)
+    threshold = 0.75 * 2**resolution
+    if dtype != torch.float32:   # the draws include some that half precision rounds up onto the threshold
+        assert ((draws < threshold) & (draws.to(dtype) >= threshold)).any()
+    assert torch.equal(jr.bernoulli(k, p, (n,), resolution_bits=resolution), draws < threshold)
+
+
+@pytest.mark.parametrize("resolution", [16, 32])
+def test_bernoulli_puts_its_bool_draws_on_the_requested_device(resolution):
+    got = jr.bernoulli(jr.key(8), 0.5, (3, 2), device="meta", resolution_bits=resolution)
+    assert got.device.type == "meta" and got.dtype == torch.bool and got.shape == (3, 2)
+
+
+def test_bernoulli_refusals_name_it_and_say_what_was_asked():
+    k = jr.key(0)
+    assert jr.bernoulli(k, 1.0, (1,), resolution_bits=16, offset=2**33 - 2).tolist() == [True]  # the last draw
+    with pytest.raises(ValueError, match=r"^random\.bernoulli: at most 2\*\*33 draws at 16 bits per key, "
+                                         r"asked for 8589934592; split the key$"):
+        jr.bernoulli(k, 0.5, (2,), resolution_bits=16, offset=2**33 - 2)
+    with pytest.raises(ValueError, match=r"^random\.bernoulli: expected offset a whole number >= 0, got -1$"):
+        jr.bernoulli(k, 0.5, (2,), resolution_bits=16, offset=-1)
+    with pytest.raises(ValueError, match=r"^random\.bernoulli: expected a random key .* got torch.float32"):
+        jr.bernoulli(torch.zeros(2), 0.5, (3,), resolution_bits=16)
+    with pytest.raises(ValueError, match=r"^random\.bernoulli: resolution_bits=16 takes a scalar p, got a "
+                                         r"tensor of shape \(3,\)$"):
+        jr.bernoulli(k, torch.full((3,), 0.5), (3,), resolution_bits=16)
+    with pytest.raises(ValueError, match=r"^random\.bernoulli: expected p in \[0, 1\], got -0.5$"):
+        jr.bernoulli(k, -0.5, (3,), resolution_bits=16)

@@ -66,7 +66,7 @@ def _peak_mib() -> float:
     return kib / 1024 if sys.platform != "darwin" else kib / 2**20
 
 
-def peer_module(model: str, tree) -> nn.Module:
+def peer_module(model: str, tree) -> torch.nn.Module:
     """The torch.nn twin of ``NETS[model]`` loaded with the pure net's ``{**params, **state}``."""
     module = reference_module(model)
     module.load_state_dict(OrderedDict(tree))
