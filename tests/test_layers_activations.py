@@ -53,6 +53,18 @@ def test_log_softmax_is_stable_for_huge_logits(impl):
                                rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("impl", ["fast", "explicit"])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_log_softmax_is_stable_for_slices_of_very_different_scales(impl, dim):
+    # The max subtracted for stability is each slice's own: a global max (1000) would shift the
+    # second row's exponents to exp(-2000) = 0 and give log(0) = -inf.
+    x = torch.tensor([[1000.0, 0.0, -1000.0], [-1000.0, -1001.0, -1002.0]], dtype=torch.float64)
+    x = x if dim == 1 else x.T
+    y = layers.log_softmax(x, dim, impl=impl)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, torch.log_softmax(x, dim), rtol=1e-15, atol=0)
+
+
 def test_flatten_and_log_softmax_reject_bad_dims():
     with pytest.raises(ValueError, match=r"flatten: expected start_dim in \[-2, 1\] for a 2-D input, got 2"):
         layers.flatten(torch.zeros(2, 3), 2)

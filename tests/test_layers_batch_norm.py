@@ -91,6 +91,25 @@ def test_batch_norm_momentum_none_is_the_cumulative_average_of_batches(impl):
 
 
 @pytest.mark.parametrize("impl", ["fast", "explicit"])
+@pytest.mark.parametrize("tracked", [0, 2, 5])
+def test_batch_norm_momentum_none_with_an_int_num_batches_tracked_updates_as_torch(impl, tracked):
+    # momentum=None weights the batch by 1 / (tracked + 1); the count may be a Python int.
+    params, _ = _trees()
+    g = torch.Generator().manual_seed(2)
+    state = {"running_mean": torch.randn(3, generator=g, dtype=torch.float64),
+             "running_var": torch.rand(3, generator=g, dtype=torch.float64) + 0.5, "num_batches_tracked": tracked}
+    x = _x()
+    module = torch.nn.BatchNorm2d(3, momentum=None, dtype=torch.float64)
+    module.load_state_dict({**params, **state, "num_batches_tracked": torch.tensor(tracked)})
+    module.train()(x)
+    _, new = layers.batch_norm(params, state, x, train=True, momentum=None, impl=impl)
+    assert new["num_batches_tracked"] == tracked + 1 and isinstance(new["num_batches_tracked"], int)
+    # float64 means and variances of 100 values per channel, ATen's order against ours: ~1e-15
+    for k in STATE_KEYS[:2]:
+        torch.testing.assert_close(new[k], getattr(module, k), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["fast", "explicit"])
 def test_batch_norm_grad_works_through_training_and_eval(impl):
     params, state = _trees()
     x = _x()

@@ -11,7 +11,8 @@ from torch.func import grad
 import layers
 from layers import random as jr
 from layers.parallel import BatchAxis, batch_axis, row_offset
-from layers.testing import IMPLS, dtypes, seeds
+from layers._checks import check_probability
+from layers.testing import IMPLS, custom_backward_nodes, dtypes, seeds
 
 
 @settings(deadline=None, max_examples=40)
@@ -112,6 +113,69 @@ def test_dropout_rejects_malformed_key_and_train_flag():
         layers.dropout(torch.ones(3), p=0.5, train=True, key=0)
     with pytest.raises(TypeError, match=r"dropout: expected train to be a bool, got 'yes'"):
         layers.dropout(torch.ones(3), p=0.5, train="yes")
+
+
+def test_dropout_refuses_a_non_tensor_input_and_an_unknown_impl_naming_itself():
+    with pytest.raises(TypeError, match=r"^dropout: expected input to be a torch\.Tensor, got list$"):
+        layers.dropout([1.0, 2.0], p=0.5, train=True, key=jr.key(0))
+    with pytest.raises(ValueError, match=r"^dropout: expected impl to be one of \('fast', 'explicit'\), "
+                                         r"got 'slow'$"):
+        layers.dropout(torch.ones(3), p=0.5, train=True, key=jr.key(0), impl="slow")
+
+
+def test_dropout_runs_the_formulation_asked_for():
+    # Both formulations give the same values, so only the autograd graph tells them apart.
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    nodes = {"fast": set(), "explicit": {"ExplicitDropoutBackward"}}
+    for impl in IMPLS:
+        assert custom_backward_nodes(layers.dropout(x, p=0.5, train=True, key=jr.key(1), impl=impl)) == nodes[impl]
+        with layers.default_impl(impl):                      # impl=None follows the default
+            assert custom_backward_nodes(layers.dropout(x, p=0.5, train=True, key=jr.key(1))) == nodes[impl]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.complex64,
+                                   torch.int64, torch.uint8, torch.bool])
+def test_dropout_p_one_gives_zeros_of_the_inputs_dtype_as_torch(impl, dtype):
+    # F.dropout(p=1) returns zeros in x's dtype for every dtype, integer and bool included.
+    x = torch.ones(2, 3, dtype=dtype)
+    y = layers.dropout(x, p=1.0, train=True, key=jr.key(0), impl=impl)
+    ref = torch.nn.functional.dropout(x, p=1.0, training=True)
+    assert y.dtype == ref.dtype == dtype and torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("p", [0.5, 1.0])
+def test_dropout_builds_its_tensors_on_the_inputs_device(impl, p):
+    # The mask and the zero must follow x, not the key nor torch's default device. Two probes,
+    # as a CUDA input would: a CPU x under torch.device("meta") (where a tensor made without a
+    # device lands) gives the same output and gradient as outside, and a meta x with a CPU key
+    # (the mask drawn on the key's device) stays on meta.
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    key = jr.key(3)
+
+    def run(x):
+        z = x.clone().requires_grad_(True)
+        y = layers.dropout(z, p=p, train=True, key=key, impl=impl)
+        return y.detach(), torch.autograd.grad(y.sum(), z)[0]
+
+    want = run(x)
+    with torch.device("meta"):
+        got = run(x)
+    assert all(g.device == x.device and torch.equal(g, w) for g, w in zip(got, want))
+    on_meta = layers.dropout(x.to("meta"), p=p, train=True, key=key, impl=impl)
+    assert on_meta.device.type == "meta" and on_meta.shape == x.shape
+
+
+def test_check_probability_below_one_refuses_one_naming_the_half_open_interval():
+    # The nets' dropout rates use below_one=True (a rate of 1 would zero the whole head).
+    assert check_probability(0.999, "net", "dropout", below_one=True) == 0.999
+    assert check_probability(1, "net", "dropout") == 1.0
+    for p in (1.0, 1, 1.5):
+        with pytest.raises(ValueError, match=rf"^net: expected dropout in \[0, 1\), got {p}$"):
+            check_probability(p, "net", "dropout", below_one=True)
+    with pytest.raises(TypeError, match=r"^net: expected dropout to be a float in \[0, 1\), got '0.5'$"):
+        check_probability("0.5", "net", "dropout", below_one=True)
 
 
 # ----------------------------------------------------------------------------- data parallel

@@ -230,6 +230,35 @@ def test_autocast_mixes_reach_conv2d_and_linear_and_agree_with_float32(x_dtype, 
     torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=1e-1)
 
 
+@settings(max_examples=20)
+@given(logits_dtype=st.sampled_from(AUTOCAST), w_dtype=st.sampled_from(AUTOCAST), impl=st.sampled_from(IMPLS))
+def test_autocast_mixes_reach_cross_entropy_class_weights_and_agree_with_float32(logits_dtype, w_dtype, impl):
+    logits, target = _tensor((4, 3), torch.float32), torch.tensor([0, 1, 2, 1])
+    weight = _tensor((3,), torch.float32, 1).abs() + 0.5
+    ref = F.cross_entropy(logits, target, weight=weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = layers.cross_entropy(logits.to(logits_dtype), target, weight=weight.to(w_dtype), impl=impl)
+    # inputs rounded to bfloat16 (8 mantissa bits, 4e-3 relative), a log-softmax over 3 classes and
+    # a weighted mean of 4 terms of magnitude ~1: within 3e-2
+    torch.testing.assert_close(loss.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("layer", ["conv2d", "linear", "cross_entropy"])
+def test_autocast_mixes_are_refused_on_the_meta_device_where_autocast_never_runs(layer):
+    # torch.autocast has no meta device type (asking raises): the mix stays a mismatch there.
+    x = _tensor((2, 2, 4, 4) if layer == "conv2d" else (2, 3), torch.float32).to("meta")
+    if layer == "cross_entropy":
+        weight = torch.ones(3, dtype=torch.bfloat16, device="meta")
+        with pytest.raises(TypeError, match=r"^cross_entropy: expected weight of dtype torch.float32 \(the "
+                                            r"logits'\), got torch.bfloat16$"):
+            layers.cross_entropy(x, torch.zeros(2, dtype=torch.int64, device="meta"), weight=weight)
+        return
+    w = torch.ones((4, 2, 3, 3) if layer == "conv2d" else (4, 3), dtype=torch.bfloat16, device="meta")
+    with pytest.raises(TypeError, match=rf"^{layer}: expected input of dtype torch.bfloat16 \(the weight's\), "
+                                        r"got torch.float32$"):
+        getattr(layers, layer)({"weight": w}, x)
+
+
 @pytest.mark.parametrize("layer", ["conv2d", "linear"])
 @pytest.mark.parametrize("x_dtype", [torch.float64, torch.int64])
 def test_autocast_does_not_excuse_what_it_does_not_cast(layer, x_dtype):

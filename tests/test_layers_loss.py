@@ -3,11 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
-from hypothesis import strategies as st
 from torch.func import grad
 
 import layers
-from layers.testing import cross_entropy_cases, dtypes, seeds
+from layers.testing import cross_entropy_cases, custom_backward_nodes, dtypes, seeds
 
 # float64: log_softmax over <= 5 classes plus a sum over <= 3*3*3 = 27 elements; ~1e-15 relative.
 # float32: eps 6e-8 times logits of magnitude ~5 and a 27-term sum -> ~1e-5; allow 1e-4.
@@ -93,7 +92,8 @@ def test_cross_entropy_rejects_ignore_index_with_probability_targets():
 
 def test_cross_entropy_rejects_bad_weight_reduction_smoothing_and_dtypes():
     lg, t = torch.zeros(4, 10), torch.zeros(4, dtype=torch.int64)
-    with pytest.raises(ValueError, match=r"cross_entropy: expected weight of shape \(10,\) .*got \(9,\)"):
+    with pytest.raises(ValueError, match=r"^cross_entropy: expected weight of shape \(10,\) \(one per class of "
+                                         r"logits \(4, 10\)\), got \(9,\)$"):
         layers.cross_entropy(lg, t, weight=torch.ones(9))
     with pytest.raises(ValueError, match=r"cross_entropy: expected reduction in .*got 'avg'"):
         layers.cross_entropy(lg, t, reduction="avg")
@@ -107,10 +107,11 @@ def test_cross_entropy_rejects_bad_weight_reduction_smoothing_and_dtypes():
         layers.cross_entropy(torch.zeros(()), t)
 
 
+@pytest.mark.parametrize("weighted", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_explicit_cross_entropy_builds_its_tensors_on_the_inputs_device(reduction):
-    # Tensors made inside must follow the inputs: the ignored targets' stand-in index (forward)
-    # and the class ids (backward). Two probes, as a CUDA input would: CPU inputs under
+def test_explicit_cross_entropy_builds_its_tensors_on_the_inputs_device(reduction, weighted):
+    # Tensors made inside must follow the inputs: the ignored targets' stand-in index (forward),
+    # the class ids (backward) and the unit class weights that stand in for weight=None. Two probes, as a CUDA input would: CPU inputs under
     # torch.device("meta") (where a tensor made without a device lands; it does not reach the
     # backward) give the same value and gradients as outside, and meta inputs (shapes and devices,
     # no values) keep the meta device through the backward.
@@ -121,9 +122,9 @@ def test_explicit_cross_entropy_builds_its_tensors_on_the_inputs_device(reductio
 
     def run(logits, weight, target):
         z, w = logits.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-        loss = layers.cross_entropy(z, target, weight=w, reduction=reduction, label_smoothing=0.1,
-                                    impl="explicit")
-        return (loss.detach(),) + torch.autograd.grad(loss.sum(), (z, w))
+        loss = layers.cross_entropy(z, target, weight=w if weighted else None, reduction=reduction,
+                                    label_smoothing=0.1, impl="explicit")
+        return (loss.detach(),) + torch.autograd.grad(loss.sum(), (z, w) if weighted else (z,))
 
     want = run(logits, weight, target)
     with torch.device("meta"):
@@ -132,3 +133,48 @@ def test_explicit_cross_entropy_builds_its_tensors_on_the_inputs_device(reductio
         assert g_.device == logits.device and torch.equal(g_, w_)
     on_meta = run(logits.to("meta"), weight.to("meta"), target.to("meta"))
     assert all(m.device.type == "meta" and m.shape == w_.shape for m, w_ in zip(on_meta, want))
+
+
+def test_cross_entropy_refuses_a_non_tensor_target_and_a_non_int_ignore_index_naming_itself():
+    logits = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match=r"^cross_entropy: expected target to be a torch\.Tensor, got list$"):
+        layers.cross_entropy(logits, [0, 1])
+    with pytest.raises(TypeError, match=r"^cross_entropy: expected ignore_index to be an int, got 1\.5$"):
+        layers.cross_entropy(logits, torch.tensor([0, 1]), ignore_index=1.5)
+
+
+def test_cross_entropy_runs_the_formulation_asked_for_and_refuses_others():
+    # Both formulations give torch's values, so only the autograd graph tells them apart: "fast"
+    # is F.cross_entropy (torch's own backward nodes), "explicit" runs ExplicitCrossEntropy's.
+    logits = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 3, 1])
+    nodes = {"fast": set(), "explicit": {"ExplicitCrossEntropyBackward"}}
+    for impl in ("fast", "explicit"):
+        assert custom_backward_nodes(layers.cross_entropy(logits, target, impl=impl)) == nodes[impl]
+        with layers.default_impl(impl):                      # impl=None follows the default
+            assert custom_backward_nodes(layers.cross_entropy(logits, target)) == nodes[impl]
+    with pytest.raises(ValueError, match=r"^cross_entropy: expected impl to be one of \('fast', 'explicit'\), "
+                                         r"got 'slow'$"):
+        layers.cross_entropy(logits, target, impl="slow")
+
+
+@pytest.mark.parametrize("impl", ["fast", "explicit"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_of_masked_minus_inf_logits_is_finite_as_torch(impl, reduction):
+    # A logit of -inf (a masked class) has probability 0; without label smoothing only the target
+    # class's log-probability enters, so the loss and its gradient stay finite, as in torch.
+    # (With smoothing every log-probability enters and torch's loss is inf: not checked here.)
+    inf = float("inf")
+    logits = torch.tensor([[2.0, -inf, 0.5], [0.0, 1.0, -inf], [-inf, -inf, 3.0]], dtype=torch.float64)
+    target = torch.tensor([0, 1, 2])
+    weight = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    ref_logits = logits.clone().requires_grad_(True)
+    ref = F.cross_entropy(ref_logits, target, weight=weight, reduction=reduction)
+    ref.sum().backward()
+    out = layers.cross_entropy(logits, target, weight=weight, reduction=reduction, impl=impl)
+    g = grad(lambda z: layers.cross_entropy(z, target, weight=weight, reduction=reduction, impl=impl).sum())(logits)
+    assert torch.isfinite(out).all() and torch.isfinite(g).all()
+    # float64 log_softmax over 3 classes: ~1e-16 relative
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, ref_logits.grad, rtol=1e-12, atol=1e-12)
+
