@@ -176,3 +176,68 @@ def test_triangular_schedule_refuses_bad_arguments_naming_itself_and_the_argumen
     ]:
         with pytest.raises(error, match="^" + match):
             call()
+
+
+@pytest.mark.parametrize("max_lr, total, kwargs", [
+    (0.3, 50, {}),                                             # torch's defaults: two phases, cos, 25, 1e4
+    (0.3, 20, {"pct_start": 0.0}),                             # the bounds of pct_start: both allowed
+    (0.3, 20, {"pct_start": 0.0, "three_phase": True}),
+    (0.3, 20, {"pct_start": 1.0, "three_phase": True}),
+    # phase ends 14 and 28 fall on steps: there (initial - max_lr) * 1 + max_lr != initial in
+    # float64, so only the phase that ends at the step gives torch's bits
+    (0.1, 60, {"pct_start": 0.25, "anneal_strategy": "linear", "div_factor": 10.0,
+               "final_div_factor": 100.0, "three_phase": True}),
+    (0.3, 60, {"pct_start": 0.25, "anneal_strategy": "linear", "div_factor": 10.0, "final_div_factor": 100.0}),
+])
+def test_one_cycle_schedule_gives_the_bits_of_onecyclelr_at_every_step_including_phase_ends(max_lr, total, kwargs):
+    # torch's OneCycleLR is closed form too (each lr from initial_lr, max_lr and min_lr with the
+    # same float64 operations in the same order): no tolerance
+    ours = optim.one_cycle_schedule(max_lr, total, **kwargs)
+    theirs = torch_values(max_lr, lambda o: S.OneCycleLR(o, max_lr, total_steps=total, cycle_momentum=False,
+                                                         **kwargs), n=total + 1)
+    assert [ours(t) for t in range(total + 1)] == theirs
+
+
+def test_one_cycle_schedule_refuses_bad_arguments_naming_itself_and_the_argument():
+    O = optim.one_cycle_schedule
+    for call, error, match in [
+        (lambda: O("0.1", 10), TypeError, r"one_cycle_schedule: expected max_lr to be a real number, got str$"),
+        (lambda: O(0.1, 10, "a"), TypeError, r"one_cycle_schedule: expected pct_start to be a real number, got str$"),
+        (lambda: O(0.1, 10, div_factor="a"), TypeError,
+         r"one_cycle_schedule: expected div_factor to be a real number, got str$"),
+        (lambda: O(0.1, 10, final_div_factor="a"), TypeError,
+         r"one_cycle_schedule: expected final_div_factor to be a real number, got str$"),
+        (lambda: O(0.1, 10, pct_start=-0.1), ValueError, r"one_cycle_schedule: expected pct_start in \[0, 1\], got -0.1$"),
+        (lambda: O(0.1, 10)(-1), ValueError, r"one_cycle_schedule: expected the step to be an integer >= 0, got -1$"),
+        # every phase end, as floats rounded to 6 places (the last one is total_steps - 1)
+        (lambda: O(0.1, 10, pct_start=0.1), ValueError,
+         r"one_cycle_schedule: expected no phase of zero steps \(torch's OneCycleLR divides by each phase's "
+         r"length\), got phase ends \[0\.0, 9\] from pct_start=0\.1, total_steps=10$"),
+        (lambda: O(0.1, 5, pct_start=0.6, three_phase=True), ValueError,
+         r"one_cycle_schedule: expected no phase of zero steps \(torch's OneCycleLR divides by each phase's "
+         r"length\), got phase ends \[2\.0, 4\.0, 4\] from pct_start=0\.6, total_steps=5$"),
+    ]:
+        with pytest.raises(error, match="^" + match):
+            call()
+
+
+@settings(deadline=None, max_examples=20)
+@given(base=lrs, milestones=st.lists(st.integers(0, N), max_size=6))
+def test_multistep_schedule_defaults_and_a_milestone_at_step_0_equal_multisteplr(base, milestones):
+    # torch's default gamma is 0.1, and a milestone 0 already decays the rate of step 0
+    milestones = [0] + milestones
+    assert_schedule_matches(optim.multistep_schedule(base, milestones),
+                            torch_values(base, lambda o: S.MultiStepLR(o, milestones)), base)
+
+
+def test_multistep_schedule_refuses_bad_arguments_naming_itself_and_the_argument():
+    M = optim.multistep_schedule
+    for call, error, match in [
+        (lambda: M("0.1", [2]), TypeError, r"multistep_schedule: expected init_value to be a real number, got str$"),
+        (lambda: M(0.1, [2], "a"), TypeError, r"multistep_schedule: expected gamma to be a real number, got str$"),
+        (lambda: M(0.1, [2, -1]), ValueError, r"multistep_schedule: expected each milestone to be an integer >= 0, got -1$"),
+        (lambda: M(0.1, [2.5]), ValueError, r"multistep_schedule: expected each milestone to be an integer >= 0, got 2.5$"),
+        (lambda: M(0.1, [2])(-1), ValueError, r"multistep_schedule: expected the step to be an integer >= 0, got -1$"),
+    ]:
+        with pytest.raises(error, match="^" + match):
+            call()

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.func import vmap
 
@@ -281,3 +281,26 @@ def test_foreach_under_vmap_writes_into_none_of_its_tensors():
     before = x.clone()
     out = vmap(lambda t: foreach("mul", [t], 2.0, in_place=True)[0])(x)
     assert torch.equal(x, before) and torch.equal(out, before * 2)
+
+
+@settings(deadline=None, max_examples=20)
+@given(max_lr=st.floats(1e-4, 10.0), total=st.integers(8, 80), quarter=st.booleans(), three_phase=st.booleans(),
+       div=st.floats(1.0, 100.0), final_div=st.floats(1.0, 1e4))
+@example(max_lr=0.1, total=60, quarter=True, three_phase=True, div=10.0, final_div=100.0)
+def test_one_cycle_linear_tensor_step_gives_the_bits_of_the_integer_step_at_every_step(
+        max_lr, total, quarter, three_phase, div, final_div):
+    # Without a cosine both paths run the same float64 operations: the same bits. With pct_start
+    # 0.25 of a multiple of 4 steps the phases end on steps, where the phase that ends there is
+    # the one to take (the @example: (initial - max_lr) * 1 + max_lr != initial in float64).
+    total = 4 * (total // 4) if quarter else total
+    s = optim.one_cycle_schedule(max_lr, total, 0.25, "linear", div, final_div, three_phase)
+    want = torch.tensor([s(t) for t in range(total + 1)], **F64)
+    assert torch.equal(vmap(s)(torch.arange(total + 1)), want)
+
+
+@pytest.mark.parametrize("name", sorted(set(SCHEDULES) - {"constant"}))
+def test_a_tensor_step_gives_a_value_on_its_own_device(name):
+    # meta tensors have no values: a schedule that read the step on the host, or built a tensor
+    # on another device (the milestones), would fail here as it would on a GPU
+    out = SCHEDULES[name]()(torch.tensor(3, device="meta"))
+    assert out.device.type == "meta" and out.dtype == torch.float64 and out.dim() == 0

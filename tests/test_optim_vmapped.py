@@ -306,3 +306,64 @@ def test_flat_keeps_the_state_that_is_not_shaped_like_the_parameters():
     (flat_p, flat_s), (leaf_p, leaf_s) = _run(params, True, 2, make=make), _run(params, False, 2, make=make)
     assert flat_s.inner[0]["steps"].tolist() == [3, 3]
     _assert_same_bits((flat_p, flat_s), (leaf_p, leaf_s))
+
+
+def test_a_donated_vmapped_update_hands_on_its_updates_as_temporaries_of_the_step():
+    # new - old is computed by the step itself, so the next stage of a chain may write into it
+    # (donated_update's third result; what lets optim.chain skip a copy)
+    opt = optim.vmapped(lambda lr: optim.sgd(lr, momentum=0.9), lr=torch.tensor([0.1, 0.2], dtype=torch.float64))
+    params = {"w": torch.ones(2, 3)}
+    grads = {"w": torch.full((2, 3), 0.5)}
+    updates, _, owned = opt.donated_update(grads, opt.init(params), params, False)
+    assert owned is True
+    assert not any(updates["w"].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+                   for x in (params["w"], grads["w"]))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_step_where_every_member_is_finite_skips_the_freezing_pass(flat):
+    # the freeze is one torch.where per leaf of the parameters and the state: the usual step
+    # (every member finite) runs none; plain sgd itself runs no where at all
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Wheres(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten.where.self
+            return func(*args, **(kwargs or {}))
+
+    opt = optim.vmapped(lambda lr: optim.sgd(lr), flat=flat, lr=torch.tensor([0.1, 0.2], dtype=torch.float64))
+    params = {"w": torch.ones(2, 3, 2), "b": torch.zeros(2, 3)}
+    state = opt.init(params)
+    grads = {"w": torch.ones(2, 3, 2), "b": torch.ones(2, 3)}
+    with Wheres() as finite:
+        optim.step(opt, grads, state, params)
+    grads["w"][1, 0, 0] = float("nan")
+    with Wheres() as diverging:
+        optim.step(opt, grads, state, params)
+    assert finite.count == 0 and diverging.count > 0
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_compiled_step_keeps_the_divergence_flags_on_the_host_and_the_rest_on_the_parameters_device(flat, monkeypatch):
+    # torch.compile traces the step with fake tensors and is_compiling() True (no host read: the
+    # freeze always runs). Traced so here, with fake CUDA tensors, a CPU-only machine checks the
+    # device moves of a GPU run: `diverged` is made by init on the host, the members' flags on
+    # the parameters' device, and the freeze meets state leaves on both (sgd's counter is a host
+    # tensor).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with FakeTensorMode():
+        cuda = torch.device("cuda", 0)
+        opt = optim.vmapped(lambda lr: optim.sgd(lr), flat=flat,
+                            lr=torch.tensor([0.1, 0.2], dtype=torch.float64, device=cuda))
+        params = {"w": torch.ones(2, 3, 2, device=cuda), "b": torch.zeros(2, 3, device=cuda)}
+        state = opt.init(params)
+        inner_devices = [x.device for x in pytree.tree_leaves(state.inner)]
+        assert state.diverged.device.type == "cpu" and set(inner_devices) == {torch.device("cpu"), cuda}
+        for _ in range(2):
+            params, state = optim.step(opt, {k: torch.ones_like(v) for k, v in params.items()}, state, params)
+    assert all(x.device == cuda for x in params.values()) and state.diverged.device.type == "cpu"
+    assert [x.device for x in pytree.tree_leaves(state.inner)] == inner_devices
