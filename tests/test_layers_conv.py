@@ -1,6 +1,7 @@
 """conv2d: both formulations equal torch.nn.Conv2d (outputs and every gradient); bad input fails."""
 import pytest
 import torch
+from torch.func import vjp
 
 import layers
 from layers.testing import check_layer, conv2d_cases, fixed_tolerance
@@ -91,3 +92,45 @@ def test_conv2d_rejects_bad_hyperparameters():
         layers.conv2d(_p(), x, dilation=1.5)
     with pytest.raises(ValueError, match=r"conv2d: expected impl to be one of"):
         layers.conv2d(_p(), x, impl="slow")
+
+
+def test_explicit_conv2d_backward_keeps_the_inputs_device():
+    # col2im builds its pixel indices on the gradient's device: made on the CPU they would meet a
+    # CUDA (here meta) gradient and fail. Meta tensors carry shapes and devices, no values.
+    x = torch.randn(2, 4, 7, 6, device="meta")
+    params = {"weight": torch.randn(6, 2, 3, 2, device="meta"), "bias": torch.randn(6, device="meta")}
+    y, pull = vjp(lambda p, x: layers.conv2d(p, x, stride=(2, 1), padding=1, dilation=(1, 2), groups=2,
+                                             impl="explicit"), params, x)
+    dp, dx = pull(torch.randn(y.shape, device="meta"))
+    assert y.device.type == dx.device.type == dp["weight"].device.type == "meta"
+    assert dx.shape == x.shape and dp["weight"].shape == params["weight"].shape
+
+
+@pytest.mark.parametrize("autocast_dtype, bias_dtype", [(torch.bfloat16, torch.float16),
+                                                         (torch.float16, torch.bfloat16), (torch.bfloat16, None)])
+def test_explicit_conv2d_backward_runs_in_the_forwards_autocast_and_returns_each_inputs_dtype(autocast_dtype,
+                                                                                              bias_dtype):
+    # ExplicitConv2d re-enters the forward's autocast in its backward (called here outside it), so
+    # dX = col2im(W^T dY) and dW = sum_n dY X^T are computed, and rounded, in the low precision:
+    # every gradient value is one the autocast dtype holds exactly, then cast to its input's dtype.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 5, generator=g).requires_grad_(True)
+    w = torch.randn(6, 2, 3, 3, generator=g).requires_grad_(True)
+    b = None if bias_dtype is None else torch.randn(6, generator=g).to(bias_dtype).requires_grad_(True)
+    params = {"weight": w} if b is None else {"weight": w, "bias": b}
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        y = layers.conv2d(params, x, padding=1, dilation=(1, 2), groups=2, impl="explicit")
+    dy = torch.randn(y.shape, generator=g).to(y.dtype)
+    inputs = (x, w) if b is None else (x, w, b)
+    grads = torch.autograd.grad(y, inputs, dy)
+    assert [t.dtype for t in grads] == [t.dtype for t in inputs]
+    for got in grads[:2]:
+        assert torch.equal(got, got.to(autocast_dtype).to(got.dtype))
+    # ... and they are the float32 gradients up to that rounding: 2 * 3 * 3 = 18 products (dX) or
+    # 2 * 6 * 5 = 60 (dW) of O(1) numbers, each rounded to 8 (bfloat16) or 11 (float16) bits.
+    want = torch.autograd.grad(layers.conv2d({"weight": w}, x, padding=1, dilation=(1, 2), groups=2),
+                               (x, w), dy.float())
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got, ref, rtol=0.1, atol=0.3)
+    if b is not None:   # db = sum dY, in the bias's dtype
+        assert torch.equal(grads[2], dy.sum(dim=(0, 2, 3)).to(b.dtype))

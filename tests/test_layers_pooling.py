@@ -1,4 +1,7 @@
 """max_pool2d and adaptive_avg_pool2d: both formulations equal torch (outputs, gradients, ties)."""
+import itertools
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,3 +134,66 @@ def test_explicit_max_pool2d_right_padding_is_the_least_that_fits_every_window(k
     last_window_end = (out - 1) * s + d * (k - 1) + 1          # in padded coordinates
     assert right >= p and last_window_end <= p + size + right
     assert right == p or last_window_end == p + size + right
+
+
+def test_max_pool2d_refusals_name_the_layer_and_what_came():
+    # Refusal messages are part of the interface: each names max_pool2d, what it expected and
+    # what it got (as the layout and the argument's name).
+    x = torch.zeros(1, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"^max_pool2d: expected 3-D or 4-D input \(N, C, H, W\) or "
+                                         r"\(C, H, W\), got \(2, 3\)$"):
+        layers.max_pool2d(torch.zeros(2, 3), 2)
+    with pytest.raises(TypeError, match=r"^max_pool2d: expected input to be a torch.Tensor, got list$"):
+        layers.max_pool2d([[[1.0]]], 1)
+    with pytest.raises(ValueError, match=r"^max_pool2d: expected impl to be one of \('fast', 'explicit'\), "
+                                         r"got 'slow'$"):
+        layers.max_pool2d(x, 2, impl="slow")
+    with pytest.raises(ValueError, match=r"^max_pool2d: expected padding >= 0, got -1$"):
+        layers.max_pool2d(x, 2, padding=-1)
+    with pytest.raises(TypeError, match=r"^max_pool2d: expected padding to be an int or a pair of ints, "
+                                        r"got 1.0$"):
+        layers.max_pool2d(x, 2, padding=1.0)
+    with pytest.raises(ValueError, match=r"^max_pool2d: expected dilation >= 1, got \(1, 0\)$"):
+        layers.max_pool2d(x, 2, dilation=(1, 0))
+    with pytest.raises(TypeError, match=r"^max_pool2d: expected dilation to be an int or a pair of ints, "
+                                        r"got '2'$"):
+        layers.max_pool2d(x, 2, dilation="2")
+
+
+@pytest.mark.parametrize("padding", [(2, 0), (0, 2)])
+def test_max_pool2d_refuses_padding_over_half_the_kernel_along_either_axis(padding):
+    # Each axis is checked on its own: one axis over the limit is enough to refuse (torch does too).
+    with pytest.raises(ValueError, match=r"max_pool2d: expected padding at most half of "
+                                         rf"kernel_size=\(2, 2\), got padding={re.escape(str(padding))}"):
+        layers.max_pool2d(torch.zeros(1, 1, 8, 8), 2, padding=padding)
+    layers.max_pool2d(torch.zeros(1, 1, 8, 8), 2, padding=tuple(p // 2 for p in padding))   # at the limit
+
+
+def test_max_pool2d_counts_the_padding_on_both_sides_when_the_kernel_must_fit():
+    # Height 1 padded by 1 on each side is 3 rows; kernel 2 dilated by 3 spans 4: refused, as torch
+    # (which would compute an output height of 0). Height 3 fits (height 2 would leave the first
+    # window's taps at rows -1 and 2, padding only).
+    with pytest.raises(ValueError, match=r"max_pool2d: expected padded input height >= dilated kernel "
+                                         r"height 4 \(kernel_size=2, dilation=3, padding=1\), "
+                                         r"got \(1, 1, 1, 5\)"):
+        layers.max_pool2d(torch.zeros(1, 1, 1, 5), 2, padding=1, dilation=3)
+    x = torch.randn(1, 1, 3, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(layers.max_pool2d(x, 2, padding=1, dilation=3),
+                       F.max_pool2d(x, 2, padding=1, dilation=3))
+
+
+def test_padding_only_window_finds_every_window_of_padding_only_that_torch_would_compute():
+    # pooling._padding_only_window looks only at the windows that start in the leading padding.
+    # Against a look at every one of torch's windows, over every small geometry torch accepts
+    # (padding up to half the *dilated* kernel, torch's own limit, wider than max_pool2d's):
+    # there a later window can be padding only while the first is not (size 2, kernel 2,
+    # stride 1, padding 2, dilation 3: window 1's taps sit at -1 and 2). Within max_pool2d's own
+    # limit (padding <= kernel / 2) only the first window can be padding only, so there the loop
+    # over later windows is never decisive.
+    for size, k, s, p, d, ceil_mode in itertools.product(range(6), range(1, 5), range(1, 4), range(5),
+                                                         range(1, 5), (False, True)):
+        if 2 * p > d * (k - 1) + 1 or d * (k - 1) + 1 > size + 2 * p:
+            continue
+        out = pooling._pool_out_size(size, k, s, p, d, ceil_mode)
+        want = any(not any(0 <= i * s - p + u * d < size for u in range(k)) for i in range(out))
+        assert pooling._padding_only_window(size, k, s, p, d, out) == want, (size, k, s, p, d, ceil_mode)
