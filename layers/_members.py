@@ -199,8 +199,9 @@ class _MemberBatchNorm(torch.autograd.Function):
         running_mean, running_var = _copies(training, running_mean, running_var)
         y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, training, momentum, eps)
-        if not training:   # the buffers themselves, as views (a Function cannot return an input)
-            running_mean, running_var = (t if t is None else t.view_as(t) for t in (running_mean, running_var))
+        if not training:   # the buffers themselves (given: evaluation needs them), as views: a
+            # Function cannot return an input
+            running_mean, running_var = running_mean.view_as(running_mean), running_var.view_as(running_var)
         return y, running_mean, running_var, save_mean, save_invstd
 
     @staticmethod
@@ -215,8 +216,7 @@ class _MemberBatchNorm(torch.autograd.Function):
     def backward(ctx, grad, *_):
         x, weight, running_mean, running_var, save_mean, save_invstd = ctx.saved_tensors
         training, eps = ctx.conf
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-                weight is not None and ctx.needs_input_grad[2]]
+        mask = list(ctx.needs_input_grad[:3])   # False for an absent weight and bias
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
             grad, x, weight, running_mean, running_var, save_mean, save_invstd, training, eps, mask)
         return gx, gw, gb, None, None, None, None, None
@@ -236,7 +236,7 @@ class _MemberBatchNorm(torch.autograd.Function):
                 return None
             return t.movedim(dim, 0).reshape(-1) if dim is not None else t.repeat(members)
         weight, bias, running_mean, running_var = (
-            side_by_side(t, d) for t, d in zip((weight, bias, running_mean, running_var), in_dims[1:5]))
+            side_by_side(t, d) for t, d in zip((weight, bias, running_mean, running_var), in_dims[1:]))
         running_mean, running_var = _copies(training, running_mean, running_var)
         y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, training, momentum, eps)
@@ -253,7 +253,13 @@ def member_batch_norm(x, running_mean, running_var, weight, bias, training, mome
     none were given). Under ``vmap`` with ``x`` batched it is one batch norm of the members'
     channels side by side (module docstring); a statistic or affine parameter given unbatched is
     every member's (so unbatched running buffers come back one per member, where torch's rule
-    refuses to update them in place). Otherwise ``F.batch_norm`` on copies."""
+    refuses to update them in place). Otherwise ``F.batch_norm`` on copies. Evaluation without
+    running statistics is refused, as ``F.batch_norm`` refuses it."""
+    if not training and (running_mean is None or running_var is None):
+        # F.batch_norm refuses this too; aten.native_batch_norm, which the rule calls, would crash
+        raise ValueError("member_batch_norm: expected running_mean and running_var in evaluation "
+                         f"mode (training=False), got {type(running_mean).__name__} and "
+                         f"{type(running_var).__name__}")
     if is_batched(x) and x.dim() >= 2 and (running_mean is None) == (running_var is None):
         y, new_mean, new_var, _, _ = _MemberBatchNorm.apply(
             x, weight, bias, running_mean, running_var, training, momentum, eps)

@@ -296,7 +296,8 @@ def test_member_max_pool_of_one_image_per_member_pools_the_members_as_a_batch():
 
 def test_member_max_pool_outside_vmap_and_its_function_are_f_max_pool2d_forward_and_backward():
     x = torch.randn(2, 3, 7, 7, dtype=D, requires_grad=True)
-    conf = ((3, 2), (2, 1), (1, 1), (2, 1), True)
+    conf = ((3, 2), (2, 2), (1, 0), (2, 1), True)   # ceil_mode adds a last column (4, not 3)
+    assert F.max_pool2d(x, *conf[:4], ceil_mode=False).shape[-1] != F.max_pool2d(x, *conf).shape[-1]
     y = layers._members.member_max_pool2d(x, *conf)
     y2, idx = layers._members._MemberMaxPool2d.apply(x, *conf)
     want = F.max_pool2d(x, *conf)
@@ -384,3 +385,63 @@ def test_member_batch_norm_function_outside_vmap_is_f_batch_norm_forward_and_bac
     assert train or (new_m.data_ptr() == rm.data_ptr() and new_v.data_ptr() == rv.data_ptr())   # eval copies nothing
     for got, ref in zip(torch.autograd.grad(y, (x, w, b), dy), torch.autograd.grad(want, (x, w, b), dy)):
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_member_max_pool_rule_gives_each_members_indices_as_f_max_pool2d(channels_last):
+    # the Function's second output, the indices, must come back per member too (member_max_pool2d
+    # drops them, a caller of the Function may not): K members of (N, C, H, W), and of (C, H, W)
+    g = torch.Generator().manual_seed(5)
+    for shape in ((3, 2, 4, 7, 7), (3, 4, 7, 7)):
+        x = torch.randn(shape, generator=g, dtype=D)
+        if channels_last and len(shape) == 5:
+            x = x.movedim(0, 1).flatten(1, 2).contiguous(memory_format=torch.channels_last).unflatten(1, (3, 4)).movedim(1, 0)
+        conf = ((2, 2), (2, 2), (0, 0), (1, 1), True)
+        y, idx = vmap(lambda t: layers._members._MemberMaxPool2d.apply(t, *conf))(x)
+        want = [F.max_pool2d(m, *conf[:4], ceil_mode=True, return_indices=True) for m in x]
+        assert torch.equal(y, torch.stack([w[0] for w in want]))
+        assert torch.equal(idx, torch.stack([w[1] for w in want]))
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
+                                   (True, True, False), (True, False, True), (False, True, True)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_member_batch_norm_function_gives_exactly_the_gradients_asked_for(needs, affine):
+    # the backward's output mask: a gradient for each input that needs one, None for the others
+    # (and for an absent weight and bias), as F.batch_norm's
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 4, 5, 5, generator=g, dtype=D).requires_grad_(needs[0])
+    w = torch.randn(4, generator=g, dtype=D).requires_grad_(needs[1]) if affine else None
+    b = torch.randn(4, generator=g, dtype=D).requires_grad_(needs[2]) if affine else None
+    if not any(t is not None and t.requires_grad for t in (x, w, b)):
+        return
+    inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    y = layers._members._MemberBatchNorm.apply(x, w, b, torch.zeros(4, dtype=D), torch.ones(4, dtype=D), True, 0.1, 1e-5)[0]
+    want = F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
+    dy = torch.randn(y.shape, generator=g, dtype=D)
+    for got, ref in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(want, inputs, dy)):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_member_batch_norm_statistics_are_not_differentiable_and_outside_vmap_it_is_f_batch_norm(monkeypatch):
+    # the running statistics (and the saved batch statistics) carry no gradient; outside vmap,
+    # and for an unbatched input, member_batch_norm is F.batch_norm on copies, not the Function
+    x = torch.randn(3, 4, 5, 5, dtype=D, requires_grad=True)
+    w, b = torch.ones(4, dtype=D, requires_grad=True), torch.zeros(4, dtype=D, requires_grad=True)
+    outs = layers._members._MemberBatchNorm.apply(x, w, b, torch.zeros(4, dtype=D), torch.ones(4, dtype=D), True, 0.1, 1e-5)
+    assert outs[0].requires_grad and not any(t.requires_grad for t in outs[1:])
+    monkeypatch.setattr(layers._members._MemberBatchNorm, "apply", staticmethod(lambda *a: 1 / 0))
+    y, m, v = layers._members.member_batch_norm(x, torch.zeros(4, dtype=D), torch.ones(4, dtype=D), w, b, True, 0.1, 1e-5)
+    assert torch.equal(y, F.batch_norm(x, torch.zeros(4, dtype=D), torch.ones(4, dtype=D), w, b, True, 0.1, 1e-5))
+    assert not m.requires_grad and not v.requires_grad
+
+
+def test_member_batch_norm_refuses_evaluation_without_running_statistics_naming_itself():
+    # as F.batch_norm refuses it; the rule's aten.native_batch_norm would crash the process
+    xs = torch.randn(2, 3, 4, 5, 5)
+    for x in (xs[0], ):
+        with pytest.raises(ValueError, match=r"^member_batch_norm: expected running_mean and running_var "
+                                             r"in evaluation mode \(training=False\), got NoneType and NoneType$"):
+            layers._members.member_batch_norm(x, None, None, None, None, False, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="member_batch_norm: expected running_mean"):
+        vmap(lambda t: layers._members.member_batch_norm(t, None, None, None, None, False, 0.1, 1e-5))(xs)
