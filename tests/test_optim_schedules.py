@@ -241,3 +241,34 @@ def test_multistep_schedule_refuses_bad_arguments_naming_itself_and_the_argument
     ]:
         with pytest.raises(error, match="^" + match):
             call()
+
+
+def test_join_schedules_refuses_bad_arguments_naming_itself_and_the_argument():
+    J, c = optim.join_schedules, optim.constant_schedule(1.0)
+    for call, error, match in [
+        (lambda: J([c, c], [-1]), ValueError, r"join_schedules: expected each boundary to be an integer >= 0, got -1$"),
+        (lambda: J([c, c], [2.5]), ValueError, r"join_schedules: expected each boundary to be an integer >= 0, got 2.5$"),
+        (lambda: J([c, 0.5], [3]), TypeError, r"join_schedules: expected schedule 1 to be callable, got float$"),
+        (lambda: J([c, c], [3])(-1), ValueError, r"join_schedules: expected the step to be an integer >= 0, got -1$"),
+    ]:
+        with pytest.raises(error, match="^" + match):
+            call()
+
+
+def test_join_schedules_with_a_boundary_at_step_0_runs_the_next_schedule_from_step_0():
+    first, second = optim.constant_schedule(1.0), optim.exponential_schedule(1.0, 0.5)
+    joined = optim.join_schedules([first, second], [0])
+    assert [joined(t) for t in range(5)] == [second(t) for t in range(5)]
+    t = torch.arange(5)   # the tensor step selects the same piece
+    assert torch.equal(joined(t), torch.tensor([second(i) for i in range(5)], dtype=torch.float64))
+
+
+def test_warmup_cosine_schedule_defaults_start_at_a_thousandth_of_the_peak_and_anneal_to_zero():
+    warmup, decay = 5, 10
+    ours = optim.warmup_cosine_schedule(2.0, warmup, decay)
+
+    def make(o):
+        return S.SequentialLR(o, [S.LinearLR(o, 1e-3, 1.0, warmup), S.CosineAnnealingLR(o, decay)],
+                              milestones=[warmup])
+    assert_schedule_matches(ours, torch_values(2.0, make, n=warmup + decay + 1), 2.0)
+    assert ours(0) == 2e-3 and ours(warmup + decay) == 0.0
