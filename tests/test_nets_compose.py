@@ -7,7 +7,9 @@ eval needs none; dropout is deterministic per key; ``apply`` modifies nothing; i
 gradients) and ``torch.compile``.
 """
 import functools
+import math
 import os
+import re
 import time
 
 import pytest
@@ -437,3 +439,89 @@ def test_max_pool_names_itself_and_each_bad_argument_and_takes_a_one_by_one_wind
         MaxPool2d(2, (1, 0))
     with pytest.raises(TypeError, match=r"^MaxPool2d\(2\): expected stride to be an int or a pair"):
         MaxPool2d(2, "1")
+
+
+def test_linear_layer_matches_nn_linear_and_names_itself_and_each_bad_argument():
+    k = layers.random.key(5)
+    layer = Linear(3, 2)
+    assert (layer.op, layer.kind) == ("Linear", "Linear(3, 2)")
+    params, state = layer.init(k, dtype=torch.float64)
+    twin = nn.Linear(3, 2, dtype=torch.float64)
+    assert state == {} and {n: (tuple(p.shape), p.dtype) for n, p in params.items()} == \
+        {n: (tuple(p.shape), p.dtype) for n, p in twin.named_parameters()}
+    assert layer.param_shapes == {n: tuple(p.shape) for n, p in twin.named_parameters()}
+    with torch.no_grad():
+        twin.weight.copy_(params["weight"]), twin.bias.copy_(params["bias"])
+    for shape in ((4, 3), (3,), (2, 5, 3), torch.Size([1, 3])):
+        x = torch.randn(shape, dtype=torch.float64)
+        y, _ = layer.apply(params, state, x, train=False)
+        assert torch.equal(y, twin(x))  # the same F.linear call: bit for bit
+        declared = layer.output_shape(shape)
+        assert declared == tuple(y.shape) and type(declared) is tuple and all(type(s) is int for s in declared)
+        assert layer.macs(shape) == y.numel() * 3  # nets.summary: one multiply-add per output and input
+    # the scheme, bias flag, dtype and device reach layers.init; a callable gets the same key
+    assert torch.equal(Linear(3, 2, init="normal").init(k)[0]["weight"],
+                       layers.init.linear_params(k, 3, 2, scheme="normal")["weight"])
+    assert set(Linear(3, 2, bias=False).init(k)[0]) == {"weight"} and Linear(3, 2, bias=False).param_shapes == {"weight": (2, 3)}
+    assert {p.device.type for p in Linear(3, 2).init(k, device="meta")[0].values()} == {"meta"}
+    seen = []
+    custom = Linear(3, 2, init=lambda key, *, dtype, device: seen.append((key, dtype, device)) or {})
+    custom.init(k, dtype=torch.float16, device="meta")
+    assert len(seen) == 1 and torch.equal(seen[0][0], k) and seen[0][1:] == (torch.float16, "meta")
+    for bad in ((4,), (2, 3, 4), (3, 2), ()):
+        with pytest.raises(ValueError, match=r"^Linear\(3, 2\): expected input with last dimension 3, got "
+                                             + re.escape(str(bad)) + "$"):
+            layer.output_shape(bad)
+    with pytest.raises(ValueError, match=r"^Linear\(0, 2\): expected in_features to be a positive int, got 0$"):
+        Linear(0, 2)
+    with pytest.raises(ValueError, match=r"^Linear\(3, 0\): expected out_features to be a positive int, got 0$"):
+        Linear(3, 0)
+
+
+def test_batch_norm_layer_matches_nn_batch_norm_and_names_itself_and_each_bad_argument():
+    k = layers.random.key(6)
+    layer = BatchNorm2d(3, momentum=0.5, eps=0.25)
+    assert (layer.op, layer.kind) == ("BatchNorm2d", "BatchNorm2d(3)")
+    params, state = layer.init(k, dtype=torch.float64)
+    twin = nn.BatchNorm2d(3, momentum=0.5, eps=0.25, dtype=torch.float64)
+    assert {n: (tuple(p.shape), p.dtype) for n, p in params.items()} == \
+        {n: (tuple(p.shape), p.dtype) for n, p in twin.named_parameters()}
+    assert {n: (tuple(b.shape), b.dtype) for n, b in state.items()} == \
+        {n: (tuple(b.shape), b.dtype) for n, b in twin.named_buffers()}
+    assert layer.param_shapes == {n: tuple(p.shape) for n, p in twin.named_parameters()}
+    assert layer.state_shapes == {n: tuple(b.shape) for n, b in twin.named_buffers()}
+    for tree in layer.init(k, device="meta"):
+        assert {t.device.type for t in tree.values()} == {"meta"}
+    x = torch.randn(4, 3, 5, 2, dtype=torch.float64)
+    y, new = layer.apply(params, state, x, train=True)
+    # same formula as torch, summed in another order: a few ulps of float64
+    torch.testing.assert_close(y, twin(x), rtol=1e-12, atol=1e-12)
+    for n, b in twin.named_buffers():
+        torch.testing.assert_close(new[n], b, rtol=1e-12, atol=1e-12)
+    for shape in ((4, 3, 5, 2), torch.Size([1, 3, 1, 1])):
+        declared = layer.output_shape(shape)
+        assert declared == tuple(shape) and type(declared) is tuple and all(type(s) is int for s in declared)
+        assert layer.macs(shape) == math.prod(shape)  # nets.summary: one multiply-add per element
+    with pytest.raises(ValueError, match=r"^BatchNorm2d\(3\): expected input with 3 channels, got \(4, 2, 5, 2\)$"):
+        layer.output_shape((4, 2, 5, 2))
+    with pytest.raises(ValueError, match=r"^BatchNorm2d\(3\): expected a 4-D input shape \(N, C, H, W\), "
+                                         r"got \(4, 3\)$"):
+        layer.output_shape((4, 3))
+    with pytest.raises(ValueError, match=r"^BatchNorm2d\(0\): expected num_features to be a positive int, got 0$"):
+        BatchNorm2d(0)
+
+
+def test_flatten_layer_matches_nn_flatten_and_refuses_a_shape_without_a_batch_axis():
+    layer = Flatten()
+    assert (layer.op, layer.kind) == ("Flatten", "Flatten")
+    assert layer.init(layers.random.key(0)) == ({}, {}) and layer.param_shapes == {} == layer.state_shapes
+    for shape in ((2, 3, 4, 5), (2, 7), torch.Size([3, 1, 4])):
+        x = torch.randn(shape, dtype=torch.float64)
+        y, _ = layer.apply({}, {}, x, train=False)
+        assert torch.equal(y, nn.Flatten()(x))
+        declared = layer.output_shape(shape)
+        assert declared == tuple(y.shape) and type(declared) is tuple and all(type(s) is int for s in declared)
+        assert layer.macs(shape) == 0
+    with pytest.raises(ValueError, match=r"^Flatten: expected an input shape with a batch axis and at least "
+                                         r"one more, got \(5,\)$"):
+        layer.output_shape((5,))
