@@ -73,6 +73,18 @@ def _member_finite(tree, members: int) -> torch.Tensor:
 FLAT = "flat buffer"
 
 
+def _each_child(fn, tree):
+    """``fn`` of each child of a namedtuple, tuple, list or dict, in a container of the same
+    type; any other node is returned as it is."""
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(fn(c) for c in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(fn(c) for c in tree)
+    if isinstance(tree, dict):
+        return {k: fn(v) for k, v in tree.items()}
+    return tree
+
+
 class _Flat:
     """Every subtree shaped like ``params`` (same structure: the parameters, the updates, a
     momentum buffer, Adam's moments) as one dict ``{FLAT: (K, P)}``: member k's leaves laid end
@@ -121,26 +133,14 @@ class _Flat:
                 return {FLAT: base}
             cols = [x.reshape(self.members, -1) for x in leaves]
             return {FLAT: torch.cat(cols, 1) if len(cols) > 1 else cols[0]}
-        if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-            return type(tree)(*(self.pack(c) for c in tree))
-        if isinstance(tree, (tuple, list)):
-            return type(tree)(self.pack(c) for c in tree)
-        if isinstance(tree, dict):
-            return {k: self.pack(v) for k, v in tree.items()}
-        return tree
+        return _each_child(self.pack, tree)
 
     def unpack(self, tree):
         if isinstance(tree, dict) and set(tree) == {FLAT}:
             parts = tree[FLAT].split(self.sizes, 1)
             return pytree.tree_unflatten([x.view((x.shape[0],) + s) for x, s in zip(parts, self.shapes)],
                                          self.spec)
-        if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-            return type(tree)(*(self.unpack(c) for c in tree))
-        if isinstance(tree, (tuple, list)):
-            return type(tree)(self.unpack(c) for c in tree)
-        if isinstance(tree, dict):
-            return {k: self.unpack(v) for k, v in tree.items()}
-        return tree
+        return _each_child(self.unpack, tree)
 
 
 def vmapped(make: Callable[..., GradientTransformation], *, flat: bool = False,

@@ -173,28 +173,8 @@ def test_a_layer_handed_other_rows_than_the_axis_says_is_refused_in_one_line():
         layers.dropout(torch.ones(3, 2), p=0.5, train=True, key=jr.key(0))
 
 
-def test_synced_batch_norm_of_one_process_equals_batch_norm_forward_backward_and_state():
-    # all_reduce over one process is the identity: the synced formulation must be batch norm.
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64)
-    params = {"weight": torch.rand(3, generator=g, dtype=torch.float64) + 0.5,
-              "bias": torch.randn(3, generator=g, dtype=torch.float64)}
-    state = layers.init.batch_norm_state(3, dtype=torch.float64)
-
-    def loss(p, x, synced):
-        if synced:
-            with batch_axis(BatchAxis(0, 5, 5, all_reduce=lambda t: t)):
-                y, s = layers.batch_norm(p, state, x, train=True)
-        else:
-            y, s = layers.batch_norm(p, state, x, train=True)
-        return (y * y.detach().sin()).sum(), s
-
-    (gp, gx), s = torch.func.grad(loss, argnums=(0, 1), has_aux=True)(params, x, True)
-    (rp, rx), r = torch.func.grad(loss, argnums=(0, 1), has_aux=True)(params, x, False)
-    # float64, sums of 80 values per channel: only rounding order differs
-    _close(gp, rp, 1e-12)
-    torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
-    _close(s, r, 1e-12)
+# One process against batch norm: tests/test_layers_batch_norm.py
+# (test_synced_batch_norm_of_one_process_has_batch_norms_gradients: forward, backward and state).
 
 
 # --------------------------------------------------------------------------------------------
