@@ -443,5 +443,10 @@ def test_member_batch_norm_refuses_evaluation_without_running_statistics_naming_
         with pytest.raises(ValueError, match=r"^member_batch_norm: expected running_mean and running_var "
                                              r"in evaluation mode \(training=False\), got NoneType and NoneType$"):
             layers._members.member_batch_norm(x, None, None, None, None, False, 0.1, 1e-5)
+    stat = torch.zeros(3)
+    for mean, var, names in ((stat, None, "Tensor and NoneType"), (None, stat, "NoneType and Tensor")):
+        with pytest.raises(ValueError, match=r"^member_batch_norm: expected running_mean and running_var "
+                                             rf"in evaluation mode \(training=False\), got {names}$"):
+            layers._members.member_batch_norm(xs[0], mean, var, None, None, False, 0.1, 1e-5)
     with pytest.raises(ValueError, match="member_batch_norm: expected running_mean"):
         vmap(lambda t: layers._members.member_batch_norm(t, None, None, None, None, False, 0.1, 1e-5))(xs)

@@ -373,15 +373,15 @@ def test_declared_shapes_refuse_inputs_smaller_than_the_kernel_or_not_images_nam
     assert conv.output_shape((1, 3, 3, 1)) == (1, 4, 1, 1)   # padded 5 == dilated kernel 5: one row
     strided = Conv2d(3, 4, 3, stride=2).output_shape((1, 3, 8, 9))   # floor(5 / 2) + 1, floor(6 / 2) + 1
     assert strided == (1, 4, 3, 4) and all(type(s) is int for s in strided)
-    with pytest.raises(ValueError, match=r"Conv2d\(3, 4\): expected padded input height >= dilated kernel "
+    with pytest.raises(ValueError, match=r"^Conv2d\(3, 4\): expected padded input height >= dilated kernel "
                                          r"height 5, got input \(1, 3, 2, 9\)"):
         conv.output_shape((1, 3, 2, 9))
-    with pytest.raises(ValueError, match=r"MaxPool2d\(3\): expected padded input width >= dilated kernel "
+    with pytest.raises(ValueError, match=r"^MaxPool2d\(3\): expected padded input width >= dilated kernel "
                                          r"width 3, got input \(2, 1, 5, 2\)"):
         pool.output_shape((2, 1, 5, 2))
-    with pytest.raises(ValueError, match=r"Conv2d\(3, 4\): expected input with 3 channels, got \(1, 2, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"^Conv2d\(3, 4\): expected input with 3 channels, got \(1, 2, 8, 8\)"):
         conv.output_shape((1, 2, 8, 8))
-    with pytest.raises(ValueError, match=r"MaxPool2d\(3\): expected a 4-D input shape \(N, C, H, W\), "
+    with pytest.raises(ValueError, match=r"^MaxPool2d\(3\): expected a 4-D input shape \(N, C, H, W\), "
                                          r"got \(3, 8, 8\)"):
         pool.output_shape(torch.Size([3, 8, 8]))
 
@@ -525,3 +525,181 @@ def test_flatten_layer_matches_nn_flatten_and_refuses_a_shape_without_a_batch_ax
     with pytest.raises(ValueError, match=r"^Flatten: expected an input shape with a batch axis and at least "
                                          r"one more, got \(5,\)$"):
         layer.output_shape((5,))
+
+
+def test_conv_layer_matches_nn_conv2d_and_names_itself_and_each_bad_argument():
+    k = layers.random.key(7)
+    layer = Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)
+    assert (layer.op, layer.kind) == ("Conv2d", "Conv2d(4, 6, 3x2, stride 2, pad 1)")
+    assert Conv2d(4, 6, 3, bias=False).kind == "Conv2d(4, 6, 3x3, stride 1, pad 0, no bias)"
+    params, state = layer.init(k, dtype=torch.float64)
+    twin = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2,
+                     dtype=torch.float64)
+    assert state == {} and {n: (tuple(p.shape), p.dtype) for n, p in params.items()} == \
+        {n: (tuple(p.shape), p.dtype) for n, p in twin.named_parameters()}
+    assert layer.param_shapes == {n: tuple(p.shape) for n, p in twin.named_parameters()}
+    assert all(type(s) is int for s in layer.param_shapes["weight"])
+    with torch.no_grad():
+        twin.weight.copy_(params["weight"]), twin.bias.copy_(params["bias"])
+    for shape in ((2, 4, 7, 9), torch.Size([1, 4, 2, 3])):
+        x = torch.randn(shape, dtype=torch.float64)
+        y, _ = layer.apply(params, state, x, train=False)
+        assert torch.equal(y, twin(x))  # the same F.conv2d call with the same arguments: bit for bit
+        declared = layer.output_shape(shape)
+        assert declared == tuple(y.shape) and type(declared) is tuple and all(type(s) is int for s in declared)
+        # nets.summary: each output sums (C_in / groups) * kh * kw products
+        assert layer.macs(shape) == y.numel() * (4 // 2) * 3 * 2 and type(layer.macs(shape)) is int
+    # the scheme, bias flag, groups, dtype and device reach layers.init; a callable gets the same key
+    assert torch.equal(Conv2d(4, 6, 3, init="normal", groups=2).init(k)[0]["weight"],
+                       layers.init.conv2d_params(k, 4, 6, 3, groups=2, scheme="normal")["weight"])
+    assert set(Conv2d(4, 6, 3, bias=False).init(k)[0]) == {"weight"}
+    assert {p.device.type for p in Conv2d(4, 6, 3).init(k, device="meta")[0].values()} == {"meta"}
+    seen = []
+    custom = Conv2d(4, 6, 3, init=lambda key, *, dtype, device: seen.append((key, dtype, device)) or {})
+    assert custom.init(k, dtype=torch.float16, device="meta") == ({}, {})
+    assert len(seen) == 1 and torch.equal(seen[0][0], k) and seen[0][1:] == (torch.float16, "meta")
+    # every refusal names the layer, the argument and what came
+    with pytest.raises(ValueError, match=r"^Conv2d\(4, 6\): expected padded input width >= dilated kernel width 3, "
+                       r"got input \(1, 4, 9, 2\)$"):
+        layer.output_shape((1, 4, 9, 2))
+    for name, value in (("in_channels", 0), ("out_channels", 0), ("groups", 0)):
+        kwargs = {"in_channels": 4, "out_channels": 6, "groups": 1, name: value}
+        where = re.escape(f"Conv2d({kwargs['in_channels']}, {kwargs['out_channels']})")
+        with pytest.raises(ValueError, match=rf"^{where}: expected {name} to be a positive int, got 0$"):
+            Conv2d(kwargs["in_channels"], kwargs["out_channels"], 3, groups=kwargs["groups"])
+    for name, minimum in (("kernel_size", 1), ("stride", 1), ("padding", 0), ("dilation", 1)):
+        kwargs = {"kernel_size": 3, name: (1, minimum - 1)}
+        with pytest.raises(ValueError, match=rf"^Conv2d\(4, 6\): expected {name} >= {minimum}, "
+                                             rf"got \(1, {minimum - 1}\)$"):
+            Conv2d(4, 6, **kwargs)
+        kwargs[name] = "2"
+        with pytest.raises(TypeError, match=rf"^Conv2d\(4, 6\): expected {name} to be an int or a pair of ints, "
+                                            r"got '2'$"):
+            Conv2d(4, 6, **kwargs)
+    # groups must divide both channel counts: each alone is refused
+    for c_in, c_out in ((4, 6), (3, 6), (4, 3)):
+        if c_in % 2 == 0 and c_out % 2 == 0:
+            continue
+        with pytest.raises(ValueError, match=rf"^Conv2d\({c_in}, {c_out}\): expected groups to divide "
+                                             r"in_channels and out_channels, got groups=2$"):
+            Conv2d(c_in, c_out, 3, groups=2)
+    with pytest.raises(ValueError, match=r"^Conv2d\(4, 6\): expected init to be one of .* or a callable, "
+                                         r"got 'nope'$"):
+        Conv2d(4, 6, 3, init="nope")
+
+
+def test_relu_and_adaptive_pool_layers_match_torch_nn_and_name_themselves():
+    relu = ReLU()
+    assert (relu.op, relu.kind) == ("ReLU", "ReLU")
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    assert torch.equal(relu.apply({}, {}, x, train=True)[0], nn.ReLU()(x))
+    assert relu.output_shape(torch.Size([2, 3])) == (2, 3) and relu.macs((2, 3)) == 0
+    pool = AdaptiveAvgPool2d((2, 3))
+    assert (pool.op, pool.kind) == ("AdaptiveAvgPool2d", "AdaptiveAvgPool2d(2x3)")
+    assert AdaptiveAvgPool2d(2).kind == "AdaptiveAvgPool2d(2x2)"
+    y, _ = pool.apply({}, {}, x, train=False)
+    assert torch.equal(y, nn.AdaptiveAvgPool2d((2, 3))(x))  # same kernel: bit for bit
+    assert pool.output_shape(torch.Size([2, 3, 5, 4])) == tuple(y.shape) == (2, 3, 2, 3)
+    assert pool.macs((2, 3, 5, 4)) == 0
+    with pytest.raises(ValueError, match=r"^AdaptiveAvgPool2d\(\(2, 3\)\): expected a 4-D input shape "
+                                         r"\(N, C, H, W\), got \(2, 3\)$"):
+        pool.output_shape((2, 3))
+    with pytest.raises(ValueError, match=r"^AdaptiveAvgPool2d\(0\): expected output_size >= 1, got 0$"):
+        AdaptiveAvgPool2d(0)
+    with pytest.raises(TypeError, match=r"^AdaptiveAvgPool2d\(None\): expected output_size to be an int or "
+                                        r"a pair of ints, got None$"):
+        AdaptiveAvgPool2d(None)
+
+
+# ----------------------------------------------------------------------------- the Sequential and Net records
+# serial's record and as_net's Net pinned whole: kind and op, children's keys, the shape and
+# multiply-add rules chained through the children, the device rule, and every refusal message.
+
+def _conv_to_linear_children():
+    return (Conv2d(3, 4, 3, padding=1), BatchNorm2d(4), ReLU(), MaxPool2d(2), Flatten(), Dropout(0.5),
+            Linear(4 * 4 * 4, 5))
+
+
+def test_serial_is_a_sequential_record_chaining_its_childrens_shapes_costs_and_keys():
+    flat = serial(*_conv_to_linear_children())
+    a = _conv_to_linear_children()
+    nested = serial(features=serial(*a[:4]), classifier=serial(*a[4:]))
+    shape = (2, 3, 8, 8)
+    # conv: each of 2*4*8*8 outputs sums 3*3*3 products; batch norm one per element; the pool,
+    # ReLU, Flatten and Dropout none; Linear 2*5 outputs of 64 products each
+    macs = 2 * 4 * 8 * 8 * 3 * 3 * 3 + 2 * 4 * 8 * 8 + 2 * 5 * 64
+    k = layers.random.key(11)
+    for layer, n in ((flat, 7), (nested, 2)):
+        assert (layer.kind, layer.op, layer.stochastic) == ("Sequential", "Sequential", True)
+        assert layer.output_shape(shape) == (2, 5) and layer.output_shape(torch.Size([1, 3, 8, 8])) == (1, 5)
+        assert layer.macs(shape) == macs and type(layer.macs(shape)) is int
+        assert torch.equal(torch.stack(list(layer.child_keys(k))), layers.random.split(k, n))
+        net = as_net(layer, name="seq")
+        assert net.layer is layer and net.name == "seq"
+        params, state = net.init(k, dtype=torch.float64)
+        y, _ = net.apply(params, state, torch.randn(shape, dtype=torch.float64), train=False)
+        assert tuple(y.shape) == layer.output_shape(shape)
+    for stochastic in (serial(ReLU(), Dropout(0.0)), serial(a=serial(ReLU()), b=serial(Flatten()))):
+        assert stochastic.stochastic is False
+    assert serial(a=serial(ReLU()), b=serial(Dropout(0.25))).stochastic is True
+    with pytest.raises(ValueError, match=r"^Linear\(64, 5\): expected input with last dimension 64, "
+                                         r"got \(2, 48\)$"):
+        flat.macs((2, 3, 6, 8))
+
+
+def test_init_puts_every_tensor_on_the_given_device_or_else_the_keys():
+    """Batch-norm state is made with torch.zeros: it lands on the key's device only if the
+    device is handed down through as_net and every serial."""
+    def all_on(trees):
+        return {v.device.type for tree in trees for v in tree.values()}
+
+    net = as_net(serial(body=serial(Linear(2, 3), BatchNorm2d(3))), name="dev")
+    assert all_on(net.init(layers.random.key(0, device="meta"))) == {"meta"}
+    assert all_on(net.init(layers.random.key(0), device="meta")) == {"meta"}
+    assert all_on(net.init(layers.random.key(0))) == {"cpu"}
+    assert all_on(net.layer.init(layers.random.key(0), device="meta")) == {"meta"}
+
+
+def test_compose_refusals_name_the_net_or_serial_and_what_came_whole():
+    net = tiny_net()
+    params, state = net.init(layers.random.key(0))
+    x, _ = _inputs(0, dtype=torch.float32)
+    key_msg = r"expected a random key \(int64 tensor of shape \(2,\) from layers.random.key\), got "
+    with pytest.raises(TypeError, match=r"^tiny.apply: expected params to be a dict of tensors, got list$"):
+        net.apply(list(params.values()), state, x, train=False)
+    with pytest.raises(TypeError, match=r"^tiny.apply: expected state to be a dict of tensors, got tuple$"):
+        net.apply(params, (), x, train=False)
+    with pytest.raises(TypeError, match=r"^as_net: expected a nets.compose.Layer, got ReLU$"):
+        as_net(nn.ReLU(), name="torch")
+    with pytest.raises(ValueError, match=rf"^tiny.init: {key_msg}torch.int64 tensor of shape \(3,\)$"):
+        net.init(torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"^tiny.init: expected a floating dtype, got torch.int64$"):
+        net.init(layers.random.key(0), dtype=torch.int64)
+    with pytest.raises(ValueError, match=rf"^serial.init: {key_msg}torch.float32 tensor of shape \(2,\)$"):
+        net.layer.init(torch.zeros(2))
+    with pytest.raises(TypeError, match=r"^serial: expected layers either all positional or all by keyword, "
+                                        r"got both$"):
+        serial(ReLU(), head=ReLU())
+    with pytest.raises(ValueError, match=r"^serial: expected at least one layer, got none$"):
+        serial()
+
+
+def test_init_refuses_a_layer_initialiser_that_makes_other_names_saying_params_or_state():
+    def extra(key, *, dtype, device):
+        return {"weight": torch.zeros(2, 3, dtype=dtype), "bias": torch.zeros(2, dtype=dtype),
+                "scale": torch.ones((), dtype=dtype)}
+
+    with pytest.raises(ValueError, match=r"^wrong.init: expected params with the 2 keys of init, got 3 keys "
+                                         r"\(missing \[\], unexpected \['0.scale'\]\)$"):
+        as_net(serial(Linear(3, 2, init=extra)), name="wrong").init(layers.random.key(0))
+    bn = BatchNorm2d(2)
+    stateless = bn._replace(init=lambda key, *, dtype, device: (bn.init(key, dtype=dtype, device=device)[0], {}))
+    with pytest.raises(ValueError, match=r"^bn.init: expected state with the 3 keys of init, got 0 keys "
+                                         r"\(missing \['0.num_batches_tracked', '0.running_mean', "
+                                         r"'0.running_var'\], unexpected \[\]\)$"):
+        as_net(serial(stateless), name="bn").init(layers.random.key(0))
+    flat_var = bn._replace(init=lambda key, *, dtype, device: (
+        bn.init(key)[0], {**bn.init(key)[1], "running_var": torch.ones(1, 2)}))
+    with pytest.raises(ValueError, match=r"^bn.init: a layer initialiser made state of the wrong shape: "
+                                         r"\['0.running_var: declared \(2,\), made \(1, 2\)'\]$"):
+        as_net(serial(flat_var), name="bn").init(layers.random.key(0))

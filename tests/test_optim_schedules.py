@@ -256,11 +256,17 @@ def test_join_schedules_refuses_bad_arguments_naming_itself_and_the_argument():
 
 
 def test_join_schedules_with_a_boundary_at_step_0_runs_the_next_schedule_from_step_0():
-    first, second = optim.constant_schedule(1.0), optim.exponential_schedule(1.0, 0.5)
+    # the first piece differs from the second at step 0, so a boundary taken as "t > b" shows
+    first, second = optim.constant_schedule(3.0), optim.exponential_schedule(1.0, 0.5)
     joined = optim.join_schedules([first, second], [0])
     assert [joined(t) for t in range(5)] == [second(t) for t in range(5)]
     t = torch.arange(5)   # the tensor step selects the same piece
     assert torch.equal(joined(t), torch.tensor([second(i) for i in range(5)], dtype=torch.float64))
+    # a later boundary: the step equal to it is already the next piece's step 0, tensor or int
+    joined = optim.join_schedules([first, second, first], [2, 4])
+    expected = [3.0, 3.0, 1.0, 0.5, 3.0, 3.0]
+    assert [joined(t) for t in range(6)] == expected
+    assert torch.equal(joined(torch.arange(6)), torch.tensor(expected, dtype=torch.float64))
 
 
 def test_warmup_cosine_schedule_defaults_start_at_a_thousandth_of_the_peak_and_anneal_to_zero():
