@@ -108,8 +108,8 @@ class ExplicitConv2d(torch.autograd.Function):
         cols = cols.reshape(n, groups, in_per_group * kh * kw, ho * wo)
         w = weight.reshape(groups, out_ch // groups, in_per_group * kh * kw)
         y = (w @ cols).reshape(n, out_ch, ho, wo)                          # (N, G, O/G, L) matmul
-        if bias is not None:
-            y = y + bias.reshape(1, out_ch, 1, 1)
+        if bias is not None:   # under torch.autocast y is in autocast's dtype: F.conv2d casts the bias too
+            y = y + bias.reshape(1, out_ch, 1, 1).to(y.dtype)
         return y
 
     @staticmethod

@@ -55,8 +55,8 @@ class ExplicitLinear(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias):
         y = x @ weight.T
-        if bias is not None:
-            y = y + bias
+        if bias is not None:   # under torch.autocast y is in autocast's dtype: F.linear casts the bias too
+            y = y + bias.to(y.dtype)
         return y
 
     @staticmethod

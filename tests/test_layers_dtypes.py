@@ -226,6 +226,8 @@ def test_autocast_mixes_reach_conv2d_and_linear_and_agree_with_float32(x_dtype, 
     mixed = {k: v.to(w_dtype) for k, v in params.items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = fn(mixed, x.to(x_dtype), impl=impl)
+        fast = fn(mixed, x.to(x_dtype), impl="fast")
+    assert y.dtype == fast.dtype == torch.bfloat16   # both formulations end in autocast's dtype
     # bfloat16 products (8 mantissa bits) summed over <= 18 terms of magnitude ~1: ~5e-2 absolute
     torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=1e-1)
 
