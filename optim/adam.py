@@ -121,7 +121,7 @@ def scale_by_adam(lr=1e-3, b1=0.9, b2=0.999, eps: float = 1e-8,
         denom = foreach("div", denom, bias_correction2_sqrt, in_place=True,
                         leafwise=_tensors(bias_correction2_sqrt))
         denom = foreach("add", denom, eps, in_place=True)
-        new_state = ScaleByAdamState(count_tensor(t), rate_tensor(schedule(t)),
+        new_state = ScaleByAdamState(count_tensor(state.count + 1), rate_tensor(schedule(t)),
                                      unflatten(mu, spec, state.mu, donate),
                                      unflatten(nu, spec, state.nu, donate), nu_max_tree)
         return AdamMoments(mu=mu, denom=denom, step_sizes=step_sizes, state=new_state)
@@ -164,7 +164,7 @@ def scale_by_adam(lr=1e-3, b1=0.9, b2=0.999, eps: float = 1e-8,
         if len(mu_old) != len(g) or len(nu_old) != len(g):
             raise ValueError(f"{fn}: expected moments for {len(g)} leaves, got {len(mu_old)}: was "
                              "the state made by init on these params?")
-        count = step_count(state.count, lr, b1, b2, weight_decay)
+        count = step_count(state.count, lr, b1, b2, weight_decay, device=g[0].device if g else None)
         rate = schedule(count)
         rate = rate if isinstance(rate, torch.Tensor) else float(rate)
         decayed = []
@@ -174,7 +174,7 @@ def scale_by_adam(lr=1e-3, b1=0.9, b2=0.999, eps: float = 1e-8,
             decayed = [i for i, d in enumerate(decay) if d]
         if not g:
             return (params if mode.new_params else updates), state._replace(
-                count=count_tensor(count + 1), lr=rate_tensor(schedule(count + 1))), True
+                count=count_tensor(state.count + 1), lr=rate_tensor(schedule(count + 1))), True
         nu_max_old = tensor_leaves(fn, "state.nu_max", state.nu_max)[0] if amsgrad else None
         m = moments(g, spec, state, mu_old, nu_old, nu_max_old, count + 1, rate, mode.donate)
         if mode.new_params:

@@ -150,13 +150,16 @@ def rate_tensor(rate) -> torch.Tensor:
     return torch.tensor(float(rate), dtype=torch.float64)
 
 
-def step_count(count: torch.Tensor, *hypers):
+def step_count(count: torch.Tensor, *hypers, device=None):
     """The number of updates done, ``count``, as a Python int where it can be read on the host
-    (the scalar path: bit-identical to torch.optim's), else the tensor itself: under a torch.func
-    transform, or when a hyperparameter is a tensor (the tensor path, which never reads a value
-    on the host)."""
+    (the scalar path: bit-identical to torch.optim's), else the tensor itself, moved to
+    ``device`` when one is given: under a torch.func transform, or when a hyperparameter is a
+    tensor (the tensor path, which never reads a value on the host). ``device`` is the
+    updates' device: ``init`` makes the counter on the CPU, and under ``vmap`` the members'
+    counters are no longer a CPU scalar that a GPU kernel accepts. The state's next counter
+    is ``state.count + 1``, on the host as before (no copy back)."""
     if is_traced(count) or any(is_tensor_hyper(h) for h in hypers):
-        return count
+        return count if device is None else count.to(device)
     return int(count)
 
 

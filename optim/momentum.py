@@ -47,9 +47,9 @@ def trace(momentum, dampening: float = 0.0, nesterov: bool = False) -> GradientT
         if len(bufs_old) != len(g):
             raise ValueError(f"{fn}: expected a momentum buffer per update leaf ({len(g)}), "
                              f"got {len(bufs_old)}: was the state made by init on these params?")
-        t = step_count(state.count, momentum)
+        t = step_count(state.count, momentum, device=g[0].device if g else None)
         if not g:
-            return updates, TraceState(count_tensor(t + 1), state.momentum_buffer), mode.updates_owned
+            return updates, TraceState(count_tensor(state.count + 1), state.momentum_buffer), mode.updates_owned
         if isinstance(t, torch.Tensor):   # the tensor path: no host read of the count
             later = foreach("mul", bufs_old, momentum, in_place=False)
             later = foreach("add", later, g, alpha=1 - dampening, in_place=True)
@@ -64,7 +64,7 @@ def trace(momentum, dampening: float = 0.0, nesterov: bool = False) -> GradientT
         else:                        # b_t = mu b_{t-1} + (1 - dampening) g
             bufs = foreach("mul", bufs_old, momentum, in_place=mode.donate)
             bufs = foreach("add", bufs, g, alpha=1 - dampening, in_place=True)
-        new_state = TraceState(count_tensor(t + 1),
+        new_state = TraceState(count_tensor(state.count + 1),
                                unflatten(bufs, spec, state.momentum_buffer, mode.donate))
         if not nesterov:
             return new_state.momentum_buffer, new_state, False   # the state itself

@@ -56,10 +56,10 @@ def scale_by_learning_rate(lr) -> GradientTransformation:
             d, p, spec = flatten_like(fn, "updates", updates, "params", params)
         else:
             d, spec = tensor_leaves(fn, "updates", updates)
-        t = step_count(state.count, lr)
+        t = step_count(state.count, lr, device=d[0].device if d else None)
         rate = schedule(t)
         rate = rate if isinstance(rate, torch.Tensor) else float(rate)
-        new_state = LearningRateState(count_tensor(t + 1), rate_tensor(schedule(t + 1)))
+        new_state = LearningRateState(count_tensor(state.count + 1), rate_tensor(schedule(t + 1)))
         if mode.new_params:   # p + (-lr_t) d
             return unflatten(foreach("add", p, d, alpha=-rate, in_place=mode.donate), spec, params,
                              mode.donate), new_state, True

@@ -304,3 +304,42 @@ def test_a_tensor_step_gives_a_value_on_its_own_device(name):
     # on another device (the milestones), would fail here as it would on a GPU
     out = SCHEDULES[name]()(torch.tensor(3, device="meta"))
     assert out.device.type == "meta" and out.dtype == torch.float64 and out.dim() == 0
+
+
+def _counters(state):
+    """The ``count`` leaf of every stage's state in a (nested) optimizer state."""
+    if hasattr(state, "_fields"):
+        own = [state.count] if "count" in state._fields else []
+        return own + [c for f in state for c in _counters(f)]
+    if isinstance(state, (tuple, list)):
+        return [c for f in state for c in _counters(f)]
+    return []
+
+
+@pytest.mark.parametrize("name", ["sgd momentum", "sgd nesterov", "adam", "adamw", "sgd schedule", "adam schedule"])
+def test_members_steps_run_on_the_parameters_device_though_init_makes_the_counter_on_the_cpu(name):
+    # The meta device stands in for a GPU: init makes the step counter on the CPU, and under vmap the
+    # members' counters are a (K,) CPU tensor that a kernel on another device refuses. The steps run,
+    # through update and the fused step alike; every leaf they return is on the parameters' device,
+    # but the counters, which stay on the host where init made them (no copy back each step).
+    K, dev = 3, "meta"
+    h = lambda v: torch.full((K,), v, dtype=torch.float64, device=dev)   # noqa: E731
+    make, hypers = {
+        "sgd momentum": (lambda lr, m: optim.sgd(lr, momentum=m), (h(0.1), h(0.9))),
+        "sgd nesterov": (lambda lr, m: optim.sgd(lr, momentum=m, nesterov=True, weight_decay=1e-4), (h(0.1), h(0.9))),
+        "adam": (lambda lr, b1, b2: optim.adam(lr, betas=(b1, b2)), (h(1e-3), h(0.9), h(0.999))),
+        "adamw": (lambda lr, wd: optim.adamw(lr, weight_decay=wd), (h(1e-3), h(0.01))),
+        "sgd schedule": (lambda peak: optim.sgd(optim.cosine_annealing_schedule(peak, 10), momentum=0.9), (h(0.1),)),
+        "adam schedule": (lambda peak: optim.adam(optim.cosine_annealing_schedule(peak, 10)), (h(0.1),)),
+    }[name]
+    params = {"w": torch.zeros(K, 4, device=dev), "b": torch.zeros(K, 2, device=dev)}
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    state = vmap(lambda *a: make(*a[:-1]).init(a[-1]))(*hypers, params)
+    for _ in range(2):
+        updates, state = vmap(lambda *a: make(*a[:-3]).update(*a[-3:]))(*hypers, grads, state, params)
+        new_params, _ = vmap(lambda *a: optim.step(make(*a[:-3]), *a[-3:]))(*hypers, grads, state, params)
+        counters = _counters(state)
+        assert counters and all(c.device.type == "cpu" and c.dtype == torch.int64 for c in counters)
+        rest = [x for x in torch.utils._pytree.tree_leaves((updates, state, new_params))
+                if not any(x is c for c in counters)]
+        assert {x.device.type for x in rest} == {dev}

@@ -283,7 +283,7 @@ def test_a_flat_step_refuses_what_a_leaf_by_leaf_step_refuses_with_the_same_erro
     params = BAD_PARAMS[bad]
     errors = []
     for flat in (False, True):
-        opt = optim.vmapped(lambda lr: optim.sgd(lr), flat=flat, lr=torch.tensor([0.1, 0.2]))
+        opt = optim.vmapped(make, flat=flat, lr=torch.tensor([0.1, 0.2]))
         state = opt.init({"w": torch.ones(2, 3), "b": torch.ones(2)})
         with pytest.raises(ValueError) as e:
             optim.step(opt, pytree.tree_map(torch.ones_like, params), state, params)
@@ -345,8 +345,10 @@ def test_a_step_where_every_member_is_finite_skips_the_freezing_pass(flat):
     assert finite.count == 0 and diverging.count > 0
 
 
+@pytest.mark.parametrize("make", [lambda lr: optim.sgd(lr), lambda lr: optim.sgd(lr, momentum=0.9, nesterov=True),
+                                  lambda lr: optim.adamw(lr)], ids=["sgd", "sgd nesterov", "adamw"])
 @pytest.mark.parametrize("flat", [False, True])
-def test_a_compiled_step_keeps_the_divergence_flags_on_the_host_and_the_rest_on_the_parameters_device(flat, monkeypatch):
+def test_a_compiled_step_keeps_the_divergence_flags_on_the_host_and_the_rest_on_the_parameters_device(flat, make, monkeypatch):
     # torch.compile traces the step with fake tensors and is_compiling() True (no host read: the
     # freeze always runs). Traced so here, with fake CUDA tensors, a CPU-only machine checks the
     # device moves of a GPU run: `diverged` is made by init on the host, the members' flags on
@@ -357,7 +359,7 @@ def test_a_compiled_step_keeps_the_divergence_flags_on_the_host_and_the_rest_on_
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with FakeTensorMode():
         cuda = torch.device("cuda", 0)
-        opt = optim.vmapped(lambda lr: optim.sgd(lr), flat=flat,
+        opt = optim.vmapped(make, flat=flat,
                             lr=torch.tensor([0.1, 0.2], dtype=torch.float64, device=cuda))
         params = {"w": torch.ones(2, 3, 2, device=cuda), "b": torch.zeros(2, 3, device=cuda)}
         state = opt.init(params)
