@@ -248,9 +248,11 @@ def _overlapping_views():
 @pytest.mark.parametrize("case, match", [
     (lambda: (optim.sgd(0.1), _tree(1), optim.sgd(0.1).init(_tree()),
               {"a": torch.zeros(3, dtype=torch.float64, requires_grad=True), "b": torch.zeros(3, dtype=torch.float64)}),
-     r"step: donate=True expected tensors that do not require grad, got one in params at 'a'"),
+     r"^step: donate=True expected tensors that do not require grad, got one in params at 'a': "
+     r"differentiating through the step needs the old values \(use donate=False\)$"),
     (_requires_grad_state,
-     r"step: donate=True expected tensors that do not require grad, got one in state at '0/momentum_buffer/b'"),
+     r"^step: donate=True expected tensors that do not require grad, got one in state at "
+     r"'0/momentum_buffer/b': differentiating through the step needs the old values \(use donate=False\)$"),
     (lambda: (optim.sgd(0.1), _tree(1), optim.sgd(0.1).init(_tree()), _shared(_tree(), "b", "a")),
      r"step: donate=True expected donated tensors that share no memory with each other or with "
      r"grads, got params at 'b' overlapping params at 'a'"),
@@ -283,8 +285,9 @@ def test_donation_refuses_torch_func_wrapped_tensors():
         p = {"w": w}
         new, _ = optim.step(opt, {"w": torch.ones_like(w)}, opt.init(p), p, donate=True)
         return new["w"].sum()
-    with pytest.raises(ValueError, match=r"step: donate=True expected plain tensors, got a "
-                                         r"torch.func-wrapped tensor in .*'w'"):
+    with pytest.raises(ValueError, match=r"^step: donate=True expected plain tensors, got a "
+                                         r"torch.func-wrapped tensor in grads at 'w': inside "
+                                         r"torch.func transforms the step must be pure \(donate=False\)$"):
         torch.func.grad(loss_after_step)(torch.ones(3, dtype=torch.float64))
 
 
@@ -302,3 +305,136 @@ def test_update_and_apply_updates_stay_pure_next_to_donation():
     updates, _ = opt.update(_tree(1), state, params)
     optim.apply_updates(params, updates)
     assert_bit_identical((params, state), copies, "update + apply_updates arguments")
+
+
+@pytest.mark.parametrize("make", [
+    Halve.make, lambda: optim.chain(optim.sgd(0.1, momentum=0.9), Halve.make()),
+    lambda: optim.sgd(0.1, momentum=0.9), lambda: optim.adam(0.1),
+])
+def test_donated_step_returns_the_donated_params_tree_itself_and_the_pure_step_a_new_one(make):
+    opt, params, grads = make(), _tree(), _tree(1)
+    new, _ = optim.step(opt, grads, opt.init(params), params, donate=True)
+    assert new is params
+    new, _ = optim.step(opt, grads, opt.init(params), params)
+    assert new is not params
+
+
+def _byte_range(x):
+    """``[first byte, last byte + 1)`` of the elements of ``x``, by visiting every index."""
+    import itertools
+    offsets = [sum(i * s for i, s in zip(index, x.stride()))
+               for index in itertools.product(*(range(n) for n in x.shape))]
+    return (x.data_ptr() + min(offsets) * x.element_size(),
+            x.data_ptr() + (max(offsets) + 1) * x.element_size())
+
+
+@settings(max_examples=30)
+@given(dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.int8]),
+       size=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+       strides=st.lists(st.integers(0, 5), min_size=3, max_size=3),
+       offset=st.integers(0, 3), permute=st.randoms(use_true_random=False))
+def test_memory_span_of_any_view_is_the_byte_range_of_its_elements(dtype, size, strides, offset, permute):
+    from optim.base import _memory_span
+    stride = strides[:len(size)]
+    needed = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
+    view = torch.zeros(needed + 2, dtype=dtype).as_strided(size, stride, offset)
+    order = list(range(len(size)))
+    permute.shuffle(order)
+    for x in (view, view.permute(order), view[..., ::2] if size else view):
+        assert _memory_span(x) == _byte_range(x), (x.shape, x.stride())
+    m = torch.zeros(4, 6, dtype=dtype)
+    for x in (m.T, m[1:3, ::2], m[:, 2], m.T[::3], m[2:3, 4:5]):
+        assert _memory_span(x) == _byte_range(x), (x.shape, x.stride())
+
+
+class OnAnotherDevice(torch.Tensor):
+    """A CPU tensor that says it lives on ``cuda:0``: addresses on different devices are not
+    comparable, so its memory must not count as overlapping CPU memory at the same address
+    (what two real devices would show, testable on a CPU-only machine)."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def _donation_catalog():
+    """Tensors around one 8-element storage: adjacent and overlapping slices, a one-element
+    slice, transposed and strided views (whose spans cover the gaps between their elements),
+    an empty view and a meta tensor (no memory), an alias of ``buf[0:4]`` on another device,
+    and a fresh tensor."""
+    buf = torch.arange(8, dtype=torch.float64)
+    return buf, {
+        "lo": buf[0:4], "hi": buf[4:8], "mid": buf[3:5], "first": buf[0:1],
+        "transposed": buf.view(4, 2).T, "evens": buf[::2], "tail": buf[5:],
+        "empty": buf.as_strided((3, 0), (1, 1), 2), "meta": torch.empty(4, device="meta"),
+        "elsewhere": buf[0:4].as_subclass(OnAnotherDevice), "fresh": torch.ones(3),
+    }
+
+
+def _refused_pairs(trees):
+    """Every pair of leaves (by where) that donation must refuse: on one device, both holding
+    memory, at least one donated (grads are only read), and their spans (first to last byte,
+    found by visiting every element) intersecting."""
+    spans = []
+    for name, tree in trees.items():
+        for key, x in tree.items():
+            if isinstance(x, torch.Tensor) and x.numel() and x.device.type != "meta":
+                spans.append((f"{name} at '{key}'", name != "grads", str(x.device), _byte_range(x)))
+    return {frozenset((a[0], b[0])) for i, a in enumerate(spans) for b in spans[i + 1:]
+            if (a[1] or b[1]) and a[2] == b[2] and a[3][0] < b[3][1] and b[3][0] < a[3][1]}
+
+
+def test_donation_is_refused_exactly_when_two_spans_on_one_device_overlap_and_one_is_donated():
+    _, catalog = _donation_catalog()
+    buf = catalog["lo"]._base
+    # leaves that hold no memory (skipped), put in front of the pair in every tree; the grads
+    # also get a slice on another device lying between the CPU slices' starts
+    fillers = {"0": 1.5, "1": catalog["empty"], "2": torch.empty(2, 3, device="meta")}
+    grad_fillers = {**fillers, "3": buf[1:2].as_subclass(OnAnotherDevice)}
+    names = ("grads", "state", "params")
+    checked = refused = 0
+    for (k1, x1), (k2, x2) in [(a, b) for a in catalog.items() for b in catalog.items()]:
+        for t1 in names:
+            for t2 in names:
+                for with_fillers in (False, True):
+                    trees = {n: dict(grad_fillers if n == "grads" else fillers) if with_fillers else {}
+                             for n in names}
+                    trees[t1]["x"] = x1
+                    trees[t2]["y"] = x2
+                    expected = _refused_pairs(trees)
+                    try:
+                        optim.base.check_donation(trees["grads"], trees["state"], trees["params"])
+                    except ValueError as e:
+                        got = str(e)
+                        prefix = ("step: donate=True expected donated tensors that share no memory "
+                                  "with each other or with grads, got ")
+                        assert got.startswith(prefix), got
+                        first, second = got[len(prefix):].split(" overlapping ")
+                        assert frozenset((first, second)) in expected, (k1, k2, t1, t2, got)
+                        refused += 1
+                    else:
+                        assert not expected, (k1, k2, t1, t2, with_fillers, expected)
+                    checked += 1
+    assert refused and refused < checked
+
+
+@pytest.mark.parametrize("grads, state, params, named", [
+    # equal starts: the leaf listed later (grads, then state, then params) is named first
+    ({}, {"s": slice(0, 4)}, {"p": slice(0, 2)}, "params at 'p' overlapping state at 's'"),
+    ({}, {"s": slice(0, 2)}, {"p": slice(0, 4)}, "params at 'p' overlapping state at 's'"),
+    # otherwise the later-starting one, overlapping the earlier one that reaches furthest,
+    # the earliest-starting among equals
+    ({}, {"s": slice(0, 8)}, {"p": slice(2, 4)}, "params at 'p' overlapping state at 's'"),
+    ({}, {"s": slice(2, 4)}, {"p": slice(0, 8)}, "state at 's' overlapping params at 'p'"),
+    ({"g1": slice(0, 4), "g2": slice(2, 4)}, {}, {"p": slice(3, 4)},
+     "params at 'p' overlapping grads at 'g1'"),
+    ({"g1": slice(0, 3), "g2": slice(1, 4)}, {}, {"p": slice(3, 5)},
+     "params at 'p' overlapping grads at 'g2'"),
+])
+def test_a_refused_donation_names_the_later_starting_tensor_and_the_furthest_reaching_earlier_one(
+        grads, state, params, named):
+    buf = torch.zeros(8, dtype=torch.float64)
+    trees = [{k: buf[v] for k, v in t.items()} for t in (grads, state, params)]
+    with pytest.raises(ValueError, match=r"^step: donate=True expected donated tensors that share no "
+                                         r"memory with each other or with grads, got " + named + "$"):
+        optim.base.check_donation(*trees)

@@ -143,6 +143,22 @@ def test_current_lr_without_an_lr_field_is_an_error():
         optim.current_lr(optim.clip_by_global_norm(1.0).init(params()))
 
 
+@pytest.mark.parametrize("read, message", [
+    (optim.current_lr, r"current_lr: expected an optimizer state holding an 'lr' field "
+                       r"\(from sgd/adam/adamw/scale_by_learning_rate\), got {}"),
+    (optim.current_step, r"current_step: expected an optimizer state holding a 'count' field, got {}"),
+])
+@pytest.mark.parametrize("state, type_name", [
+    (lambda: optim.clip_by_global_norm(1.0).init(params()), "EmptyState"),
+    (lambda: {"momentum": 0.9}, "dict"),
+])
+def test_reading_a_missing_state_field_names_the_reader_the_field_and_the_state_type(read, message, state, type_name):
+    # the whole message: the reader, the field with its article ("an 'lr'", "a 'count'"), where
+    # such a field comes from, and the type of the state that lacks it
+    with pytest.raises(ValueError, match="^" + message.format(type_name) + "$"):
+        read(state())
+
+
 def test_a_structure_mismatch_names_the_path_leaf_against_subtree_and_differing_containers():
     t = torch.zeros(2)
     cases = [
