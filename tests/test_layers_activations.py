@@ -66,9 +66,16 @@ def test_log_softmax_is_stable_for_slices_of_very_different_scales(impl, dim):
 
 
 def test_flatten_and_log_softmax_reject_bad_dims():
-    with pytest.raises(ValueError, match=r"flatten: expected start_dim in \[-2, 1\] for a 2-D input, got 2"):
+    with pytest.raises(ValueError, match=r"^flatten: expected start_dim in \[-2, 1\] for a 2-D input, got 2$"):
         layers.flatten(torch.zeros(2, 3), 2)
-    with pytest.raises(ValueError, match=r"flatten: expected start_dim <= end_dim, got start_dim=1, end_dim=0"):
+    with pytest.raises(ValueError, match=r"^flatten: expected end_dim in \[-2, 1\] for a 2-D input, got 2$"):
+        layers.flatten(torch.zeros(2, 3), 0, 2)
+    with pytest.raises(TypeError, match=r"^flatten: expected start_dim to be an int, got 1.5$"):
+        layers.flatten(torch.zeros(2, 3), 1.5)
+    with pytest.raises(TypeError, match=r"^flatten: expected end_dim to be an int, got '1'$"):
+        layers.flatten(torch.zeros(2, 3), 0, "1")
+    with pytest.raises(ValueError, match=r"^flatten: expected start_dim <= end_dim, got start_dim=1, end_dim=0 "
+                                         r"for input \(2, 3\)$"):
         layers.flatten(torch.zeros(2, 3), 1, 0)
     with pytest.raises(ValueError, match=r"log_softmax: expected dim in \[-2, 1\] for a 2-D input, got -3"):
         layers.log_softmax(torch.zeros(2, 3), -3)
@@ -118,3 +125,16 @@ def test_explicit_relu_equals_torch_relu_bit_for_bit_sign_of_zero_included(dtype
         torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(got.signbit(), ref.signbit()), (got, ref)
     assert want[0].signbit() and not y[1].signbit()       # the property is not vacuous
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (2, 3), (2, 3, 4, 5)])
+def test_flatten_runs_the_formulation_asked_for(shape, monkeypatch):
+    # Both formulations give the same view, so only watching torch.flatten tells them apart: fast
+    # calls it once; explicit reshapes, except a 0-d input (the one case it leaves to torch).
+    calls, real = [], torch.flatten
+    monkeypatch.setattr(torch, "flatten", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(shape)
+    for impl, expected in (("fast", 1), ("explicit", 1 if x.dim() == 0 else 0)):
+        calls.clear()
+        y = layers.flatten(x, 0, -1, impl=impl)
+        assert len(calls) == expected and torch.equal(y, real(x)) and y.shape == (x.numel(),)

@@ -1,4 +1,6 @@
 """The formulation switch: per call, global, and scoped; fast is the default."""
+import re
+
 import pytest
 import torch
 
@@ -67,3 +69,29 @@ def test_every_layer_function_takes_an_impl_keyword(name):
     sig = inspect.signature(getattr(layers, name))
     assert sig.parameters["impl"].kind is inspect.Parameter.KEYWORD_ONLY
     assert sig.parameters["impl"].default is None
+
+
+# Each layer with two formulations (the activations have their own test), called on a valid input:
+# an unknown formulation is refused with the layer's own name, before anything runs.
+_LAYER_CALLS = {
+    "batch_norm": lambda impl: layers.batch_norm({}, {"running_mean": torch.zeros(3), "running_var": torch.ones(3),
+                                                      "num_batches_tracked": torch.tensor(0)},
+                                                 torch.ones(2, 3, 2, 2), train=False, impl=impl),
+    "conv2d": lambda impl: layers.conv2d({"weight": torch.ones(1, 3, 1, 1)}, torch.ones(2, 3, 2, 2), impl=impl),
+    "dropout": lambda impl: layers.dropout(torch.ones(2, 3), p=0.5, train=True, key=layers.random.key(0), impl=impl),
+    "linear": lambda impl: layers.linear({"weight": torch.ones(2, 3)}, torch.ones(4, 3), impl=impl),
+    "cross_entropy": lambda impl: layers.cross_entropy(torch.ones(2, 3), torch.tensor([0, 1]), impl=impl),
+    "max_pool2d": lambda impl: layers.max_pool2d(torch.ones(1, 1, 2, 2), 2, impl=impl),
+    "adaptive_avg_pool2d": lambda impl: layers.adaptive_avg_pool2d(torch.ones(1, 1, 2, 2), 1, impl=impl),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(_LAYER_CALLS))
+def test_every_layer_refuses_an_unknown_formulation_naming_itself_and_runs_both_known_ones(layer):
+    call = _LAYER_CALLS[layer]
+    for bad in ("nope", "Fast", 1):
+        with pytest.raises(ValueError, match=rf"^{layer}: expected impl to be one of \('fast', 'explicit'\), "
+                                             rf"got {re.escape(repr(bad))}$"):
+            call(bad)
+    for impl in ("fast", "explicit", None):
+        call(impl)

@@ -85,8 +85,18 @@ def test_adaptive_avg_pool2d_rejects_bad_output_size_and_rank():
         layers.adaptive_avg_pool2d(torch.zeros(1, 1, 4, 4), 0)
     with pytest.raises(TypeError, match=r"adaptive_avg_pool2d: expected output_size to be an int"):
         layers.adaptive_avg_pool2d(torch.zeros(1, 1, 4, 4), (1, 2, 3))
-    with pytest.raises(ValueError, match=r"adaptive_avg_pool2d: expected 3-D or 4-D input .*got \(4,\)"):
+    with pytest.raises(ValueError, match=r"^adaptive_avg_pool2d: expected 3-D or 4-D input \(N, C, H, W\) or "
+                                         r"\(C, H, W\), got \(4,\)$"):
         layers.adaptive_avg_pool2d(torch.zeros(4), 1)
+    with pytest.raises(TypeError, match=r"^adaptive_avg_pool2d: expected input to be a torch.Tensor, got list$"):
+        layers.adaptive_avg_pool2d([[[1.0]]], 1)
+    # an empty height or width, batched or not, in either formulation (torch's kernels would divide by 0)
+    for shape in ((1, 1, 0, 4), (1, 1, 4, 0), (1, 0, 3), (1, 3, 0), (2, 1, 0, 0)):
+        for impl in ("fast", "explicit"):
+            with pytest.raises(ValueError, match=r"^adaptive_avg_pool2d: expected non-empty spatial dimensions, "
+                                                 rf"got {re.escape(str(shape))}$"):
+                layers.adaptive_avg_pool2d(torch.zeros(shape), 1, impl=impl)
+    assert layers.adaptive_avg_pool2d(torch.zeros(0, 0, 1, 1), 1).shape == (0, 0, 1, 1)   # empty N, C: fine
 
 
 @pytest.mark.parametrize("impl", ["fast", "explicit"])
