@@ -91,6 +91,22 @@ def test_batch_norm_momentum_none_is_the_cumulative_average_of_batches(impl):
 
 
 @pytest.mark.parametrize("impl", ["fast", "explicit"])
+@pytest.mark.parametrize("momentum", [None, 0.1])
+def test_batch_norm_keeps_the_inputs_device_in_every_mode(impl, momentum):
+    # meta stands in for a GPU: nothing the running update makes (momentum=None's zero buffers
+    # included) may land on the CPU
+    params = {"weight": torch.ones(3, device="meta"), "bias": torch.zeros(3, device="meta")}
+    state = {"running_mean": torch.zeros(3, device="meta"), "running_var": torch.ones(3, device="meta"),
+             "num_batches_tracked": torch.tensor(0, device="meta")}
+    x = torch.randn(2, 3, 4, 4, device="meta")
+    for train in (True, False):
+        y, new = layers.batch_norm(params, state, x, train=train, momentum=momentum, impl=impl)
+        assert y.device.type == "meta" and {t.device.type for t in new.values()} == {"meta"}
+    y, new = layers.batch_norm(params, {}, x, train=True, momentum=momentum, impl=impl)
+    assert y.device.type == "meta" and new == {}
+
+
+@pytest.mark.parametrize("impl", ["fast", "explicit"])
 @pytest.mark.parametrize("tracked", [0, 2, 5])
 def test_batch_norm_momentum_none_with_an_int_num_batches_tracked_updates_as_torch(impl, tracked):
     # momentum=None weights the batch by 1 / (tracked + 1); the count may be a Python int.

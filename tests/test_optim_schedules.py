@@ -1,6 +1,8 @@
 """Schedules: each value over N steps equals torch.optim.lr_scheduler's get_last_lr()."""
 import math
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -278,3 +280,35 @@ def test_warmup_cosine_schedule_defaults_start_at_a_thousandth_of_the_peak_and_a
                               milestones=[warmup])
     assert_schedule_matches(ours, torch_values(2.0, make, n=warmup + decay + 1), 2.0)
     assert ours(0) == 2e-3 and ours(warmup + decay) == 0.0
+
+
+# Every schedule with its scale argument's name, built with valid other arguments.
+_SCALED = {
+    "step_decay_schedule": ("init_value", lambda v: optim.step_decay_schedule(v, 3)),
+    "multistep_schedule": ("init_value", lambda v: optim.multistep_schedule(v, [2, 4])),
+    "exponential_schedule": ("init_value", lambda v: optim.exponential_schedule(v, 0.9)),
+    "cosine_annealing_schedule": ("init_value", lambda v: optim.cosine_annealing_schedule(v, 10)),
+    "linear_schedule": ("init_value", lambda v: optim.linear_schedule(v, 0.5, 1.0, 4)),
+    "one_cycle_schedule": ("max_lr", lambda v: optim.one_cycle_schedule(v, 10)),
+    "triangular_schedule": ("peak_value", lambda v: optim.triangular_schedule(v, 10)),
+}
+
+
+@pytest.mark.parametrize("fn", sorted(_SCALED))
+def test_every_schedule_names_itself_and_its_scale_or_step_when_refusing_them(fn):
+    name, make = _SCALED[fn]
+    with pytest.raises(TypeError, match=rf"^{fn}: expected {name} to be a real number, got str$"):
+        make("0.1")
+    for bad, what in ((torch.ones(2), "torch.float32 of shape (2,)"), (torch.tensor(1), "torch.int64 of shape ()")):
+        with pytest.raises(TypeError, match=rf"^{fn}: expected {name} to be a real number or a 0-d floating "
+                                            rf"tensor, got {re.escape(what)}$"):
+            make(bad)
+    schedule = make(0.1)
+    for t in (-1, 1.5, True, torch.tensor(1.0), torch.tensor(True)):
+        with pytest.raises(ValueError, match=rf"^{fn}: expected the step to be an integer >= 0, got "
+                                             rf"{re.escape(repr(t))}$"):
+            schedule(t)
+    # a 0-d float tensor peak is a member's own: the same values as the number, as float64 tensors
+    for t in (0, 3, 7):
+        assert torch.equal(make(torch.tensor(0.1, dtype=torch.float64))(torch.tensor(t)),
+                           torch.tensor(schedule(t), dtype=torch.float64))
