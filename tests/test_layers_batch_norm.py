@@ -2,6 +2,8 @@
 equinox-style properties (stats move in training, stay bit-identical in eval, formula by hand)."""
 import importlib
 
+import re
+
 import pytest
 import torch
 from torch.func import grad, vjp
@@ -179,6 +181,44 @@ def test_batch_norm_rejects_wrong_rank_and_bad_hyperparameters():
         layers.batch_norm(params, state, _x(), train=True, momentum=1.5)
     with pytest.raises(ValueError, match=r"batch_norm: expected eps to be a float > 0, got 0"):
         layers.batch_norm(params, state, _x(), train=True, eps=0)
+
+
+def test_batch_norm_refusals_name_what_was_expected_and_what_came_whole():
+    params, state = _trees()
+    x = _x()
+    ints = {"weight": torch.ones(3, dtype=torch.int64), "bias": torch.zeros(3, dtype=torch.int64)}
+    int_state = {"running_mean": torch.zeros(3, dtype=torch.int32), "running_var": torch.ones(3, dtype=torch.int32),
+                 "num_batches_tracked": torch.tensor(0)}
+    cases = [
+        (lambda: layers.batch_norm(params, state, [1.0], train=True), TypeError,
+         "batch_norm: expected input to be a torch.Tensor, got list"),
+        (lambda: layers.batch_norm(params, state, torch.ones(3, dtype=torch.float64), train=True), ValueError,
+         "batch_norm: expected 2-D or 3-D or 4-D input (N, C), (N, C, L) or (N, C, H, W), got (3,)"),
+        (lambda: layers.batch_norm(params, {**state, "running_var": torch.ones(4, dtype=torch.float64)}, x,
+                                   train=True), ValueError,
+         "batch_norm: expected running_var of shape (3,) (one per channel of input (4, 3, 5, 5)), got (4,)"),
+        (lambda: layers.batch_norm(params, {**state, "num_batches_tracked": torch.zeros(2)}, x, train=True),
+         TypeError, "batch_norm: expected num_batches_tracked to be an int or a 0-d tensor, got tensor([0., 0.])"),
+        (lambda: layers.batch_norm(params, {**state, "num_batches_tracked": 1.5}, x, train=True), TypeError,
+         "batch_norm: expected num_batches_tracked to be an int or a 0-d tensor, got 1.5"),
+        # which statistics would be used, and why there are too few values for them
+        (lambda: layers.batch_norm(params, state, torch.ones(1, 3, 1, 1, dtype=torch.float64), train=True),
+         ValueError, "batch_norm: expected more than 1 value per channel when using batch statistics "
+                     "(train=True, running stats kept), got input (1, 3, 1, 1)"),
+        (lambda: layers.batch_norm({}, {}, torch.ones(1, 3), train=False), ValueError,
+         "batch_norm: expected more than 1 value per channel when using batch statistics "
+         "(train=False, running stats absent), got input (1, 3)"),
+        (lambda: layers.batch_norm({}, {}, torch.ones(2, 0, 3), train=True), ValueError,   # no channels at all
+         "batch_norm: expected more than 1 value per channel when using batch statistics "
+         "(train=True, running stats absent), got input (2, 0, 3)"),
+        (lambda: layers.batch_norm(ints, {}, x, train=True), TypeError,
+         "batch_norm: expected weight with a floating dtype, got torch.int64"),
+        (lambda: layers.batch_norm({}, int_state, x, train=True), TypeError,
+         "batch_norm: expected running_mean with a floating dtype, got torch.int32"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match="^" + re.escape(message) + "$"):
+            call()
 
 
 # ----------------------------------------------------------------------------- synchronised batch norm

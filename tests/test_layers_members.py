@@ -96,6 +96,16 @@ def test_the_member_loop_runs_only_when_input_and_weight_are_both_batched(monkey
     assert not is_batched(x) and not is_batched(None)
 
 
+def test_under_torch_compile_no_tensor_counts_as_member_batched(monkeypatch):
+    # dynamo cannot trace the introspection, and a compiled graph takes torch's own rule: while
+    # compiling, is_batched is False even for a vmapped tensor (and the member rules stay out)
+    seen = []
+    vmap(lambda t: seen.append(is_batched(t)) or t)(torch.ones(2, 3))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    vmap(lambda t: seen.append(is_batched(t)) or t)(torch.ones(2, 3))
+    assert seen == [True, False] and not is_batched(torch.ones(2))
+
+
 def test_under_autocast_the_member_loop_keeps_the_dtype_of_torchs_rule_and_batch_norm_follows():
     # torch's vmap rule runs a convolution outside autocast; the member loop must too, or its
     # bfloat16 output breaks the batch norm that follows (a bf16 ensemble step used to fail so)
