@@ -263,6 +263,26 @@ def test_synced_batch_norm_of_equal_slices_equals_batch_norm_of_the_global_batch
             assert new_state is state
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16])
+def test_synced_batch_norm_of_a_half_input_computes_in_the_statistics_dtype_and_returns_the_inputs(x_dtype):
+    # as the unsynced explicit formulation: the statistics (float32 here) are those of the input
+    # cast up, and y is cast back down to the input's dtype
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 2, 2, generator=g).to(x_dtype)
+    params = {"weight": torch.rand(3, generator=g) + 0.5, "bias": torch.randn(3, generator=g)}
+    state = layers.init.batch_norm_state(3)
+    want_y, want_state = layers.batch_norm(params, state, x, train=True, impl="explicit")
+    with batch_axis(BatchAxis(0, 4, 4, all_reduce=lambda t: t)):
+        y, new_state = layers.batch_norm(params, state, x, train=True)
+    assert y.dtype == x_dtype and {t.dtype for t in new_state.values()} == {torch.float32, torch.int64}
+    # float32 sums of 16 values in another order: a few float32 ulps, then one rounding to the
+    # input's 8 or 11 mantissa bits (one half-ulp apart at most: 2**-8 relative for bfloat16)
+    torch.testing.assert_close(y.float(), want_y.float(), rtol=2**-7, atol=2**-7)
+    for k in ("running_mean", "running_var"):
+        # computed in half precision instead, these would be ~1e-3 apart, not 1e-6
+        torch.testing.assert_close(new_state[k], want_state[k], rtol=1e-6, atol=1e-6)
+
+
 @settings(deadline=None, max_examples=8)
 @given(seed=st.integers(0, 2**31 - 1), momentum=st.sampled_from([0.1, None]))
 def test_synced_batch_norm_of_one_process_has_batch_norms_gradients(seed, momentum):
