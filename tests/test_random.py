@@ -390,3 +390,120 @@ def test_bernoulli_refusals_name_it_and_say_what_was_asked():
         jr.bernoulli(k, torch.full((3,), 0.5), (3,), resolution_bits=16)
     with pytest.raises(ValueError, match=r"^random\.bernoulli: expected p in \[0, 1\], got -0.5$"):
         jr.bernoulli(k, -0.5, (3,), resolution_bits=16)
+
+
+# ----------------------------------------------------------------------------- uniform, bit for bit
+_BELOW_ONE = {torch.float16: 1 - 2**-11, torch.bfloat16: 1 - 2**-8, torch.float32: 1 - 2**-24}   # largest value < 1
+
+
+def _uniform_formula(key, shape, dtype):
+    """uniform's docstring: 53 bits of two words for float64, else 24 bits of one, kept below 1."""
+    if dtype == torch.float64:
+        w = jr.bits(key, (2,) + shape)
+        return ((w[0] >> 5) * 2**26 + (w[1] >> 6)).to(torch.float64) * 2.0**-53
+    u = (jr.bits(key, shape) >> 8).to(torch.float32) * 2.0**-24
+    return u.to(dtype).clamp_max(_BELOW_ONE[dtype])
+
+
+_UNIFORM_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+@settings(deadline=None, max_examples=30)
+@given(seed=seeds, shape=shapes, dtype=st.sampled_from(_UNIFORM_DTYPES), low=st.floats(-4, 4), high=st.floats(-4, 4))
+def test_uniform_is_its_documented_bit_formula_scaled_to_low_high(seed, shape, dtype, low, high):
+    _check_uniform_formula(jr.key(seed), shape, dtype, low, high)
+
+
+# The bounds next to the unscaled [0, 1) (where uniform skips the scaling), and a one-point interval.
+@pytest.mark.parametrize("low,high", [(0.0, 1.0), (0.0, 2.0), (0.5, 1.0), (-1.0, 1.0), (1.0, 1.0), (-2.0, 3.0)])
+@pytest.mark.parametrize("dtype", _UNIFORM_DTYPES, ids=str)
+def test_uniform_is_its_bit_formula_for_bounds_next_to_the_unit_interval(dtype, low, high):
+    _check_uniform_formula(jr.key(13), (3, 4), dtype, low, high)
+
+
+def _check_uniform_formula(key, shape, dtype, low, high):
+    u = _uniform_formula(key, shape, dtype)
+    got = jr.uniform(key, shape, dtype=dtype, low=low, high=high)
+    assert got.dtype == dtype and got.shape == shape
+    assert torch.equal(got, u * (high - low) + low)
+    assert torch.equal(jr.uniform(key, shape, dtype=dtype), u)   # defaults: [0, 1)
+    if low == high:   # a one-point interval is that point
+        assert torch.equal(got, torch.full(shape, low, dtype=dtype))
+
+
+def test_uniform_takes_an_int_a_tuple_or_a_size_as_shape_and_defaults_to_a_scalar():
+    k = jr.key(9)
+    want = jr.uniform(k, (5,))
+    assert torch.equal(jr.uniform(k, 5), want) and torch.equal(jr.uniform(k, torch.Size([5])), want)
+    assert jr.uniform(k).shape == () and torch.equal(jr.uniform(k), want[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_uniform_reaches_the_largest_value_below_one_and_never_one(dtype):
+    # 24-bit u rounds up to 1 in half precision (P = 2**-12 for float16, 2**-9 for bfloat16) and is
+    # clamped to the largest value below 1; with 50k draws that value occurs (expected 30+ times).
+    u = jr.uniform(jr.key(1), (50_000,), dtype=dtype)
+    assert u.max().item() == _BELOW_ONE[dtype]
+    assert torch.equal(u, _uniform_formula(jr.key(1), (50_000,), dtype))
+
+
+def test_float64_uniform_takes_two_words_per_number_so_a_key_gives_2_31_of_them():
+    k = jr.key(0)   # meta: the size check runs, nothing is allocated
+    assert jr.uniform(k, (2**31 - 1,), dtype=torch.float64, device="meta").shape == (2**31 - 1,)
+    with pytest.raises(ValueError, match=r"^random\.bits: at most 2\*\*32 numbers per key, asked for 4294967296; "
+                                         r"split the key$"):
+        jr.uniform(k, (2**31,), dtype=torch.float64, device="meta")
+
+
+@pytest.mark.parametrize("default", [torch.bfloat16, torch.float16, torch.float64])
+def test_uniform_does_not_depend_on_torchs_default_dtype(default):
+    # "the numbers depend only on the key, the shape and the dtype" (module docstring)
+    k = jr.key(5)
+    want = {dt: jr.uniform(k, (1000,), dtype=dt) for dt in _BELOW_ONE}
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(default)
+        got = {dt: jr.uniform(k, (1000,), dtype=dt) for dt in _BELOW_ONE}
+    finally:
+        torch.set_default_dtype(old)
+    assert all(torch.equal(got[dt], want[dt]) for dt in want)
+
+
+def test_uniform_refuses_a_non_floating_dtype_naming_it():
+    with pytest.raises(TypeError, match=r"^random\.uniform: expected a floating dtype, got torch\.int64$"):
+        jr.uniform(jr.key(0), (2,), dtype=torch.int64)
+    with pytest.raises(TypeError, match=r"^random\.uniform: expected a floating dtype, got torch\.bool$"):
+        jr.uniform(jr.key(0), (2,), dtype=torch.bool)
+
+
+def test_split_keeps_the_keys_device():
+    keys = jr.split(jr.key(3, device="meta"), 3)
+    assert keys.device.type == "meta" and keys.shape == (3, 2) and keys.dtype == torch.int64
+
+
+def test_bits_offset_skips_words_and_the_stream_ends_at_2_32_words():
+    key = jr.key(11)
+    whole = jr.bits(key, (7,))
+    assert torch.equal(jr.bits(key, (3,), offset=2), whole[2:5]) and torch.equal(jr.bits(key, (2, 2), offset=3),
+                                                                                  whole[3:].reshape(2, 2))
+    last = jr.bits(key, (1,), offset=2**32 - 2)   # the last word a key gives (its counter 2**32 - 2)
+    assert last.shape == (1,) and 0 <= int(last) < 2**32
+    for shape, offset, asked in (((2,), 2**32 - 2, 2**32), ((1,), 2**32 - 1, 2**32), ((2**31, 2), 0, 2**32)):
+        with pytest.raises(ValueError, match=rf"^random.bits: at most 2\*\*32 numbers per key, asked for {asked}; "
+                                             r"split the key$"):
+            jr.bits(key, shape, offset=offset, device="meta")
+
+
+def test_bits_on_the_cpu_hash_in_cache_sized_chunks_and_elsewhere_at_once(monkeypatch):
+    # a performance property (layers/random.py, _hashed): a CPU request longer than _CHUNK words
+    # is hashed chunk by chunk; another device hashes it in one pass. Same words either way.
+    key, n = jr.key(2), 2 * jr._CHUNK + 5
+    sizes, real = [], jr._hash
+    monkeypatch.setattr(jr, "_hash", lambda k0, k1, counters: sizes.append(counters.numel()) or real(k0, k1, counters))
+    words = jr.bits(key, (n,))
+    assert sizes == [jr._CHUNK, jr._CHUNK, 5]
+    sizes.clear()
+    assert jr.bits(key, (n,), device="meta").device.type == "meta" and sizes == [n]
+    sizes.clear()
+    assert torch.equal(jr.bits(key, (jr._CHUNK,)), words[:jr._CHUNK]) and sizes == [jr._CHUNK]
+    assert torch.equal(jr.bits(key, (5,), offset=2 * jr._CHUNK), words[-5:])
