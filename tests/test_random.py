@@ -2,6 +2,8 @@
 
 import math
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -507,3 +509,20 @@ def test_bits_on_the_cpu_hash_in_cache_sized_chunks_and_elsewhere_at_once(monkey
     sizes.clear()
     assert torch.equal(jr.bits(key, (jr._CHUNK,)), words[:jr._CHUNK]) and sizes == [jr._CHUNK]
     assert torch.equal(jr.bits(key, (5,), offset=2 * jr._CHUNK), words[-5:])
+
+
+def test_a_seed_is_taken_modulo_2_64_and_every_one_of_its_64_bits_makes_another_key():
+    assert torch.equal(jr.key(2**64), jr.key(0)) and torch.equal(jr.key(-1), jr.key(2**64 - 1))
+    assert torch.equal(jr.key(2**64 + 5), jr.key(5))
+    keys = {tuple(jr.key(1 << b).tolist()) for b in range(64)} | {tuple(jr.key(0).tolist())}
+    assert len(keys) == 65   # the high word is the seed's top 32 bits, not fewer
+
+
+def test_an_offset_must_be_a_whole_number_of_words():
+    key = jr.key(0)
+    for bad in (True, 1.5, -1):
+        for call, where in ((lambda o: jr.bits(key, (2,), offset=o), "random.bits"),
+                            (lambda o: jr.bernoulli(key, 0.5, (2,), resolution_bits=16, offset=o), "random.bernoulli")):
+            with pytest.raises(ValueError, match=rf"^{where}: expected offset a whole number >= 0, got "
+                                                 rf"{re.escape(repr(bad))}$"):
+                call(bad)
