@@ -1,4 +1,6 @@
 """conv2d: both formulations equal torch.nn.Conv2d (outputs and every gradient); bad input fails."""
+import re
+
 import pytest
 import torch
 from torch.func import vjp
@@ -134,3 +136,51 @@ def test_explicit_conv2d_backward_runs_in_the_forwards_autocast_and_returns_each
         torch.testing.assert_close(got, ref, rtol=0.1, atol=0.3)
     if b is not None:   # db = sum dY, in the bias's dtype
         assert torch.equal(grads[2], dy.sum(dim=(0, 2, 3)).to(b.dtype))
+
+
+def _bias(length):
+    return {"weight": torch.zeros(4, 3, 3, 3), "bias": torch.zeros(length)}
+
+
+# Each refusal's whole message: errors name the layer, what was expected and what came, and the
+# message is part of conv2d's interface. Unbatched inputs read H and W from the last two axes.
+REFUSALS = [
+    (_p(), torch.zeros(1, 3, 5, 5), dict(padding=-1), "conv2d: expected padding >= 0, got -1"),
+    (_p(), torch.zeros(1, 3, 5, 5), dict(padding=(1, -2)), "conv2d: expected padding >= 0, got (1, -2)"),
+    ({"weight": torch.zeros(4, 3, 3)}, torch.zeros(1, 3, 5, 5), {},
+     "conv2d: expected 4-D weight (O, C/groups, kh, kw), got (4, 3, 3)"),
+    (_p(), torch.zeros(8, 3), {}, "conv2d: expected 3-D or 4-D input (N, C, H, W) or (C, H, W), got (8, 3)"),
+    (_bias(5), torch.zeros(1, 3, 5, 5), {},
+     "conv2d: expected bias of shape (4,) (weight is (4, 3, 3, 3)), got (5,)"),
+    (_p(), torch.zeros(1, 3, 5, 5), dict(groups=0), "conv2d: expected groups to be a positive int, got 0"),
+    (_p(), torch.zeros(1, 3, 9, 3), dict(dilation=2),
+     "conv2d: expected padded input width >= dilated kernel width 5 (weight is (4, 3, 3, 3), "
+     "dilation=(2, 2), padding=0), got (1, 3, 9, 3)"),
+    (_p(), torch.zeros(3, 3, 9), dict(dilation=2),
+     "conv2d: expected padded input height >= dilated kernel height 5 (weight is (4, 3, 3, 3), "
+     "dilation=(2, 2), padding=0), got (3, 3, 9)"),
+    (_p(), torch.zeros(1, 3, 3, 9), dict(dilation=(2, 1)),
+     "conv2d: expected padded input height >= dilated kernel height 5 (weight is (4, 3, 3, 3), "
+     "dilation=(2, 1), padding=0), got (1, 3, 3, 9)"),
+]
+
+
+@pytest.mark.parametrize("impl", ["fast", "explicit"])
+@pytest.mark.parametrize("params, x, kwargs, message", REFUSALS)
+def test_conv2d_refusal_messages_name_the_layer_what_was_expected_and_what_came(impl, params, x, kwargs,
+                                                                                message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        layers.conv2d(params, x, impl=impl, **kwargs)
+
+
+@pytest.mark.parametrize("impl", ["fast", "explicit"])
+@pytest.mark.parametrize("shape, dilation", [((3, 5, 3), (2, 1)), ((1, 3, 3, 5), (1, 2)),
+                                             ((3, 3, 5), (1, 2))])
+def test_conv2d_accepts_a_kernel_that_just_fits_each_axis_under_its_own_dilation(impl, shape, dilation):
+    # The dilated 3x3 kernel spans exactly the input along each axis: one output pixel, as torch's.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    params = {"weight": torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64),
+              "bias": torch.randn(4, generator=g, dtype=torch.float64)}
+    want = torch.nn.functional.conv2d(x, params["weight"], params["bias"], dilation=dilation)
+    torch.testing.assert_close(layers.conv2d(params, x, dilation=dilation, impl=impl), want, **TOL[torch.float64])
