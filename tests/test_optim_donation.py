@@ -438,3 +438,21 @@ def test_a_refused_donation_names_the_later_starting_tensor_and_the_furthest_rea
     with pytest.raises(ValueError, match=r"^step: donate=True expected donated tensors that share no "
                                          r"memory with each other or with grads, got " + named + "$"):
         optim.base.check_donation(*trees)
+
+
+@pytest.mark.parametrize("selected", [set(), {"w"}, {"w", "b"}], ids=["none", "some", "all"])
+@pytest.mark.parametrize("updates_owned", [False, True])
+def test_masked_donated_update_hands_on_temporaries_exactly_when_no_leaf_is_the_callers(selected, updates_owned):
+    # The masked stage's updates are temporaries of the step (the third result, what lets the
+    # next stage of a chain write into them) iff the transformed leaves are (scale's are new
+    # tensors, or the owned inputs written into) and the passed-through leaves came in owned.
+    updates = {"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([[12.0]], dtype=torch.float64)}
+    before = clone_tree(updates)
+    opt = optim.masked(optim.scale_by_learning_rate(0.5), {k: k in selected for k in updates})
+    pure, _ = opt.update(before, opt.init(before))
+    out, _, owned = opt.donated_update(updates, opt.init(before), None, updates_owned)
+    assert_bit_identical(out, pure, "donated_update vs update")
+    callers = any(out[k].untyped_storage().data_ptr() == updates[k].untyped_storage().data_ptr()
+                  for k in updates)
+    assert owned is (updates_owned or not callers)
+    assert owned is (updates_owned or selected == {"w", "b"})

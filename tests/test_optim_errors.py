@@ -172,3 +172,34 @@ def test_a_structure_mismatch_names_the_path_leaf_against_subtree_and_differing_
     for grads, params, match in cases:
         with pytest.raises(ValueError, match=r"(?s)update: grads and params differ " + match):
             opt.update(grads, opt.init(params), params)
+
+
+@pytest.mark.parametrize("inner, type_name", [(lambda u: u, "function"), ("sgd", "str"), (None, "NoneType")])
+def test_masked_refuses_what_is_not_a_gradient_transformation_naming_its_type(inner, type_name):
+    with pytest.raises(TypeError, match=rf"^masked: expected a GradientTransformation, got {type_name}$"):
+        optim.masked(inner, {"features.0.weight": True, "features.0.bias": False})
+
+
+def test_a_bad_mask_is_named_by_the_masked_stage_that_resolved_it():
+    # init resolves the mask as 'masked.init', update as 'masked.update' (on params when given)
+    p = params()
+    bad = optim.masked(optim.scale_by_learning_rate(0.5), {"features.0.weight": 1, "features.0.bias": 0})
+    with pytest.raises(TypeError, match=r"^masked\.init: expected mask leaves to be bools, got int "
+                                        r"at 'features\.0\.weight'$"):
+        bad.init(p)
+    opt = optim.masked(optim.scale_by_learning_rate(0.5), {"features.0.weight": True, "features.0.bias": False})
+    state = opt.init(p)
+    wider = {**params(), "classifier.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"^masked\.update: mask and params differ at 'classifier\.weight': "
+                                         r"missing in mask$"):
+        opt.update(wider, state, wider)
+
+
+@pytest.mark.parametrize("mask", [None, {"features.0.weight": True, "features.0.bias": False}])
+def test_add_decayed_weights_without_params_names_itself_and_what_it_needs(mask):
+    opt = optim.add_decayed_weights(0.1, mask)
+    p = params()
+    state = opt.init(p)
+    with pytest.raises(ValueError, match=r"^add_decayed_weights\.update: expected params \(weight decay "
+                                         r"needs them\), got None$"):
+        opt.update(params(), state)

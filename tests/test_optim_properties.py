@@ -148,6 +148,37 @@ def test_masked_passes_unselected_updates_through_unchanged():
     assert state.inner_state.count.item() == 1
 
 
+@pytest.mark.parametrize("mask", [
+    {"conv.weight": True, "conv.bias": False, "bn.weight": False, "bn.bias": False, "fc.weight": True},
+    optim.decay_mask_no_bias_or_norm,
+], ids=["tree", "callable"])
+def test_masked_update_without_params_resolves_the_mask_on_the_updates(mask):
+    # A stage that needs no params (as optax.masked): without them the mask is resolved on the
+    # updates, which have params' structure, so the result is the one with params given.
+    params, grads = make_tree(0), make_tree(1)
+    opt = optim.masked(optim.scale_by_learning_rate(0.5), mask)
+    with_params, s1 = opt.update(grads, opt.init(params), params)
+    without, s2 = opt.update(grads, opt.init(params), None)
+    assert trees_equal(with_params, without) and trees_equal(s1, s2)
+    decayed = optim.decay_mask_no_bias_or_norm(params)
+    for k in params:
+        assert torch.equal(without[k], -0.5 * grads[k] if decayed[k] else grads[k])
+
+
+def test_a_callable_mask_is_applied_to_params_not_to_the_updates():
+    # "a callable params -> mask": a mask that reads the parameters' values (here: skip the
+    # leaves that are all zero) must see the parameters, whose values the updates do not share.
+    params = {"a": torch.zeros(3, dtype=torch.float64), "b": torch.ones(3, dtype=torch.float64)}
+    grads = {"a": torch.full((3,), 2.0, dtype=torch.float64), "b": torch.full((3,), 4.0, dtype=torch.float64)}
+    opt = optim.masked(optim.trace(0.9), lambda p: {k: bool(v.any()) for k, v in p.items()})
+    state = opt.init(params)
+    assert set(state.inner_state.momentum_buffer) == {"b"}
+    for _ in range(2):
+        updates, state = opt.update(grads, state, params)
+        assert torch.equal(updates["a"], grads["a"])
+    assert torch.equal(updates["b"], grads["b"] * 1.9)   # second step: g + 0.9 g
+
+
 def test_update_accepts_gradients_from_torch_func_grad():
     params = make_tree(0)
     x = torch.randn(5, 27, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
