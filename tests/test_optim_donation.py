@@ -456,3 +456,26 @@ def test_masked_donated_update_hands_on_temporaries_exactly_when_no_leaf_is_the_
                   for k in updates)
     assert owned is (updates_owned or not callers)
     assert owned is (updates_owned or selected == {"w", "b"})
+
+
+@pytest.mark.parametrize("owned", [False, True])
+def test_weight_decay_adds_wd_times_params_and_passes_the_updates_through_at_zero(owned):
+    # u = g + wd * p, written into g only when g are this step's temporaries (owned); at wd = 0
+    # (a Python zero) the updates come back themselves, as owned as they came
+    p = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([0.5])}
+    for wd in (0.0, 1.0, 0.25):
+        g = {"a": torch.tensor([0.25, 4.0]), "b": torch.tensor([-1.0])}
+        before = {k: v.clone() for k, v in g.items()}
+        stage = optim.add_decayed_weights(wd)
+        out, _, out_owned = stage.donated_update(g, stage.init(p), p, owned)
+        want = {k: before[k] + wd * p[k] for k in p}
+        assert all(torch.equal(out[k], want[k]) for k in p)
+        if wd == 0.0:
+            assert out is g and out_owned == owned
+        else:
+            assert out_owned is True and (out is g) == owned
+            assert all((out[k] is g[k]) == owned for k in p)
+            if not owned:
+                assert all(torch.equal(g[k], before[k]) for k in p)
+    empty = optim.add_decayed_weights(0.5)
+    assert empty.donated_update({}, empty.init({}), {}, owned)[0] == {}

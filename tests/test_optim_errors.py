@@ -1,4 +1,6 @@
 """Errors: every invalid hyperparameter (torch's condition), tree mismatches naming the path."""
+import re
+
 import pytest
 import torch
 
@@ -203,3 +205,18 @@ def test_add_decayed_weights_without_params_names_itself_and_what_it_needs(mask)
     with pytest.raises(ValueError, match=r"^add_decayed_weights\.update: expected params \(weight decay "
                                          r"needs them\), got None$"):
         opt.update(params(), state)
+
+
+def test_a_stage_names_itself_and_both_trees_where_updates_and_params_differ():
+    p = {"a": torch.ones(2), "b": torch.ones(3)}
+    missing, wrong = {"a": torch.ones(2)}, {"a": torch.ones(2), "b": torch.ones(4)}
+    at_b = {id(missing): "missing in updates",
+            id(wrong): "expected (3,) torch.float32 as in params, got (4,) torch.float32"}
+    decay, zero = optim.add_decayed_weights(0.1), optim.set_to_zero()
+    for bad in (missing, wrong):
+        tail = re.escape(f"updates and params differ at 'b': {at_b[id(bad)]}") + "$"
+        with pytest.raises(ValueError, match=r"^add_decayed_weights\.update: " + tail):
+            decay.update(bad, decay.init(p), p)
+        # optim.step checks its grads first; a stage's own fused step names itself
+        with pytest.raises(ValueError, match=r"^set_to_zero\.step: " + tail):
+            zero.fused_step(bad, zero.init(p), p)
