@@ -97,7 +97,17 @@ def torch_default_bias(key, fan_in: int, size: int, *, dtype=torch.float32, devi
     return jr.uniform(key, (size,), dtype=dtype, low=-bound, high=bound, device=device)
 
 
+#: The options each weight scheme takes (``linear_params`` / ``conv2d_params`` pass them on).
+SCHEME_OPTIONS = {"torch_default": (), "xavier_uniform": ("gain",), "xavier_normal": ("gain",),
+                  "kaiming_uniform": ("a", "mode", "nonlinearity"),
+                  "kaiming_normal": ("a", "mode", "nonlinearity"), "normal": ("mean", "std")}
+
+
 def _weight(key, shape, scheme: str, dtype, device, options) -> torch.Tensor:
+    unknown = sorted(set(options) - set(SCHEME_OPTIONS.get(scheme, options)))
+    if unknown:   # refused, not ignored: a gain given to torch_default would be silently lost
+        raise TypeError(f"init: scheme {scheme!r} takes options {list(SCHEME_OPTIONS[scheme])}, "
+                        f"got {unknown}")
     if scheme == "torch_default":
         return torch_default_weight(key, shape, dtype=dtype, device=device, **options)
     if scheme == "xavier_uniform":

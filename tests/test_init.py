@@ -1,5 +1,6 @@
 """Initialisers: shapes and names as torch.nn, bounds and distributions as torch.nn.init."""
 
+import inspect
 import math
 
 import pytest
@@ -256,10 +257,15 @@ def test_layer_params_of_every_scheme_are_made_on_the_requested_device_and_dtype
 
 def test_options_a_scheme_does_not_take_are_refused_not_ignored():
     # torch_default is nn.Linear's fixed rule: a gain given to it would be silently lost.
-    with pytest.raises(TypeError, match=r"^torch_default_weight\(\) got an unexpected keyword argument 'gain'$"):
+    with pytest.raises(TypeError, match=r"^init: scheme 'torch_default' takes options \[\], got \['gain'\]$"):
         init.linear_params(jr.key(0), 3, 4, gain=2.0)
-    with pytest.raises(TypeError, match=r"^xavier_uniform\(\) got an unexpected keyword argument 'std'$"):
-        init.conv2d_params(jr.key(0), 3, 4, 3, scheme="xavier_uniform", std=2.0)
+    with pytest.raises(TypeError, match=r"^init: scheme 'xavier_uniform' takes options \['gain'\], "
+                                        r"got \['a', 'std'\]$"):
+        init.conv2d_params(jr.key(0), 3, 4, 3, scheme="xavier_uniform", std=2.0, a=1.0, gain=2.0)
+    for scheme, options in init.SCHEME_OPTIONS.items():   # the table is each scheme's signature
+        fn = {"normal": jr.normal, "torch_default": init.torch_default_weight}.get(scheme) or getattr(init, scheme)
+        takes = {n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+        assert takes - {"dtype", "device"} == set(options), scheme
 
 
 def test_fan_in_and_fan_out_refuse_a_weight_below_two_dims_naming_its_shape():
