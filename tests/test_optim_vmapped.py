@@ -283,7 +283,7 @@ def test_a_flat_step_refuses_what_a_leaf_by_leaf_step_refuses_with_the_same_erro
     params = BAD_PARAMS[bad]
     errors = []
     for flat in (False, True):
-        opt = optim.vmapped(make, flat=flat, lr=torch.tensor([0.1, 0.2]))
+        opt = optim.vmapped(lambda lr: optim.sgd(lr), flat=flat, lr=torch.tensor([0.1, 0.2]))
         state = opt.init({"w": torch.ones(2, 3), "b": torch.ones(2)})
         with pytest.raises(ValueError) as e:
             optim.step(opt, pytree.tree_map(torch.ones_like, params), state, params)
