@@ -479,3 +479,56 @@ def test_weight_decay_adds_wd_times_params_and_passes_the_updates_through_at_zer
                 assert all(torch.equal(g[k], before[k]) for k in p)
     empty = optim.add_decayed_weights(0.5)
     assert empty.donated_update({}, empty.init({}), {}, owned)[0] == {}
+
+
+def _pure_identity():
+    # a user's stage with only init and update: its outputs are not known to be temporaries
+    return optim.GradientTransformation(lambda p: (), lambda u, s, p=None: (u, s))
+
+
+@pytest.mark.parametrize("labels", [
+    {"w": "scale", "b": "scale"}, {"w": "scale", "b": "pure"}, {"w": "pure", "b": "pure"}],
+    ids=["all_scaled", "mixed", "none_scaled"])
+@pytest.mark.parametrize("updates_owned", [False, True])
+def test_multi_transform_donated_update_is_owned_exactly_when_every_nonempty_part_is(labels, updates_owned):
+    # The updates are temporaries of the step (the third result) iff every label that has
+    # leaves hands on temporaries: scale's outputs are; a user's pure update's are not. A label
+    # without leaves does not count.
+    updates = {"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([[12.0]], dtype=torch.float64)}
+    before = clone_tree(updates)
+    opt = optim.multi_transform({"scale": optim.scale_by_learning_rate(0.5), "pure": _pure_identity()},
+                                labels)
+    pure, _ = opt.update(before, opt.init(before))
+    out, _, owned = opt.donated_update(updates, opt.init(before), None, updates_owned)
+    assert_bit_identical(out, pure, "donated_update vs update")
+    assert owned is ("pure" not in labels.values())
+
+
+@pytest.mark.parametrize("owned", [False, True])
+def test_set_to_zero_hands_on_new_zeros_and_its_fused_step_the_params_themselves(owned):
+    zero = optim.set_to_zero()
+    g = {"a": torch.tensor([0.25, -4.0]), "b": torch.tensor([[1.0]], dtype=torch.float64)}
+    p = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([[0.5]], dtype=torch.float64)}
+    out, state, out_owned = zero.donated_update(g, zero.init(p), p, owned)
+    assert out_owned is True and all(out[k] is not g[k] for k in g)
+    assert_bit_identical(out, {k: torch.zeros_like(v) for k, v in g.items()}, "set_to_zero")
+    assert zero.fused_step is not None
+    for donate in (False, True):
+        new, _ = optim.step(zero, g, state, p, donate=donate)
+        assert new is p
+
+
+def test_multi_transform_has_a_fused_step_that_hands_frozen_params_back_themselves():
+    # fused=True: each label's own fused step runs, so set_to_zero's leaves are the very tensors
+    # given (not p + 0), and the others equal update + apply_updates bit for bit
+    p = {"w": torch.tensor([1.0, -2.0]), "b": torch.tensor([[0.5]], dtype=torch.float64)}
+    g = {"w": torch.tensor([0.25, 4.0]), "b": torch.tensor([[-1.0]], dtype=torch.float64)}
+    opt = optim.multi_transform({"train": optim.sgd(0.1, momentum=0.9), "frozen": optim.set_to_zero()},
+                                {"w": "train", "b": "frozen"})
+    assert opt.fused_step is not None
+    state = opt.init(p)
+    updates, want_state = opt.update(g, state, p)
+    new, new_state = optim.step(opt, g, state, p)
+    assert new["b"] is p["b"]
+    assert_bit_identical(new, optim.apply_updates(p, updates), "fused step vs update")
+    assert_bit_identical(new_state, want_state, "fused step state vs update")

@@ -220,3 +220,56 @@ def test_a_stage_names_itself_and_both_trees_where_updates_and_params_differ():
         # optim.step checks its grads first; a stage's own fused step names itself
         with pytest.raises(ValueError, match=r"^set_to_zero\.step: " + tail):
             zero.fused_step(bad, zero.init(p), p)
+
+
+@pytest.mark.parametrize("inner, type_name", [(lambda u: u, "function"), ("sgd", "str"), (None, "NoneType")])
+def test_multi_transform_refuses_what_is_not_a_gradient_transformation_naming_label_and_type(inner, type_name):
+    with pytest.raises(TypeError, match=rf"^multi_transform: expected a GradientTransformation for "
+                                        rf"label 'b', got {type_name}$"):
+        optim.multi_transform({"a": optim.sgd(0.1), "b": inner},
+                              {"features.0.weight": "a", "features.0.bias": "b"})
+
+
+def test_bad_labels_are_named_by_the_multi_transform_stage_that_resolved_them():
+    # init resolves the labels as 'multi_transform.init', update / fused step as
+    # 'multi_transform.update' / '.step' (on params when given); the tree is called 'labels'
+    p = params()
+    transforms = {"a": optim.scale_by_learning_rate(0.5), "b": optim.sgd(0.1)}
+    short = optim.multi_transform(transforms, {"features.0.weight": "a"})
+    with pytest.raises(ValueError, match=r"^multi_transform\.init: labels and params differ at "
+                                         r"'features\.0\.bias': missing in labels$"):
+        short.init(p)
+    opt = optim.multi_transform(transforms, {"features.0.weight": "a", "features.0.bias": "b"})
+    state = opt.init(p)
+    wider = {**params(), "classifier.weight": torch.zeros(1)}
+    for stage, call in (("update", opt.update), ("step", opt.fused_step)):
+        with pytest.raises(ValueError, match=rf"^multi_transform\.{stage}: labels and params differ at "
+                                             r"'classifier\.weight': missing in labels$"):
+            call(wider, state, wider)
+    # a callable's labels are checked against the transforms at every resolution
+    by_name = optim.multi_transform(transforms, lambda t: {k: "c" if k.startswith("classifier") else "a"
+                                                           for k in t})
+    state = by_name.init(p)
+    for stage, call in (("update", by_name.update), ("step", by_name.fused_step)):
+        with pytest.raises(ValueError, match=rf"^multi_transform\.{stage}: expected a label in "
+                                             r"\['a', 'b'\] at 'classifier\.weight', got 'c'$"):
+            call(wider, state, wider)
+
+
+def test_multi_transform_fused_step_names_itself_and_both_trees_where_updates_and_params_differ():
+    p = {"a": torch.ones(2), "b": torch.ones(3)}
+    missing, wrong = {"a": torch.ones(2)}, {"a": torch.ones(2), "b": torch.ones(4)}
+    opt = optim.multi_transform({"x": optim.scale_by_learning_rate(0.1), "y": optim.set_to_zero()},
+                                {"a": "x", "b": "y"})
+    for bad, at_b in ((missing, "missing in updates"),
+                      (wrong, "expected (3,) torch.float32 as in params, got (4,) torch.float32")):
+        with pytest.raises(ValueError, match=r"^multi_transform\.step: " + re.escape(
+                f"updates and params differ at 'b': {at_b}") + "$"):
+            opt.fused_step(bad, opt.init(p), p)
+
+
+def test_set_to_zero_names_itself_and_the_updates_where_a_leaf_is_not_a_tensor():
+    zero = optim.set_to_zero()
+    with pytest.raises(TypeError, match=r"^set_to_zero\.update: expected tensor leaves, got int in "
+                                        r"updates at 'b'$"):
+        zero.update({"a": torch.ones(2), "b": 3}, zero.init({}))

@@ -148,15 +148,24 @@ def test_masked_passes_unselected_updates_through_unchanged():
     assert state.inner_state.count.item() == 1
 
 
-@pytest.mark.parametrize("mask", [
-    {"conv.weight": True, "conv.bias": False, "bn.weight": False, "bn.bias": False, "fc.weight": True},
-    optim.decay_mask_no_bias_or_norm,
-], ids=["tree", "callable"])
-def test_masked_update_without_params_resolves_the_mask_on_the_updates(mask):
-    # A stage that needs no params (as optax.masked): without them the mask is resolved on the
-    # updates, which have params' structure, so the result is the one with params given.
+_TREE_MASK = {"conv.weight": True, "conv.bias": False, "bn.weight": False, "bn.bias": False, "fc.weight": True}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optim.masked(optim.scale_by_learning_rate(0.5), _TREE_MASK),
+    lambda: optim.masked(optim.scale_by_learning_rate(0.5), optim.decay_mask_no_bias_or_norm),
+    lambda: optim.multi_transform({"decayed": optim.scale_by_learning_rate(0.5), "other": optim.trace(0.9)},
+                                  {k: "decayed" if d else "other" for k, d in _TREE_MASK.items()}),
+    lambda: optim.multi_transform({"decayed": optim.scale_by_learning_rate(0.5), "other": optim.trace(0.9)},
+                                  lambda p: {k: "decayed" if d else "other"
+                                             for k, d in optim.decay_mask_no_bias_or_norm(p).items()}),
+], ids=["masked tree", "masked callable", "multi_transform tree", "multi_transform callable"])
+def test_a_mask_or_labels_are_resolved_on_the_updates_when_no_params_are_given(make):
+    # Stages that need no params (as optax.masked): without them the mask or labels are resolved
+    # on the updates, which have params' structure, and each inner stage gets no params, so the
+    # result is the one with params given (trace's first step is the gradient itself).
     params, grads = make_tree(0), make_tree(1)
-    opt = optim.masked(optim.scale_by_learning_rate(0.5), mask)
+    opt = make()
     with_params, s1 = opt.update(grads, opt.init(params), params)
     without, s2 = opt.update(grads, opt.init(params), None)
     assert trees_equal(with_params, without) and trees_equal(s1, s2)
@@ -238,3 +247,20 @@ def test_optimizer_minimises(fn, start, make, steps, tol):
     for _ in range(steps):
         params, state = optim.step(opt, grad(params), state, params)
     assert fn(params).item() < tol, fn(params).item()
+
+
+def test_a_callable_labels_function_is_applied_to_params_not_to_the_updates():
+    # "a callable params -> labels": labels that read the parameters' values (here: freeze the
+    # leaves that are all zero) must see the parameters, whose values the updates do not share.
+    params = {"a": torch.zeros(3, dtype=torch.float64), "b": torch.ones(3, dtype=torch.float64)}
+    grads = {"a": torch.full((3,), 2.0, dtype=torch.float64), "b": torch.full((3,), 4.0, dtype=torch.float64)}
+    opt = optim.multi_transform({"train": optim.trace(0.9), "frozen": optim.set_to_zero()},
+                                lambda p: {k: "train" if v.any() else "frozen" for k, v in p.items()})
+    state = opt.init(params)
+    assert set(state.inner_states["train"].momentum_buffer) == {"b"}
+    for _ in range(2):
+        updates, state = opt.update(grads, state, params)
+        assert torch.equal(updates["a"], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(updates["b"], grads["b"] * 1.9)   # second step: g + 0.9 g
+    new, _ = opt.fused_step(grads, state, params)
+    assert new["a"] is params["a"]
