@@ -128,6 +128,19 @@ def test_decay_mask_no_bias_or_norm_marks_biases_and_1d_weights():
         "conv.weight": True, "conv.bias": False, "bn.weight": False, "bn.bias": False, "fc.weight": True}
 
 
+def test_decay_mask_reads_a_leafs_own_key_or_the_last_dotted_part_of_it_whatever_its_rank():
+    # the name decides for tensors of any rank (a 2-D relative-position bias is not decayed); the
+    # rank decides for 1-D tensors whatever their name; a root tensor has no key
+    w2, w1 = torch.ones(2, 3), torch.ones(3)
+    tree = {"features.0.bias": w2, "attn.rel_bias": w2, "bias": w2, "features.0.weight": w2, "bias.scale": w2,
+            "biased": w2, "bn.weight": w1, "block": {"bias": w2, "kernel": w2, "proj": [w2, w1]}}
+    assert optim.decay_mask_no_bias_or_norm(tree) == {
+        "features.0.bias": False, "attn.rel_bias": False, "bias": False, "features.0.weight": True,
+        "bias.scale": True, "biased": True, "bn.weight": False,
+        "block": {"bias": False, "kernel": True, "proj": [True, False]}}
+    assert optim.decay_mask_no_bias_or_norm(w2) is True and optim.decay_mask_no_bias_or_norm(w1) is False
+
+
 def test_weight_decay_mask_skips_decay_on_masked_leaves():
     params = make_tree(0)
     zero = {k: torch.zeros_like(v) for k, v in params.items()}

@@ -312,3 +312,28 @@ def test_every_schedule_names_itself_and_its_scale_or_step_when_refusing_them(fn
     for t in (0, 3, 7):
         assert torch.equal(make(torch.tensor(0.1, dtype=torch.float64))(torch.tensor(t)),
                            torch.tensor(schedule(t), dtype=torch.float64))
+
+
+def test_every_real_argument_of_a_schedule_is_refused_by_name_and_the_defaults_are_torchs():
+    for make, fn, name in (
+            (lambda v: optim.step_decay_schedule(0.1, 3, gamma=v), "step_decay_schedule", "gamma"),
+            (lambda v: optim.multistep_schedule(0.1, [2], gamma=v), "multistep_schedule", "gamma"),
+            (lambda v: optim.exponential_schedule(0.1, v), "exponential_schedule", "gamma"),
+            (lambda v: optim.cosine_annealing_schedule(0.1, 10, eta_min=v), "cosine_annealing_schedule", "eta_min"),
+            (lambda v: optim.linear_schedule(0.1, start_factor=v), "linear_schedule", "start_factor"),
+            (lambda v: optim.linear_schedule(0.1, end_factor=v), "linear_schedule", "end_factor"),
+            (lambda v: optim.one_cycle_schedule(0.1, 10, pct_start=v), "one_cycle_schedule", "pct_start"),
+            (lambda v: optim.one_cycle_schedule(0.1, 10, div_factor=v), "one_cycle_schedule", "div_factor"),
+            (lambda v: optim.one_cycle_schedule(0.1, 10, final_div_factor=v), "one_cycle_schedule", "final_div_factor"),
+            (lambda v: optim.triangular_schedule(0.1, 10, peak_fraction=v), "triangular_schedule", "peak_fraction"),
+            (lambda v: optim.triangular_schedule(0.1, 10, start_factor=v), "triangular_schedule", "start_factor"),
+            (lambda v: optim.triangular_schedule(0.1, 10, end_factor=v), "triangular_schedule", "end_factor"),
+            (lambda v: optim.constant_schedule(v), "constant_schedule", "value")):
+        for bad, type_name in (("0.5", "str"), (True, "bool"), (None, "NoneType")):
+            with pytest.raises(TypeError, match=rf"^{fn}: expected {name} to be a real number, got {type_name}$"):
+                make(bad)
+    # torch's defaults: StepLR and MultiStepLR gamma 0.1, LinearLR 1/3 -> 1 over 5 steps
+    step, linear = optim.step_decay_schedule(1.0, 2), optim.linear_schedule(1.0)
+    assert [step(t) for t in (0, 2, 4)] == [1.0, 0.1, 1.0 * 0.1 ** 2]
+    assert optim.multistep_schedule(1.0, [1])(1) == 0.1
+    assert [linear(t) for t in (0, 5, 6)] == [1.0 / 3, 1.0, 1.0] and linear(4) < 1.0
