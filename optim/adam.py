@@ -162,8 +162,8 @@ def scale_by_adam(lr=1e-3, b1=0.9, b2=0.999, eps: float = 1e-8,
         mu_old, _ = tensor_leaves(fn, "state.mu", state.mu)
         nu_old, _ = tensor_leaves(fn, "state.nu", state.nu)
         if len(mu_old) != len(g) or len(nu_old) != len(g):
-            raise ValueError(f"{fn}: expected moments for {len(g)} leaves, got {len(mu_old)}: was "
-                             "the state made by init on these params?")
+            raise ValueError(f"{fn}: expected moments for {len(g)} leaves, got {len(mu_old)} in state.mu "
+                             f"and {len(nu_old)} in state.nu: was the state made by init on these params?")
         count = step_count(state.count, lr, b1, b2, weight_decay, device=g[0].device if g else None)
         rate = schedule(count)
         rate = rate if isinstance(rate, torch.Tensor) else float(rate)

@@ -532,3 +532,15 @@ def test_multi_transform_has_a_fused_step_that_hands_frozen_params_back_themselv
     assert new["b"] is p["b"]
     assert_bit_identical(new, optim.apply_updates(p, updates), "fused step vs update")
     assert_bit_identical(new_state, want_state, "fused step state vs update")
+
+
+@pytest.mark.parametrize("owned", [False, True])
+def test_negate_writes_into_owned_updates_only_and_always_hands_on_temporaries(owned):
+    g = {"a": torch.tensor([0.25, -4.0]), "b": torch.tensor([-1.0])}
+    before = {k: v.clone() for k, v in g.items()}
+    stage = optim.negate()
+    out, _, out_owned = stage.donated_update(g, stage.init(g), None, owned)
+    assert all(torch.equal(out[k], -before[k]) for k in g) and out_owned is True
+    assert (out is g) == owned and all((out[k] is g[k]) == owned for k in g)
+    if not owned:
+        assert all(torch.equal(g[k], before[k]) for k in g)

@@ -273,3 +273,40 @@ def test_set_to_zero_names_itself_and_the_updates_where_a_leaf_is_not_a_tensor()
     with pytest.raises(TypeError, match=r"^set_to_zero\.update: expected tensor leaves, got int in "
                                         r"updates at 'b'$"):
         zero.update({"a": torch.ones(2), "b": 3}, zero.init({}))
+
+
+def test_every_stage_names_itself_the_tree_and_the_path_of_a_leaf_that_is_not_a_tensor():
+    p = {"a": torch.ones(2), "b": torch.ones(3)}
+    bad = {"a": torch.ones(2), "b": 1.0}
+    cases = []
+    for name, make in (("trace", lambda: optim.trace(0.9)), ("negate", optim.negate),
+                       ("scale_by_learning_rate", lambda: optim.scale_by_learning_rate(0.1)),
+                       ("scale_by_adam", lambda: optim.scale_by_adam(amsgrad=True)),
+                       ("clip_by_global_norm", lambda: optim.clip_by_global_norm(1.0))):
+        stage = make()
+        state = stage.init(p)
+        cases.append((lambda stage=stage, state=state: stage.update(bad, state, p), f"{name}.update", "updates"))
+        if name in ("trace", "scale_by_adam"):   # the stages that keep a buffer per leaf
+            cases.append((lambda stage=stage: stage.init(bad), f"{name}.init", "params"))
+            for field in ("momentum_buffer",) if name == "trace" else ("mu", "nu", "nu_max"):
+                broken = state._replace(**{field: bad})
+                cases.append((lambda stage=stage, broken=broken: stage.update(p, broken, p), f"{name}.update",
+                              f"state.{field}"))
+    for call, where, tree in cases:
+        with pytest.raises(TypeError, match="^" + re.escape(f"{where}: expected tensor leaves, got float in {tree} "
+                                                            "at 'b'") + "$"):
+            call()
+
+
+def test_a_state_made_for_other_params_is_refused_by_the_stage_that_keeps_it():
+    p = {"a": torch.ones(2), "b": torch.ones(3)}
+    trace, adam = optim.trace(0.9), optim.scale_by_adam()
+    with pytest.raises(ValueError, match=r"^trace\.update: expected a momentum buffer per update leaf \(2\), got 1: "
+                                         r"was the state made by init on these params\?$"):
+        trace.update(p, trace.init(p)._replace(momentum_buffer={"a": torch.ones(2)}), p)
+    for field, counts in (("mu", "1 in state.mu and 2 in state.nu"), ("nu", "2 in state.mu and 1 in state.nu")):
+        with pytest.raises(ValueError, match=rf"^scale_by_adam\.update: expected moments for 2 leaves, got {counts}: "
+                                             r"was the state made by init on these params\?$"):
+            adam.update(p, adam.init(p)._replace(**{field: {"a": torch.ones(2)}}), p)
+    with pytest.raises(ValueError, match=r"^scale_by_adam\.update: expected params, got None$"):
+        adam.update(p, adam.init(p), None)

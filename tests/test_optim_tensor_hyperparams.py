@@ -343,3 +343,28 @@ def test_members_steps_run_on_the_parameters_device_though_init_makes_the_counte
         rest = [x for x in torch.utils._pytree.tree_leaves((updates, state, new_params))
                 if not any(x is c for c in counters)]
         assert {x.device.type for x in rest} == {dev}
+
+
+@pytest.mark.parametrize("name", ["sgd momentum", "sgd nesterov", "adam", "adamw"])
+def test_tensor_hyperparameters_never_read_the_step_count_on_the_host(name):
+    # Outside vmap too: a stage given a tensor hyperparameter takes the tensor path, which never
+    # reads the count (a GPU sync; a stage given numbers reads it, as torch.optim does). A counter on meta, which cannot be read, shows any read (the
+    # constructors read a plain tensor's value once, to check it: the hyperparameters stay 0-d CPU
+    # tensors, which torch takes next to tensors of any device).
+    dev = "meta"
+    h = lambda v: torch.tensor(v, dtype=torch.float64)   # noqa: E731
+    opt = {"sgd momentum": lambda: optim.sgd(h(0.1), momentum=h(0.9)),
+           "sgd nesterov": lambda: optim.sgd(h(0.1), momentum=h(0.9), nesterov=True),
+           "adam": lambda: optim.adam(1e-3, betas=(h(0.9), 0.999)),
+           "adamw": lambda: optim.adamw(h(1e-3))}[name]()
+    params = {"w": torch.zeros(4, device=dev)}
+    grads = {"w": torch.ones(4, device=dev)}
+
+    def on_meta(state):
+        return torch.utils._pytree.tree_map(lambda x: x.to(dev) if isinstance(x, torch.Tensor) else x, state)
+
+    state = on_meta(opt.init(params))
+    for _ in range(2):
+        updates, state = opt.update(grads, on_meta(state), params)
+        new_params, _ = optim.step(opt, grads, on_meta(state), params)
+    assert updates["w"].device.type == dev == new_params["w"].device.type
