@@ -1,4 +1,6 @@
 """linear: both formulations equal torch.nn.Linear (output and gradients); bad input fails."""
+import re
+
 import pytest
 import torch
 import layers
@@ -35,8 +37,13 @@ def test_linear_rejects_bias_of_wrong_length():
 
 
 def test_linear_rejects_wrong_param_keys():
-    with pytest.raises(ValueError, match=r"linear: expected params with keys .*unknown \['w'\]"):
-        layers.linear({"weight": torch.zeros(4, 3), "w": torch.zeros(4)}, torch.zeros(2, 3))
+    # the keys it takes (optional ones marked), the keys it got, then what is missing and what is unknown
+    expected = "linear: expected params with keys ['weight', 'bias (optional)'], got "
+    for keys, tail in ((("weight", "w"), "['w', 'weight'] (unknown ['w'])"),
+                       (("bias",), "['bias'] (missing ['weight'])"),
+                       (("bias", "w"), "['bias', 'w'] (missing ['weight']) (unknown ['w'])")):
+        with pytest.raises(ValueError, match="^" + re.escape(expected + tail) + "$"):
+            layers.linear({k: torch.zeros(4, 3) if k != "bias" else torch.zeros(4) for k in keys}, torch.zeros(2, 3))
     with pytest.raises(TypeError, match=r"linear: expected params to be a dict, got tuple"):
         layers.linear((torch.zeros(4, 3),), torch.zeros(2, 3))
     with pytest.raises(TypeError, match=r"linear: expected input to be a torch.Tensor, got list"):

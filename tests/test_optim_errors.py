@@ -310,3 +310,19 @@ def test_a_state_made_for_other_params_is_refused_by_the_stage_that_keeps_it():
             adam.update(p, adam.init(p)._replace(**{field: {"a": torch.ones(2)}}), p)
     with pytest.raises(ValueError, match=r"^scale_by_adam\.update: expected params, got None$"):
         adam.update(p, adam.init(p), None)
+
+
+def test_mask_leaves_are_python_bools_or_0_d_bool_tensors_and_leaf_paths_must_be_unique():
+    t = torch.ones(2)
+    params = {"a": t, "b": t}
+    stage = optim.masked(optim.negate(), {"a": torch.tensor(True), "b": torch.tensor(False)})
+    out = stage.update(params, stage.init(params), params)[0]
+    assert torch.equal(out["a"], -t) and torch.equal(out["b"], t)   # as the bools True, False
+    # every leaf is checked, also after an accepted tensor one
+    for mask, at, got in (({"a": torch.tensor(True), "b": 1}, "b", "int"), ({"a": torch.tensor([True]), "b": True}, "a", "Tensor"),
+                          ({"a": torch.tensor(1.0), "b": True}, "a", "Tensor")):
+        with pytest.raises(TypeError, match=rf"^masked\.init: expected mask leaves to be bools, got {got} at '{at}'$"):
+            optim.masked(optim.negate(), mask).init(params)
+    with pytest.raises(ValueError, match=r"^masks: expected unique leaf paths, got 'a/b' twice \(keys containing "
+                                         r"'/' collide with nesting\)$"):
+        optim.masked(optim.negate(), {"c": True, "a/b": True, "a": {"b": True}}).init({"c": t, "a/b": t, "a": {"b": t}})

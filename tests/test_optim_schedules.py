@@ -121,6 +121,8 @@ def test_join_schedules_restarts_each_schedule_at_its_boundary_like_sequentiallr
     (lambda: optim.cosine_annealing_schedule(1.0, 0), r"cosine_annealing_schedule: expected T_max to be an integer >= 1, got 0"),
     (lambda: optim.linear_schedule(1.0, 0.0), r"linear_schedule: expected start_factor in \(0, 1\], got 0.0"),
     (lambda: optim.linear_schedule(1.0, 0.5, 1.5), r"linear_schedule: expected end_factor in \[0, 1\], got 1.5"),
+    (lambda: optim.linear_schedule(1.0, 1.5), r"linear_schedule: expected start_factor in \(0, 1\], got 1.5"),
+    (lambda: optim.linear_schedule(1.0, total_iters=0), r"linear_schedule: expected total_iters to be an integer >= 1, got 0"),
     (lambda: optim.one_cycle_schedule(1.0, 10, pct_start=1.5), r"one_cycle_schedule: expected pct_start in \[0, 1\], got 1.5"),
     (lambda: optim.one_cycle_schedule(1.0, 10, anneal_strategy="exp"), r"one_cycle_schedule: expected anneal_strategy 'cos' or 'linear', got 'exp'"),
     (lambda: optim.one_cycle_schedule(1.0, 0), r"one_cycle_schedule: expected total_steps to be an integer >= 1, got 0"),
@@ -308,8 +310,10 @@ def test_every_schedule_names_itself_and_its_scale_or_step_when_refusing_them(fn
         with pytest.raises(ValueError, match=rf"^{fn}: expected the step to be an integer >= 0, got "
                                              rf"{re.escape(repr(t))}$"):
             schedule(t)
-    # a 0-d float tensor peak is a member's own: the same values as the number, as float64 tensors
+    # an int step gives a Python float; a 0-d float tensor peak is a member's own: the same values
+    # as the number, as float64 tensors
     for t in (0, 3, 7):
+        assert type(schedule(t)) is float
         assert torch.equal(make(torch.tensor(0.1, dtype=torch.float64))(torch.tensor(t)),
                            torch.tensor(schedule(t), dtype=torch.float64))
 
