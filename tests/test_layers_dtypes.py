@@ -8,6 +8,9 @@ indices of dtype int64 or uint8 (as F.cross_entropy) and class weights in the lo
 ``torch.autocast`` any float16 / bfloat16 / float32 mix reaches conv2d, linear and the loss's
 weights, which autocast casts itself.
 """
+import contextlib
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -284,3 +287,35 @@ def test_dtype_checks_hold_under_vmap_and_pass_grad_through(impl):
     torch.testing.assert_close(per_sample(x), layers.conv2d(params, x, impl=impl))
     g = torch.func.grad(lambda p: layers.conv2d(p, x, impl=impl).square().sum())(params)
     assert g["weight"].dtype == torch.float32 and g["weight"].shape == (4, 2, 3, 3)
+
+
+def test_a_parameter_or_statistic_that_is_not_a_tensor_is_named_by_the_layer_and_its_key():
+    x, t3 = torch.randn(2, 3, 4, 4), torch.ones(3)
+    cases = [
+        (lambda: layers.linear({"weight": [[1.0]]}, torch.ones(2, 3)), "linear: expected weight to be a torch.Tensor, got list"),
+        (lambda: layers.linear({"weight": torch.ones(3, 3), "bias": [1.0]}, torch.ones(2, 3)),
+         "linear: expected bias to be a torch.Tensor, got list"),
+        (lambda: layers.conv2d({"weight": 1.0}, x), "conv2d: expected weight to be a torch.Tensor, got float"),
+        (lambda: layers.conv2d({"weight": torch.ones(3, 3, 1, 1), "bias": (1.0,)}, x),
+         "conv2d: expected bias to be a torch.Tensor, got tuple"),
+        (lambda: layers.batch_norm({"weight": [1.0] * 3, "bias": t3}, {}, x, train=True),
+         "batch_norm: expected weight to be a torch.Tensor, got list"),
+        (lambda: layers.batch_norm({}, {"running_mean": t3, "running_var": None, "num_batches_tracked": 0}, x,
+                                   train=True), "batch_norm: expected running_var to be a torch.Tensor, got NoneType"),
+        (lambda: layers.cross_entropy([[1.0, 2.0]], torch.tensor([0])), "cross_entropy: expected logits to be a torch.Tensor, got list"),
+    ]
+    for call, message in cases:
+        with pytest.raises(TypeError, match="^" + re.escape(message) + "$"):
+            call()
+
+
+def test_batch_norm_takes_no_autocast_mix_between_its_parameters_and_statistics():
+    # autocast casts an op's inputs, not a layer's own parameters against its running statistics:
+    # a bfloat16 weight with float32 statistics is refused under autocast as outside it
+    params = {"weight": torch.ones(3, dtype=torch.bfloat16), "bias": torch.zeros(3, dtype=torch.bfloat16)}
+    state = {"running_mean": torch.zeros(3), "running_var": torch.ones(3), "num_batches_tracked": torch.tensor(0)}
+    x = torch.randn(2, 3, 2, 2, dtype=torch.bfloat16)
+    for ctx in (torch.autocast("cpu", dtype=torch.bfloat16), contextlib.nullcontext()):
+        with ctx, pytest.raises(TypeError, match=r"^batch_norm: expected running_mean of dtype torch\.bfloat16 "
+                                                 r"\(the weight's\), got torch\.float32$"):
+            layers.batch_norm(params, state, x, train=True)

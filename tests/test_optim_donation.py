@@ -544,3 +544,36 @@ def test_negate_writes_into_owned_updates_only_and_always_hands_on_temporaries(o
     assert (out is g) == owned and all((out[k] is g[k]) == owned for k in g)
     if not owned:
         assert all(torch.equal(g[k], before[k]) for k in g)
+
+
+@pytest.mark.parametrize("owned", [False, True])
+@pytest.mark.parametrize("make", [lambda: optim.scale_by_learning_rate(0.5), lambda: optim.trace(0.9, nesterov=True)],
+                         ids=["lr", "nesterov"])
+def test_a_donated_update_writes_into_owned_updates_only_and_hands_on_temporaries(make, owned):
+    p = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([0.5])}
+    stage = make()
+    state = stage.init(p)
+    for _ in range(2):   # the second nesterov step reads its momentum buffer
+        g = {"a": torch.tensor([0.25, 4.0]), "b": torch.tensor([-1.0])}
+        before = {k: v.clone() for k, v in g.items()}
+        want, _ = stage.update(before, state, p)
+        out, state, out_owned = stage.donated_update(g, state, p, owned)
+        assert all(torch.equal(out[k], want[k]) for k in p) and out_owned is True
+        assert (out is g) == owned
+        if not owned:
+            assert all(torch.equal(g[k], before[k]) for k in p)
+
+
+def test_a_donated_momentum_step_keeps_its_state_containers_and_an_empty_step_counts_once():
+    p = {"a": torch.tensor([1.0, -2.0])}
+    stage = optim.trace(0.9)
+    state = stage.init(p)
+    buffers = state.momentum_buffer
+    for _ in range(2):
+        _, state, _ = stage.donated_update({"a": torch.ones(2)}, state, p, True)
+        assert state.momentum_buffer is buffers   # written into, as the donated step promises
+    empty = optim.trace(0.9)
+    s = empty.init({})
+    for _ in range(3):
+        _, s = empty.update({}, s, {})
+    assert optim.current_step(s) == 3

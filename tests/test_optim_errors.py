@@ -326,3 +326,20 @@ def test_mask_leaves_are_python_bools_or_0_d_bool_tensors_and_leaf_paths_must_be
     with pytest.raises(ValueError, match=r"^masks: expected unique leaf paths, got 'a/b' twice \(keys containing "
                                          r"'/' collide with nesting\)$"):
         optim.masked(optim.negate(), {"c": True, "a/b": True, "a": {"b": True}}).init({"c": t, "a/b": t, "a": {"b": t}})
+
+
+def test_sgd_and_the_learning_rate_stage_name_each_bad_hyperparameter_whole():
+    for name, kind in (("momentum", "a real number"), ("dampening", "a real number"),
+                       ("weight_decay", "a real number"), ("nesterov", "a bool"), ("maximize", "a bool")):
+        bad = "0.5" if kind == "a real number" else 1
+        got = "str" if kind == "a real number" else "int"
+        with pytest.raises(TypeError, match=rf"^sgd: expected {name} to be {kind}, got {got}$"):
+            optim.sgd(0.1, **{name: bad})
+    with pytest.raises(TypeError, match=r"^scale_by_learning_rate: expected lr \(a float or a schedule step -> lr\) "
+                                        r"to be a real number, got str$"):
+        optim.scale_by_learning_rate("0.1")
+    p = {"a": torch.ones(2), "b": torch.ones(3)}
+    stage = optim.scale_by_learning_rate(0.1)
+    with pytest.raises(ValueError, match=r"^scale_by_learning_rate\.step: updates and params differ at 'b': "
+                                         r"missing in updates$"):
+        stage.fused_step({"a": torch.ones(2)}, stage.init(p), p)

@@ -341,3 +341,12 @@ def test_every_real_argument_of_a_schedule_is_refused_by_name_and_the_defaults_a
     assert [step(t) for t in (0, 2, 4)] == [1.0, 0.1, 1.0 * 0.1 ** 2]
     assert optim.multistep_schedule(1.0, [1])(1) == 0.1
     assert [linear(t) for t in (0, 5, 6)] == [1.0 / 3, 1.0, 1.0] and linear(4) < 1.0
+
+
+def test_a_schedule_may_return_any_real_number_which_is_taken_as_a_float():
+    import fractions
+    g = {"w": torch.tensor([1.0, -3.0])}
+    for rate in (fractions.Fraction(1, 2), 1):
+        stage = optim.scale_by_learning_rate(lambda t, rate=rate: rate)
+        out, _ = stage.update(g, stage.init(g))
+        assert torch.equal(out["w"], -float(rate) * g["w"])

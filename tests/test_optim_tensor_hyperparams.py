@@ -368,3 +368,12 @@ def test_tensor_hyperparameters_never_read_the_step_count_on_the_host(name):
         updates, state = opt.update(grads, on_meta(state), params)
         new_params, _ = optim.step(opt, grads, on_meta(state), params)
     assert updates["w"].device.type == dev == new_params["w"].device.type
+
+
+def test_a_tensor_momentum_with_dampening_gives_the_bits_of_the_number():
+    # the tensor path's b_t = mu b_{t-1} + (1 - dampening) g, against the scalar path's
+    params, grads = _problem(3)
+    make = lambda m: optim.sgd(0.1, momentum=m, dampening=0.3)   # noqa: E731
+    want, _ = _train(make, params, grads, 0.9)
+    got, _ = _train(make, params, grads, torch.tensor(0.9, dtype=torch.float64))
+    assert all(torch.equal(got[k], want[k]) for k in params)
