@@ -577,3 +577,14 @@ def test_a_donated_momentum_step_keeps_its_state_containers_and_an_empty_step_co
     for _ in range(3):
         _, s = empty.update({}, s, {})
     assert optim.current_step(s) == 3
+
+
+def test_a_donated_amsgrad_step_writes_its_maximum_into_the_state_it_was_given():
+    p = {"a": torch.tensor([1.0, -2.0])}
+    stage = optim.scale_by_adam(0.1, amsgrad=True)
+    state = stage.init(p)
+    containers = (state.mu, state.nu, state.nu_max)
+    for _ in range(2):
+        _, state, _ = stage.donated_update({"a": torch.ones(2)}, state, p, True)
+        assert (state.mu, state.nu, state.nu_max) == containers and all(
+            a is b for a, b in zip((state.mu, state.nu, state.nu_max), containers))

@@ -343,3 +343,9 @@ def test_sgd_and_the_learning_rate_stage_name_each_bad_hyperparameter_whole():
     with pytest.raises(ValueError, match=r"^scale_by_learning_rate\.step: updates and params differ at 'b': "
                                          r"missing in updates$"):
         stage.fused_step({"a": torch.ones(2)}, stage.init(p), p)
+
+
+def test_the_adam_stage_names_itself_when_refusing_its_rate():
+    with pytest.raises(TypeError, match=r"^scale_by_adam: expected lr \(a float or a schedule step -> lr\) to be a real "
+                                        r"number, got str$"):
+        optim.scale_by_adam("0.1")

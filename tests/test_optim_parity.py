@@ -63,3 +63,33 @@ def test_fused_step_is_bit_identical_to_torch_foreach_step_in_float64(make_ours,
         params, state = optim.step(opt, grads, state, params, donate=donate)
     for ours, theirs in zip(params.values(), tparams):
         assert torch.equal(ours, theirs.detach())
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (lambda: optim.adam(), lambda p: torch.optim.Adam(p)),
+    (lambda: optim.adamw(), lambda p: torch.optim.AdamW(p)),
+    (lambda: optim.chain(optim.scale_by_adam()), lambda p: torch.optim.Adam(p)),
+    (lambda: optim.adam(amsgrad=True), lambda p: torch.optim.Adam(p, amsgrad=True)),
+], ids=["adam", "adamw", "scale_by_adam", "adam amsgrad"])
+def test_the_defaults_are_torch_optims_defaults(ours, theirs):
+    # every default (lr, betas, eps, weight decay, amsgrad) shows in a few steps' bits
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(5, generator=g, dtype=torch.float64)}
+    # growing, then shrinking gradients: amsgrad's maximum then differs from the second moment
+    grads = [{"w": torch.randn(5, generator=g, dtype=torch.float64) * 10 ** k} for k in (-9, 0, 2, -3, -9)]
+    opt, ref = ours(), params["w"].clone().requires_grad_(True)
+    torch_opt = theirs([ref])
+    p, s = params, opt.init(params)
+    for grad in grads:
+        p, s = optim.step(opt, grad, s, p)
+        ref.grad = grad["w"].clone()
+        torch_opt.step()
+        assert torch.equal(p["w"], ref.detach())
+
+
+def test_adam_without_weight_decay_is_the_adam_stage_alone_and_cosine_anneals_to_zero():
+    # the state's layout is what checkpoints hold: no weight-decay stage unless one is asked for
+    params = {"w": torch.ones(2)}
+    assert len(optim.adam().init(params)) == 1 and len(optim.adam(weight_decay=0.1).init(params)) == 2
+    assert optim.current_lr(optim.chain(optim.scale_by_adam(optim.linear_schedule(1.0, 0.5, 1.0, 4))).init(params)) == 0.5
+    assert optim.cosine_annealing_schedule(1.0, 10)(10) == 0.0   # torch's eta_min default

@@ -377,3 +377,22 @@ def test_a_tensor_momentum_with_dampening_gives_the_bits_of_the_number():
     want, _ = _train(make, params, grads, 0.9)
     got, _ = _train(make, params, grads, torch.tensor(0.9, dtype=torch.float64))
     assert all(torch.equal(got[k], want[k]) for k in params)
+
+
+@pytest.mark.parametrize("beta1, beta2, steps", [(0.9221264835773715, 0.999, 50), (0.9, 0.5133457276516363, 42)])
+def test_tensor_betas_with_a_number_lr_give_the_bits_of_the_numbers_at_the_steps_where_roundings_part(beta1, beta2, steps):
+    # Found by search: at step 49, lr / (1 - beta1^t) as a number over a float64 tensor (torch: a
+    # reciprocal and a multiply) is a last bit off the division; at step 41, sqrt(1 - beta2^t) is a
+    # last bit off pow(x, 0.5). The tensor path must take the division and pow, outside vmap too.
+    g = torch.Generator().manual_seed(5)
+    params = {"w": torch.randn(3, generator=g, dtype=torch.float64), "b": torch.randn(2, generator=g, dtype=torch.float64)}
+    grads = [{k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()} for _ in range(steps)]
+    as64 = lambda v: torch.tensor(v, dtype=torch.float64)   # noqa: E731
+    for amsgrad in (False, True):
+        # the updates, not the parameters: a last bit of the step size vanishes in p + u
+        numbers, tensors = (optim.adam(1e-3, betas=b, amsgrad=amsgrad) for b in ((beta1, beta2),
+                                                                                   (as64(beta1), as64(beta2))))
+        s_n, s_t = numbers.init(params), tensors.init(params)
+        for grad in grads:
+            (u_n, s_n), (u_t, s_t) = numbers.update(grad, s_n, params), tensors.update(grad, s_t, params)
+            assert all(torch.equal(u_t[k], u_n[k]) for k in params)
