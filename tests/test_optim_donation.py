@@ -588,3 +588,16 @@ def test_a_donated_amsgrad_step_writes_its_maximum_into_the_state_it_was_given()
         _, state, _ = stage.donated_update({"a": torch.ones(2)}, state, p, True)
         assert (state.mu, state.nu, state.nu_max) == containers and all(
             a is b for a, b in zip((state.mu, state.nu, state.nu_max), containers))
+
+
+def test_an_adam_step_over_no_leaves_counts_once_moves_its_rate_and_hands_back_what_it_was_given():
+    schedule = optim.linear_schedule(1.0, 0.25, 1.0, 4)
+    for weight_decay in (0.0, 0.1):
+        stage = optim.scale_by_adam(schedule, weight_decay=weight_decay)
+        state = stage.init({})
+        for k in range(1, 4):
+            updates = {}
+            out, state = stage.update(updates, state, {})
+            assert out is updates and optim.current_step(state) == k and optim.current_lr(state) == schedule(k)
+        params = {}
+        assert stage.fused_step({}, state, params)[0] is params

@@ -349,3 +349,14 @@ def test_the_adam_stage_names_itself_when_refusing_its_rate():
     with pytest.raises(TypeError, match=r"^scale_by_adam: expected lr \(a float or a schedule step -> lr\) to be a real "
                                         r"number, got str$"):
         optim.scale_by_adam("0.1")
+
+
+def test_the_adam_stage_names_itself_the_params_and_its_weight_decay_mask_when_refusing_them():
+    p = {"a": torch.ones(2), "b": torch.ones(3)}
+    stage = optim.scale_by_adam(0.1)
+    with pytest.raises(ValueError, match=r"^scale_by_adam\.update: updates and params differ at 'b': unexpected in "
+                                         r"updates \(not in params\)$"):
+        stage.update(p, stage.init(p), {"a": torch.ones(2)})
+    masked = optim.scale_by_adam(0.1, weight_decay=0.1, weight_decay_mask={"a": True, "b": 1})
+    with pytest.raises(TypeError, match=r"^scale_by_adam\.update: expected mask leaves to be bools, got int at 'b'$"):
+        masked.update(p, masked.init(p), p)

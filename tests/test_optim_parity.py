@@ -70,7 +70,8 @@ def test_fused_step_is_bit_identical_to_torch_foreach_step_in_float64(make_ours,
     (lambda: optim.adamw(), lambda p: torch.optim.AdamW(p)),
     (lambda: optim.chain(optim.scale_by_adam()), lambda p: torch.optim.Adam(p)),
     (lambda: optim.adam(amsgrad=True), lambda p: torch.optim.Adam(p, amsgrad=True)),
-], ids=["adam", "adamw", "scale_by_adam", "adam amsgrad"])
+    (lambda: optim.adamw(weight_decay=1.0), lambda p: torch.optim.AdamW(p, weight_decay=1.0)),
+], ids=["adam", "adamw", "scale_by_adam", "adam amsgrad", "adamw decay 1"])
 def test_the_defaults_are_torch_optims_defaults(ours, theirs):
     # every default (lr, betas, eps, weight decay, amsgrad) shows in a few steps' bits
     g = torch.Generator().manual_seed(0)

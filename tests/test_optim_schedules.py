@@ -350,3 +350,5 @@ def test_a_schedule_may_return_any_real_number_which_is_taken_as_a_float():
         stage = optim.scale_by_learning_rate(lambda t, rate=rate: rate)
         out, _ = stage.update(g, stage.init(g))
         assert torch.equal(out["w"], -float(rate) * g["w"])
+        adam, as_float = optim.scale_by_adam(lambda t, rate=rate: rate), optim.scale_by_adam(float(rate))
+        assert torch.equal(adam.update(g, adam.init(g), g)[0]["w"], as_float.update(g, as_float.init(g), g)[0]["w"])

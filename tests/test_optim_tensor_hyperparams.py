@@ -345,7 +345,7 @@ def test_members_steps_run_on_the_parameters_device_though_init_makes_the_counte
         assert {x.device.type for x in rest} == {dev}
 
 
-@pytest.mark.parametrize("name", ["sgd momentum", "sgd nesterov", "adam", "adamw"])
+@pytest.mark.parametrize("name", ["sgd momentum", "sgd nesterov", "adam", "adam beta2", "adamw", "adamw decay"])
 def test_tensor_hyperparameters_never_read_the_step_count_on_the_host(name):
     # Outside vmap too: a stage given a tensor hyperparameter takes the tensor path, which never
     # reads the count (a GPU sync; a stage given numbers reads it, as torch.optim does). A counter on meta, which cannot be read, shows any read (the
@@ -356,7 +356,9 @@ def test_tensor_hyperparameters_never_read_the_step_count_on_the_host(name):
     opt = {"sgd momentum": lambda: optim.sgd(h(0.1), momentum=h(0.9)),
            "sgd nesterov": lambda: optim.sgd(h(0.1), momentum=h(0.9), nesterov=True),
            "adam": lambda: optim.adam(1e-3, betas=(h(0.9), 0.999)),
-           "adamw": lambda: optim.adamw(h(1e-3))}[name]()
+           "adam beta2": lambda: optim.adam(1e-3, betas=(0.9, h(0.999))),
+           "adamw": lambda: optim.adamw(h(1e-3)),
+           "adamw decay": lambda: optim.adamw(1e-3, weight_decay=h(0.01))}[name]()
     params = {"w": torch.zeros(4, device=dev)}
     grads = {"w": torch.ones(4, device=dev)}
 
