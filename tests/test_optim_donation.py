@@ -601,3 +601,18 @@ def test_an_adam_step_over_no_leaves_counts_once_moves_its_rate_and_hands_back_w
             assert out is updates and optim.current_step(state) == k and optim.current_lr(state) == schedule(k)
         params = {}
         assert stage.fused_step({}, state, params)[0] is params
+
+
+@pytest.mark.parametrize("owned", [False, True])
+def test_a_chain_hands_each_stage_the_ownership_the_last_one_gave_and_needs_no_params(owned):
+    g = {"a": torch.tensor([0.25, -4.0])}
+    before = {k: v.clone() for k, v in g.items()}
+    chain = optim.chain(optim.negate(), optim.scale_by_learning_rate(-2.0), optim.negate())
+    out, _ = chain.update(g, chain.init(g))   # no params: none of its stages needs them
+    assert torch.equal(out["a"], 2.0 * before["a"])
+    out, _, out_owned = chain.donated_update(g, chain.init(g), None, owned)
+    # the first stage hands on temporaries, so every later one writes into them: one tree throughout
+    assert torch.equal(out["a"], 2.0 * before["a"]) and out_owned is True and (out is g) == owned
+    adam = optim.scale_by_adam(0.1)
+    assert adam.donated_update(g, adam.init(g), g, owned)[2] is True
+    assert adam.donated_update({}, adam.init({}), {}, owned)[2] is True

@@ -360,3 +360,20 @@ def test_the_adam_stage_names_itself_the_params_and_its_weight_decay_mask_when_r
     masked = optim.scale_by_adam(0.1, weight_decay=0.1, weight_decay_mask={"a": True, "b": 1})
     with pytest.raises(TypeError, match=r"^scale_by_adam\.update: expected mask leaves to be bools, got int at 'b'$"):
         masked.update(p, masked.init(p), p)
+
+
+def test_adam_and_adamw_name_each_bad_hyperparameter_and_chain_a_state_of_the_wrong_shape_whole():
+    for fn in ("adam", "adamw"):
+        make = getattr(optim, fn)
+        for kwargs, name, got in (({"betas": ("x", 0.999)}, r"betas\[0\]", "str"), ({"betas": (0.9, "x")}, r"betas\[1\]", "str"),
+                                  ({"eps": "x"}, "eps", "str"), ({"weight_decay": None}, "weight_decay", "NoneType")):
+            with pytest.raises(TypeError, match=rf"^{fn}: expected {name} to be a real number, got {got}$"):
+                make(**kwargs)
+        for flag in ("amsgrad", "maximize"):
+            with pytest.raises(TypeError, match=rf"^{fn}: expected {flag} to be a bool, got int$"):
+                make(**{flag: 1})
+    chain, p = optim.chain(optim.negate(), optim.negate()), {"a": torch.ones(2)}
+    for state, got in (("x", "str of length ?"), ((chain.init(p)[0],), "tuple of length 1"),
+                       (list(chain.init(p)), "list of length ?")):
+        with pytest.raises(ValueError, match="^" + re.escape(f"chain.update: expected a state tuple of 2 entries, got {got}") + "$"):
+            chain.update(p, state, p)

@@ -316,6 +316,9 @@ def test_every_schedule_names_itself_and_its_scale_or_step_when_refusing_them(fn
         assert type(schedule(t)) is float
         assert torch.equal(make(torch.tensor(0.1, dtype=torch.float64))(torch.tensor(t)),
                            torch.tensor(schedule(t), dtype=torch.float64))
+        # a float32 peak is taken as its float64 value, not computed in float32
+        peak32 = torch.tensor(0.1, dtype=torch.float32)
+        assert torch.equal(make(peak32)(torch.tensor(t)), torch.tensor(make(float(peak32))(t), dtype=torch.float64))
 
 
 def test_every_real_argument_of_a_schedule_is_refused_by_name_and_the_defaults_are_torchs():
