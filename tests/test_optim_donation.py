@@ -616,3 +616,32 @@ def test_a_chain_hands_each_stage_the_ownership_the_last_one_gave_and_needs_no_p
     adam = optim.scale_by_adam(0.1)
     assert adam.donated_update(g, adam.init(g), g, owned)[2] is True
     assert adam.donated_update({}, adam.init({}), {}, owned)[2] is True
+
+
+def _recording(seen):
+    """A stage that records whether it was told its updates are this step's temporaries."""
+    def kernel(updates, state, params, mode):
+        seen.append(mode.updates_owned)
+        return updates, state, mode.updates_owned
+    return optim.base.transformation(lambda p: (), kernel)
+
+
+def test_a_chain_tells_each_stage_whether_the_stage_before_handed_on_temporaries():
+    g = {"a": torch.ones(2)}
+    for first, owned, told in ((optim.negate(), False, True), (_pure_identity(), False, False),
+                               (_pure_identity(), True, False)):
+        seen = []
+        chain = optim.chain(first, _recording(seen))
+        chain.donated_update(g, chain.init(g), None, owned)
+        assert seen == [told]
+
+
+def test_a_counter_and_a_rate_are_kept_as_int64_and_float64_whatever_came():
+    # a state loaded from elsewhere (an int32 counter) or a float32 tensor rate: the state holds
+    # torch.optim's dtypes again after a step
+    p = {"a": torch.ones(2)}
+    stage = optim.scale_by_learning_rate(torch.tensor(0.5, dtype=torch.float32))
+    state = stage.init(p)
+    assert state.lr.dtype == torch.float64
+    _, state = stage.update(p, state._replace(count=torch.tensor(3, dtype=torch.int32)), p)
+    assert state.count.dtype == torch.int64 and int(state.count) == 4 and state.lr.dtype == torch.float64

@@ -377,3 +377,15 @@ def test_adam_and_adamw_name_each_bad_hyperparameter_and_chain_a_state_of_the_wr
                        (list(chain.init(p)), "list of length ?")):
         with pytest.raises(ValueError, match="^" + re.escape(f"chain.update: expected a state tuple of 2 entries, got {got}") + "$"):
             chain.update(p, state, p)
+
+
+def test_a_tensor_rate_must_be_0_d_floating_and_a_non_tensor_leaf_is_named_with_the_tree_holding_it():
+    for lr, got in ((torch.ones(2), "torch.float32 of shape (2,)"), (torch.tensor(1), "torch.int64 of shape ()")):
+        with pytest.raises(TypeError, match="^" + re.escape("scale_by_learning_rate: expected a tensor lr to be a 0-d "
+                                                            f"floating tensor, got {got}") + "$"):
+            optim.scale_by_learning_rate(lr)
+    decay, p = optim.add_decayed_weights(0.1), {"a": torch.ones(2), "b": torch.ones(3)}
+    bad = {"a": torch.ones(2), "b": 1.0}
+    for updates, params, tree in ((p, bad, "params"), (bad, p, "updates")):
+        with pytest.raises(TypeError, match=rf"^add_decayed_weights\.update: expected tensor leaves, got float in {tree} at 'b'$"):
+            decay.update(updates, decay.init(p), params)
